@@ -1,0 +1,9 @@
+"""normswap: swap the normalizations of an existing PyTorch model for the variants of
+Ren et al. 2017 (BN*, LN*, DN*), Hoffer et al. 2018 (L1 / top-k batch norm, bounded
+weight norm) and train the result."""
+__version__ = "0.1.0"
+
+from . import norms
+from .norms import convert_sync, penalty
+
+__all__ = ["norms", "penalty", "convert_sync", "__version__"]

@@ -1,0 +1,99 @@
+"""What every normswap normalizer shares: the L1 activation penalty hook and
+input validation.
+
+L1 activation penalty (Ren et al., Eq. 5)::
+
+    L_L1 = l1_alpha * mean(|v|)        v = x - mu, the centered pre-normalization input
+
+Each normalizer with ``l1_alpha > 0`` records this term, as a differentiable tensor,
+during its training-mode forward. :func:`normswap.penalty` sums the recorded terms.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+try:  # timm's registry of modules that fx tracing keeps as leaves
+    from timm.layers import register_notrace_module as _register_notrace_module
+except Exception:  # pragma: no cover - timm is a dependency, but keep norms importable
+    def _register_notrace_module(cls):
+        return cls
+
+NORMSWAP_LEAF_MODULES: List[type] = []
+
+
+def register_normalizer(cls):
+    """Class decorator: mark a normswap normalizer as an fx leaf (here and in timm)."""
+    NORMSWAP_LEAF_MODULES.append(cls)
+    return _register_notrace_module(cls)
+
+
+class NormalizerBase(nn.Module):
+    """Base of every normswap normalizer.
+
+    Attributes:
+        l1_alpha: coefficient of the L1 penalty on the centered input (0 disables it).
+    """
+
+    l1_alpha: float
+
+    def __init__(self, l1_alpha: float = 0.0):
+        super().__init__()
+        if l1_alpha < 0:
+            raise ValueError(f"{type(self).__name__}: l1_alpha must be >= 0, got {l1_alpha}")
+        self.l1_alpha = float(l1_alpha)
+        self._penalty_terms: List[torch.Tensor] = []
+        self._penalty_accumulate = False
+
+    # -- penalty -----------------------------------------------------------------
+    def _wants_penalty(self) -> bool:
+        return self.training and self.l1_alpha > 0
+
+    def _record_penalty(self, mean_abs_v: torch.Tensor) -> None:
+        """Store ``l1_alpha * mean|v|`` from this forward.
+
+        Overwrites the previous term unless a root hook (installed by
+        :func:`normswap.penalty` or ``transform``) clears terms at the start of every
+        model forward; then calls of a shared module within one forward add up.
+        """
+        term = self.l1_alpha * (mean_abs_v.float() if mean_abs_v.dtype in (torch.float16, torch.bfloat16)
+                                      else mean_abs_v)
+        if self._penalty_accumulate:
+            self._penalty_terms.append(term)
+        else:
+            self._penalty_terms = [term]
+
+    def clear_penalty(self) -> None:
+        self._penalty_terms = []
+
+    def penalty_term(self) -> Optional[torch.Tensor]:
+        """Sum of the penalty terms recorded since the last clear (None if none)."""
+        if not self._penalty_terms:
+            return None
+        total = self._penalty_terms[0]
+        for t in self._penalty_terms[1:]:
+            total = total + t
+        return total
+
+    def _penalty_repr(self) -> str:
+        return f", l1_alpha={self.l1_alpha:g}" if self.l1_alpha else ""
+
+    def __getstate__(self):  # recorded graphs must not be pickled / deep-copied
+        state = self.__dict__.copy()
+        state["_penalty_terms"] = []
+        return state
+
+
+def check_channels(layer: nn.Module, x: torch.Tensor, dims: tuple, num_channels: Optional[int],
+                   channel_dim: int = 1, what: str = "(N, C, ...)") -> None:
+    """Raise a ValueError naming the layer and the expected shape."""
+    name = type(layer).__name__
+    if x.dim() not in dims:
+        exp = " or ".join(f"{d}D" for d in dims)
+        raise ValueError(f"{name}: expected a {exp} input {what}, got a {x.dim()}D input of shape "
+                         f"{tuple(x.shape)}")
+    if num_channels is not None and x.shape[channel_dim] != num_channels:
+        raise ValueError(f"{name}: expected {num_channels} channels in dim {channel_dim} of the "
+                         f"input {what}, got shape {tuple(x.shape)}")

@@ -1,0 +1,65 @@
+"""``normswap.penalty(model)``: the L1 activation penalty of the last forward.
+
+    L_L1 = sum over normalization sites of l1_alpha * mean(|x - mu|)
+
+(Ren et al. Eq. 5). Each site records its term during its own training forward (no
+extra pass); this function adds them up.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import NormalizerBase
+
+_HOOK_ATTR = "_normswap_penalty_hook"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
+                "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _normalizers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, NormalizerBase)]
+
+
+def install_penalty_hook(model: nn.Module) -> None:
+    """Clear every site's recorded terms when ``model``'s forward starts, so that a
+    module called several times in one forward contributes every call."""
+    root = unwrap_model(model)
+    if getattr(root, _HOOK_ATTR, None) is not None:
+        return
+    sites = _normalizers(root)
+
+    def _clear(_module, _args):
+        for m in sites:
+            m._penalty_terms = []
+
+    for m in sites:
+        m._penalty_accumulate = True
+    handle = root.register_forward_pre_hook(_clear)
+    object.__setattr__(root, _HOOK_ATTR, handle)
+
+
+def penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of ``l1_alpha * mean|v|`` over the normalizers of ``model`` from its last
+    training forward; a zero tensor when there is none. Works on DDP-wrapped models."""
+    root = unwrap_model(model)
+    install_penalty_hook(root)
+    total = None
+    for m in _normalizers(root):
+        t = m.penalty_term()
+        if t is not None:
+            total = t if total is None else total + t
+    if total is None:
+        p = next(root.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return total
