@@ -88,6 +88,15 @@ class _BatchStatNorm(NormalizerBase):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def _apply(self, fn, *args, **kwargs):
+        # Running statistics stay float32 when the module is cast to half precision.
+        super()._apply(fn, *args, **kwargs)
+        for name in ("running_mean", self._stat_buffer):
+            buf = getattr(self, name, None) if name else None
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, buf.float())
+        return self
+
     def _delta(self, ref: torch.Tensor) -> Optional[torch.Tensor]:
         """``sigma^2 + eps`` for the L2 family; None otherwise."""
         return None
@@ -126,12 +135,11 @@ class _BatchStatNorm(NormalizerBase):
             raise ValueError(f"{type(self).__name__}: k={self._k()} is larger than the {per_channel} "
                              f"values per channel of input shape {tuple(x.shape)}; lower k or use "
                              f"a larger batch")
-        y, mu, batch_stat, mad = batch_stat_norm(
+        y, mu, batch_stat, mad, count = batch_stat_norm(
             x, self.weight, self.bias, self._stat, delta=self._delta(x), k=self._k(),
             eps=self.eps, group=self._sync_group(), need_mad=want_pen)
         if self.training and self.track_running_stats:
-            count = per_channel * (dist.get_world_size(self._sync_group()) if self._sync_group() else 1)
-            self._update_running(mu, batch_stat, count)
+            self._update_running(mu, batch_stat, int(count))
         if want_pen:
             self._record_penalty(mad.mean())
         return y
@@ -264,6 +272,9 @@ class _BatchNormStar(_BatchStatNorm):
         # copies so that a non-finite batch leaves them untouched.
         if self.learn_sigma or want_penalty or self._sync_group() is not None:
             return None
+        stats_dtype = self.running_mean.dtype if self.track_running_stats else None
+        if self.weight is not None and stats_dtype is not None and self.weight.dtype != stats_dtype:
+            return None  # a module.half() model: native kernel wants one dtype for all
         if not self.track_running_stats:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0,
                                 self.sigma ** 2 + self.eps)

@@ -41,8 +41,9 @@ STATS = ("l2", "l1", "topk", "mean")
 def c_inf(n: int) -> float:
     """``C_inf(n) = 0.5 * (1 + sqrt(pi * ln 4)) / sqrt(2 * ln n)`` (Hoffer et al.).
 
-    Makes ``C_inf(n) * max|v|`` over ``n`` Gaussian values estimate their standard
-    deviation.
+    The scale constant of Hoffer et al.'s L-inf batch norm, exactly as PAPERS.md gives
+    it. Note: for n = 2e5 Gaussian values ``C_inf(n) * max|v|`` comes out near 1.5 std
+    (measured), so top-k BN is not a drop-in scale match for L2 BN the way L1 BN is.
     """
     if n < 2:
         raise ValueError(f"C_inf(n) needs n >= 2 values, got n={n}")
@@ -114,11 +115,15 @@ class BatchStatNormFn(torch.autograd.Function):
         sdt = stat_dtype(x.dtype)
         world = dist.get_world_size(group) if group is not None else 1
         local_m = x3.shape[0] * x3.shape[2]
-        m = local_m * world
 
-        # mean: one all-reduce of the per-channel sums
+        # mean: one all-reduce of the per-channel sums and the count (batches may differ)
         s1 = x3.sum(dim=(0, 2), dtype=sdt)
-        mu = _all_reduce(s1, group) / m
+        if group is not None:
+            packed = _all_reduce(torch.cat([s1, s1.new_tensor([float(local_m)])]), group)
+            s1, m = packed[:C], int(round(packed[C].item()))
+        else:
+            m = local_m
+        mu = s1 / m
         v3 = x3 - mu.to(x.dtype)[None, :, None]
 
         sq = None
@@ -145,8 +150,9 @@ class BatchStatNormFn(torch.autograd.Function):
             d = C_L1 * mad + eps
             batch_stat = mad.clone()  # a distinct tensor: mad itself stays differentiable
         elif stat == "topk":
-            if k > m:
-                raise ValueError(f"top-k batch norm: k={k} is larger than the {m} values per channel")
+            if k > local_m:
+                raise ValueError(f"top-k batch norm: k={k} is larger than the {local_m} values per "
+                                 f"channel (on this process)")
             vals, topk_flat, topk_ch = _topk_select(v3, k, group, world)
             s_k = vals.to(sdt).mean(dim=1)
             cinf = c_inf(m)
@@ -173,12 +179,12 @@ class BatchStatNormFn(torch.autograd.Function):
         if delta is not None:
             ctx.delta_shape = delta.shape
         outs = [y3.view(x.shape), mu, batch_stat if batch_stat is not None else mu.new_zeros(0),
-                mad if mad is not None else mu.new_zeros(0)]
-        ctx.mark_non_differentiable(outs[1], outs[2])
+                mad if mad is not None else mu.new_zeros(0), torch.tensor(m)]
+        ctx.mark_non_differentiable(outs[1], outs[2], outs[4])
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, dy, _gmu, _gstat, gmad):
+    def backward(ctx, dy, _gmu, _gstat, gmad, _gcount):
         """Gradients, for each channel over the M values of the (global) batch.
 
         With ``g = dy``, ``k1 = gamma / d``, ``S_dy = sum(dy)``, ``S_dyv = sum(dy * v)``
@@ -255,7 +261,7 @@ class BatchStatNormFn(torch.autograd.Function):
 def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
                     group=None, need_mad: bool = False):
-    """Training-mode batch-statistics normalization: returns (y, mu, batch_stat, mad).
+    """Training-mode batch-statistics normalization: returns (y, mu, batch_stat, mad, count).
 
     ``batch_stat`` is what the running statistic tracks: the biased variance ("l2"),
     ``mean|v|`` ("l1"), ``C_inf(M) * s_k`` ("topk"); empty for "mean". ``mad`` is
