@@ -78,17 +78,15 @@ def _topk_select(v3: torch.Tensor, k: int, group, world: int):
     process holds, their channel index).
     """
     N, C, L = v3.shape
-    a = v3.abs()
-    kk = min(k, L)
-    cand_vals, cand_idx = a.topk(kk, dim=2)                      # (N, C, kk)
-    cand_vals = cand_vals.permute(1, 0, 2).reshape(C, N * kk)
-    cand_idx = cand_idx.permute(1, 0, 2).reshape(C, N * kk)
-    loc_vals, loc_pos = cand_vals.topk(k, dim=1)                  # (C, k)
+    # |v| laid out as (C, N * L): one contiguous row per channel makes topk fast on CPU
+    a = torch.empty((C, N, L), dtype=v3.dtype, device=v3.device)
+    torch.abs(v3.transpose(0, 1), out=a)
+    loc_vals, loc_pos = a.view(C, N * L).topk(k, dim=1, sorted=False)   # (C, k)
     if group is not None and world > 1:
         gathered = [torch.empty_like(loc_vals) for _ in range(world)]
         dist.all_gather(gathered, loc_vals.contiguous(), group=group)
         allv = torch.cat(gathered, dim=1)                         # (C, world * k)
-        glob_vals, glob_pos = allv.topk(k, dim=1)
+        glob_vals, glob_pos = allv.topk(k, dim=1, sorted=False)
         rank = dist.get_rank(group)
         mine = (glob_pos >= rank * k) & (glob_pos < (rank + 1) * k)
         ch, slot = mine.nonzero(as_tuple=True)
@@ -97,8 +95,7 @@ def _topk_select(v3: torch.Tensor, k: int, group, world: int):
         glob_vals = loc_vals
         ch = torch.arange(C, device=v3.device).repeat_interleave(k)
         pos = loc_pos.reshape(-1)
-    n = pos // kk
-    l = cand_idx[ch, pos]
+    n, l = pos // L, pos % L
     flat = (n * C + ch) * L + l
     return glob_vals, flat, ch
 
@@ -124,6 +121,15 @@ class BatchStatNormFn(torch.autograd.Function):
         else:
             m = local_m
         mu = s1 / m
+        if stat == "mean" and not need_mad:
+            # y = x - mu + beta in one pass; backward needs only sum(dy)
+            shift = bias.to(sdt) - mu if bias is not None else -mu
+            y3 = x3 + shift.to(x.dtype)[None, :, None]
+            ctx.save_for_backward()
+            ctx.meta = ("mean-lite", k, group, m, x.shape, False, bias is not None, False, sdt)
+            outs = (y3.view(x.shape), mu, mu.new_zeros(0), mu.new_zeros(0), torch.tensor(m))
+            ctx.mark_non_differentiable(outs[1], outs[2], outs[4])
+            return outs
         v3 = x3 - mu.to(x.dtype)[None, :, None]
 
         sq = None
@@ -198,8 +204,10 @@ class BatchStatNormFn(torch.autograd.Function):
         ``dL/dgamma = S_dyv / d`` and ``dL/dbeta = S_dy`` are local (DDP averages them);
         ``dL/ddelta = sum_c dL/dd / (2 d)``.
         """
-        v3, d, gamma, topk_flat, topk_ch, topk_sign_sum = ctx.saved_tensors
         stat, k, group, m, shape, has_w, has_b, delta_grad, sdt = ctx.meta
+        if stat == "mean-lite":
+            return BatchStatNormFn._mean_only_backward(ctx, dy)
+        v3, d, gamma, topk_flat, topk_ch, topk_sign_sum = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros(shape, dtype=v3.dtype, device=v3.device)
         dy3 = dy.reshape(v3.shape)
@@ -256,6 +264,20 @@ class BatchStatNormFn(torch.autograd.Function):
         if delta_grad:
             gdelta = (dldd / (2 * d)).sum().reshape(ctx.delta_shape)
         return dx.view(shape), gw, gb, gdelta, None, None, None, None, None
+
+    @staticmethod
+    def _mean_only_backward(ctx, dy):
+        """Mean-only: ``dx = dy - mean(dy)``, ``dbeta = sum(dy)``."""
+        _, _, group, m, shape, _, has_b, _, sdt = ctx.meta
+        if dy is None:
+            return (None,) * 9
+        C = shape[1]
+        dy3 = dy.reshape(shape[0], C, -1)
+        sdy_loc = dy3.sum(dim=(0, 2), dtype=sdt)
+        sdy = _all_reduce(sdy_loc.clone(), group) if group is not None else sdy_loc
+        dx = dy3 - (sdy / m).to(dy.dtype)[None, :, None]
+        gb = sdy_loc if has_b and ctx.needs_input_grad[2] else None
+        return dx.view(shape), None, gb, None, None, None, None, None, None
 
 
 def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
