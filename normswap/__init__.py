@@ -5,5 +5,9 @@ __version__ = "0.1.0"
 
 from . import norms
 from .norms import convert_sync, penalty
+from .report import Report, SiteRecord
+from .spec import Spec, SpecError, presets
+from .transform import TransformError, plan, report, transform
 
-__all__ = ["norms", "penalty", "convert_sync", "__version__"]
+__all__ = ["norms", "penalty", "convert_sync", "transform", "plan", "report", "presets",
+           "Spec", "SpecError", "TransformError", "Report", "SiteRecord", "__version__"]

@@ -38,8 +38,10 @@ class _BatchStatNorm(NormalizerBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, sync: bool = False,
-                 process_group=None, l1_alpha: float = 0.0, device=None, dtype=None):
+                 process_group=None, l1_alpha: float = 0.0, channel_dim: int = 1,
+                 device=None, dtype=None):
         super().__init__(l1_alpha=l1_alpha)
+        self.channel_dim = channel_dim
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -118,7 +120,16 @@ class _BatchStatNorm(NormalizerBase):
         check_channels(self, x, self._dims, self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim != 1:
+            # channels elsewhere (e.g. the last dim of (N, L, C) tokens): same statistics
+            # per channel over every other dim
+            check_channels(self, x, tuple(range(2, 9)), self.num_features, self.channel_dim,
+                           what=f"with channels in dim {self.channel_dim}")
+            return self._forward(x.movedim(self.channel_dim, 1)).movedim(1, self.channel_dim)
         self._check_input(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
             return self._eval_forward(x)
@@ -184,6 +195,8 @@ class _BatchStatNorm(NormalizerBase):
         s += self._variant_repr()
         if self.sync:
             s += ", sync=True"
+        if self.channel_dim != 1:
+            s += f", channel_dim={self.channel_dim}"
         return s + self._penalty_repr()
 
     def _variant_repr(self) -> str:

@@ -123,9 +123,10 @@ class DivisiveNorm1d(_DivisiveBase):
 
     def __init__(self, radius: int = 30, sigma: float = 0.5, sup_radius: Optional[int] = None,
                  learn_sigma: bool = False, num_features: Optional[int] = None,
-                 affine: bool = False, eps: float = 1e-5, l1_alpha: float = 0.0,
+                 affine: bool = False, eps: float = 1e-5, l1_alpha: float = 0.0, dim: int = -1,
                  device=None, dtype=None):
         super().__init__(l1_alpha=l1_alpha)
+        self.dim = dim
         sup_radius = radius if sup_radius is None else sup_radius
         for arg, r in (("radius", radius), ("sup_radius", sup_radius)):
             if not isinstance(r, int) or r < 0:
@@ -136,7 +137,14 @@ class DivisiveNorm1d(_DivisiveBase):
         self._init_affine(num_features, affine, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim not in (-1, x.dim() - 1):
+            check_channels(self, x, tuple(range(2, 9)), self.num_channels, self.dim,
+                           what=f"with units in dim {self.dim}")
+            return self._normalize_last(x.movedim(self.dim, -1)).movedim(-1, self.dim)
         check_channels(self, x, (2, 3), self.num_channels, channel_dim=-1, what="(N, H) or (N, T, H)")
+        return self._normalize_last(x)
+
+    def _normalize_last(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(stat_dtype(x.dtype))
         v = xf - box_mean_1d(xf, self.radius)
         local_var = box_mean_1d(v.square(), self.sup_radius)
@@ -145,6 +153,8 @@ class DivisiveNorm1d(_DivisiveBase):
 
     def extra_repr(self) -> str:
         s = f"radius={self.radius}, sup_radius={self.sup_radius}, {self._sigma_repr()}, eps={self.eps:g}"
+        if self.dim != -1:
+            s += f", dim={self.dim}"
         if self.affine:
             s += f", num_features={self.num_channels}, affine=True"
         return s + self._penalty_repr()

@@ -1,0 +1,1 @@
+"""Tracing models, finding their normalization sites, and rewriting them."""

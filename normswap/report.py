@@ -1,0 +1,94 @@
+"""The report of a plan or a transform: every normalization site and what became of it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+STATUSES = ("converted", "kept", "skipped", "excluded", "unmatched")
+
+
+@dataclass
+class SiteRecord:
+    name: str
+    kind: str                 # module | functional
+    original: str
+    family: str
+    status: str               # converted | kept | skipped | excluded | unmatched
+    becomes: Optional[str] = None
+    preset: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    reason: Optional[str] = None
+    preserves_function: Optional[bool] = None
+    note: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dict(self.__dict__)
+        d["kwargs"] = {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v))
+                       for k, v in self.kwargs.items()}
+        return d
+
+
+@dataclass
+class Report:
+    """What a spec does (or did) to a model. ``print(report)`` gives a table."""
+    spec: Dict[str, Any]
+    sites: List[SiteRecord] = field(default_factory=list)
+    untraced: List[Dict[str, str]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    applied: bool = False
+
+    def by_status(self, status: str) -> List[SiteRecord]:
+        return [s for s in self.sites if s.status == status]
+
+    @property
+    def converted(self) -> List[SiteRecord]:
+        return self.by_status("converted")
+
+    @property
+    def skipped(self) -> List[SiteRecord]:
+        return self.by_status("skipped")
+
+    def __getitem__(self, name: str) -> SiteRecord:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site named {name!r}; sites: {[s.name for s in self.sites][:20]}")
+
+    def counts(self) -> Dict[str, int]:
+        return {st: len(self.by_status(st)) for st in STATUSES}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"spec": self.spec, "applied": self.applied, "counts": self.counts(),
+                "sites": [s.to_dict() for s in self.sites], "untraced": list(self.untraced),
+                "warnings": list(self.warnings)}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def __str__(self) -> str:
+        head = ("site", "kind", "original", "becomes / why not", "kwargs")
+        rows = []
+        for s in self.sites:
+            if s.status == "converted":
+                what = s.becomes + ("" if s.preserves_function in (None, False) else "  (eval outputs kept)")
+                if s.note:
+                    what += f"  [{s.note}]"
+            elif s.status == "kept":
+                what = "kept"
+            else:
+                what = f"{s.status}: {s.reason or ''}"
+            kw = ", ".join(f"{k}={v}" for k, v in s.kwargs.items())
+            rows.append((s.name, s.kind, s.original, what, kw))
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head[:3])]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head[:3], widths)) + "  " + head[3] + "  |  " + head[4]]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]
+                         + (f"  |  {r[4]}" if r[4] else ""))
+        c = self.counts()
+        lines.append(", ".join(f"{v} {k}" for k, v in c.items() if v) or "no sites")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
