@@ -90,8 +90,13 @@ def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, 
                 raise SpecError(msg)
             warnings.warn(msg, stacklevel=3)
             report.warnings.append(msg)
-    if not any(s.status in ("converted", "kept") or (s.status == "skipped" and s.preset) for s in sites):
+    if not any(s.status in ("converted", "kept") for s in sites):
         fams = sorted({s.family for s in sites})
+        skipped = [s for s in sites if s.status == "skipped" and s.preset]
+        if skipped:
+            raise TransformError(f"spec {spec.preset or spec.to_dict()} matched {len(skipped)} site(s) "
+                                 f"but none can be converted:\n" + "\n".join(
+                                     f"  {s.name}: {s.reason}" for s in skipped[:10]))
         raise SpecError(f"spec {spec.preset or spec.to_dict()} matches none of the {len(sites)} "
                         f"normalization sites of {type(model).__name__} (families: {', '.join(fams)}); "
                         f"pick a preset for those families (normswap.presets()) or add a type rule")

@@ -373,6 +373,7 @@ def test_not_a_torch_batchnorm_so_convert_sync_batchnorm_leaves_it_alone():
     (lambda: N.LayerNormStar2d(3), torch.randn(2, 4, 5, 5), r"LayerNormStar2d: expected 3 channels"),
     (lambda: N.DivisiveNorm2d(), torch.randn(2, 3, 4), r"DivisiveNorm2d: expected a 4D input"),
     (lambda: N.DivisiveNorm1d(num_features=5), torch.randn(2, 4), r"DivisiveNorm1d: expected 5 channels"),
+    (lambda: N.DivisiveNorm1d(), torch.randn(4), r"DivisiveNorm1d: expected a 2D or 3D or"),
 ])
 def test_bad_input_gives_clear_error(make, x, match):
     with pytest.raises(ValueError, match=match):

@@ -119,7 +119,7 @@ def build_batch(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module
         if key in kw:
             args[key] = kw[key]
     args.update(extra)
-    new = cls(C, **args)
+    new = cls(C, device=f["device"], **args)
     if f["layout"] == "any":
         new._dims = (2, 3, 4, 5)  # SyncBatchNorm / GroupNorm sites accept any rank
     _share_or_copy(new, "weight", f.get("weight"))
@@ -163,7 +163,7 @@ def build_ln(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, b
     sigma = float(kw.get("sigma", 0.5))
     affine = bool(kw.get("affine", False))
     common = dict(sigma=sigma, eps=kw.get("eps", f["eps"]), learn_sigma=kw.get("learn_sigma", False),
-                  l1_alpha=kw.get("l1_alpha", 0.0))
+                  l1_alpha=kw.get("l1_alpha", 0.0), device=f["device"])
     fam, layout = f["family"], f["layout"]
     if fam == "layernorm" and layout == "last":
         new = N.LayerNormStar(f["normalized_shape"], elementwise_affine=affine,
@@ -190,7 +190,8 @@ def build_dn(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, b
     f = site.facts()
     affine = bool(kw.get("affine", False))
     common = dict(sigma=float(kw.get("sigma", 0.5)), learn_sigma=kw.get("learn_sigma", False),
-                  affine=affine, eps=kw.get("eps", 1e-5), l1_alpha=kw.get("l1_alpha", 0.0))
+                  affine=affine, eps=kw.get("eps", 1e-5), l1_alpha=kw.get("l1_alpha", 0.0),
+                  device=f["device"])
     layout = f["layout"]
     if layout in ("2d", "any"):
         new = N.DivisiveNorm2d(kw.get("sum_window", 5), kw.get("sup_window", 5),

@@ -111,6 +111,22 @@ def _facts(owner: nn.Module, family: str, short: str, args: Dict[str, Any]) -> T
     return f, None
 
 
+def _depends_on_placeholder(node) -> bool:
+    """Whether a value is computed from the forward's inputs (not from parameters alone)."""
+    if not isinstance(node, fx.Node):
+        return False
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def candidate_owners(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Non-norm modules whose forward source mentions a functional norm."""
     out = []
@@ -157,6 +173,8 @@ def find_functional_sites(model: nn.Module, leaf_modules: Sequence = ()) -> Tupl
             if node.op != "call_function" or node.target not in FUNCTIONAL_TARGETS:
                 continue
             family, short, names = FUNCTIONAL_TARGETS[node.target]
+            if not _depends_on_placeholder(_bind(node, names)["input"]):
+                continue  # normalizes a weight (weight standardization), not an activation
             i = counts.get(short, 0)
             counts[short] = i + 1
             attr = short if i == 0 else f"{short}_{i}"
@@ -196,7 +214,6 @@ def prepare_rewrite(rewrite: OwnerRewrite, new_modules: Dict[str, nn.Module]):
         graph.erase_node(node)
     if not attrs:
         return lambda: None
-    graph.eliminate_dead_code()
     root: Dict[str, Any] = {}
     missing: Dict[str, Any] = {}
     for node in graph.nodes:
@@ -209,6 +226,8 @@ def prepare_rewrite(rewrite: OwnerRewrite, new_modules: Dict[str, nn.Module]):
             except AttributeError:
                 missing[node.target] = None
     gm = fx.GraphModule(root, graph, class_name=type(owner).__name__)
+    gm.graph.eliminate_dead_code()   # the weight/bias reads of the old calls
+    gm.recompile()
     for target in missing:
         missing[target] = _resolve_attr(gm, target)
     forward = type(gm).forward

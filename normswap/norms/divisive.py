@@ -141,7 +141,8 @@ class DivisiveNorm1d(_DivisiveBase):
             check_channels(self, x, tuple(range(2, 9)), self.num_channels, self.dim,
                            what=f"with units in dim {self.dim}")
             return self._normalize_last(x.movedim(self.dim, -1)).movedim(-1, self.dim)
-        check_channels(self, x, (2, 3), self.num_channels, channel_dim=-1, what="(N, H) or (N, T, H)")
+        check_channels(self, x, tuple(range(2, 9)), self.num_channels, channel_dim=-1,
+                       what="(N, H), (N, T, H) or (..., H)")
         return self._normalize_last(x)
 
     def _normalize_last(self, x: torch.Tensor) -> torch.Tensor:

@@ -124,10 +124,11 @@ class BatchStatNormFn(torch.autograd.Function):
         if stat == "mean" and not need_mad:
             # y = x - mu + beta in one pass; backward needs only sum(dy)
             shift = bias.to(sdt) - mu if bias is not None else -mu
-            y3 = x3 + shift.to(x.dtype)[None, :, None]
+            bshape = (1, C) + (1,) * (x.dim() - 2)
+            y = x + shift.to(x.dtype).view(bshape)  # a fresh tensor, not a view
             ctx.save_for_backward()
             ctx.meta = ("mean-lite", k, group, m, x.shape, False, bias is not None, False, sdt)
-            outs = (y3.view(x.shape), mu, mu.new_zeros(0), mu.new_zeros(0), torch.tensor(m))
+            outs = (y, mu, mu.new_zeros(0), mu.new_zeros(0), torch.tensor(m))
             ctx.mark_non_differentiable(outs[1], outs[2], outs[4])
             return outs
         v3 = x3 - mu.to(x.dtype)[None, :, None]
@@ -177,14 +178,15 @@ class BatchStatNormFn(torch.autograd.Function):
         gamma = weight.to(sdt) if weight is not None else torch.ones(C, dtype=sdt, device=x.device)
         scale = gamma / d
         shift = bias.to(sdt) if bias is not None else torch.zeros(C, dtype=sdt, device=x.device)
-        y3 = torch.addcmul(shift.to(x.dtype)[None, :, None], v3, scale.to(x.dtype)[None, :, None])
+        bshape = (1, C) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.to(x.dtype).view(bshape), v3.view(x.shape), scale.to(x.dtype).view(bshape))
 
         ctx.save_for_backward(v3, d, gamma, topk_flat, topk_ch, topk_sign_sum)
         ctx.meta = (stat, k, group, m, x.shape, weight is not None, bias is not None,
                     delta is not None and delta.requires_grad, sdt)
         if delta is not None:
             ctx.delta_shape = delta.shape
-        outs = [y3.view(x.shape), mu, batch_stat if batch_stat is not None else mu.new_zeros(0),
+        outs = [y, mu, batch_stat if batch_stat is not None else mu.new_zeros(0),
                 mad if mad is not None else mu.new_zeros(0), torch.tensor(m)]
         ctx.mark_non_differentiable(outs[1], outs[2], outs[4])
         return tuple(outs)
