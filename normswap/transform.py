@@ -18,8 +18,10 @@ from .spec import PRESETS, Spec, SpecError
 REPORT_ATTR = "_normswap_report"
 SPEC_ATTR = "_normswap_spec"
 
-# variant -> builder override (the bwn module registers a graph-level one)
-SITE_HOOKS: Dict[str, Callable] = {}
+from .graph.bwn import bwn_hook  # noqa: E402  (registers the bwn presets)
+
+# variants rewritten by a graph-level hook instead of one module at a time
+SITE_HOOKS: Dict[str, Callable] = {"bwn": bwn_hook}
 
 
 class TransformError(ValueError):
@@ -33,7 +35,8 @@ def _record(site: Site) -> SiteRecord:
                       preserves_function=site.preserves_function, note=site.note)
 
 
-def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, build_modules: bool):
+def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, build_modules: bool,
+            raise_on_empty: bool = True):
     """Find the sites and decide each one. Returns (sites, new modules, owner rewrites, report)."""
     sites = find_module_sites(model)
     if any(s.name == "" for s in sites):
@@ -71,10 +74,11 @@ def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, 
             graph_jobs.append((site, p.variant, kwargs))
             continue
         _build_site(site, p.variant, kwargs, new_modules, build_modules)
+    post_apply: List[Callable[[], None]] = []
     for variant, hook in SITE_HOOKS.items():
         jobs = [j for j in graph_jobs if j[1] == variant]
         if jobs:
-            hook(model, jobs, new_modules, build_modules, leaf_modules)
+            post_apply += hook(model, jobs, new_modules, build_modules, leaf_modules)
 
     report = Report(spec=spec.to_dict(), sites=[])
     for key in spec.rule_keys():
@@ -90,7 +94,7 @@ def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, 
                 raise SpecError(msg)
             warnings.warn(msg, stacklevel=3)
             report.warnings.append(msg)
-    if not any(s.status in ("converted", "kept") for s in sites):
+    if raise_on_empty and not any(s.status in ("converted", "kept") for s in sites):
         fams = sorted({s.family for s in sites})
         skipped = [s for s in sites if s.status == "skipped" and s.preset]
         if skipped:
@@ -106,7 +110,7 @@ def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, 
             raise TransformError("strict=True and these sites cannot be rewritten:\n" + "\n".join(
                 f"  {s.name}: {s.reason}" for s in bad))
     report.sites = [_record(s) for s in sites]
-    return sites, new_modules, owners, report
+    return sites, new_modules, owners, report, post_apply
 
 
 def _fullmatch(pattern: str, name: str) -> bool:
@@ -128,9 +132,13 @@ def _build_site(site: Site, variant: str, kwargs, new_modules, build_modules: bo
 
 def plan(model: nn.Module, spec: Union[str, Spec, dict], *, strict: bool = False,
          leaf_modules: Sequence = ()) -> Report:
-    """Dry run: what ``transform`` would do, as a Report. The model is not changed."""
+    """Dry run: what ``transform`` would do, as a Report. The model is not changed.
+
+    Unlike ``transform`` it does not raise when nothing would be converted: the report
+    says why for each site.
+    """
     spec = Spec.coerce(spec)
-    _, _, _, report = _decide(model, spec, leaf_modules, strict, build_modules=False)
+    report = _decide(model, spec, leaf_modules, strict, build_modules=False, raise_on_empty=False)[3]
     return report
 
 
@@ -147,7 +155,8 @@ def transform(model: nn.Module, spec: Union[str, Spec, dict], *, inplace: bool =
     """
     spec = Spec.coerce(spec)
     target = model if inplace else copy.deepcopy(model)
-    sites, new_modules, owners, report = _decide(target, spec, leaf_modules, strict, build_modules=True)
+    sites, new_modules, owners, report, post_apply = _decide(target, spec, leaf_modules, strict,
+                                                             build_modules=True)
     # prepare everything that can fail before changing the model
     applies = [prepare_rewrite(o, new_modules) for o in owners]
     for site in sites:
@@ -157,7 +166,7 @@ def transform(model: nn.Module, spec: Union[str, Spec, dict], *, inplace: bool =
             setattr(parent, child, new_modules[site.name])
     for fn in applies:
         fn()
-    for fn in getattr(target, "_normswap_post_apply", []):
+    for fn in post_apply:
         fn()
     report.applied = True
     object.__setattr__(target, REPORT_ATTR, report)
