@@ -18,7 +18,7 @@ from torch import nn
 
 from ..norms.base import NormalizerBase
 from .sites import Site, module_family
-from .tracer import FUNCTIONAL_NAMES, forward_source, trace
+from .tracer import _calls_functional_norm, trace
 
 # target -> (family, short name, parameter names in call order)
 FUNCTIONAL_TARGETS = {
@@ -133,8 +133,7 @@ def candidate_owners(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if module_family(m) is not None or isinstance(m, NormalizerBase):
             continue
-        src = forward_source(m)
-        if src and any(f"{n}(" in src for n in FUNCTIONAL_NAMES):
+        if _calls_functional_norm(m):
             out.append((name, m))
     return out
 

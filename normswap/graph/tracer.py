@@ -6,6 +6,7 @@ lists. timm's registered no-trace functions are auto-wrapped.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -100,9 +101,20 @@ FUNCTIONAL_NAMES = ("layer_norm", "batch_norm", "group_norm")
 
 
 def _calls_functional_norm(m: nn.Module) -> bool:
-    """Whether the source of ``type(m).forward`` mentions a functional norm."""
-    src = forward_source(m)
-    return src is not None and any(f"{n}(" in src for n in FUNCTIONAL_NAMES)
+    """Whether ``type(m).forward`` names a functional norm (read from its code object)."""
+    return _forward_names_norm(type(m))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_names_norm(cls: type) -> bool:
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    if code is None:
+        return False
+    names = set(code.co_names)
+    for const in code.co_consts:  # nested functions / comprehensions
+        if hasattr(const, "co_names"):
+            names.update(const.co_names)
+    return any(n in names for n in FUNCTIONAL_NAMES)
 
 
 def forward_source(m: nn.Module) -> Optional[str]:
