@@ -8,6 +8,9 @@ from .norms import convert_sync, penalty
 from .report import Report, SiteRecord
 from .spec import Spec, SpecError, presets
 from .transform import TransformError, plan, report, transform
+from .train import LRCorrection, NormRecorder, param_groups
+from .graph.producers import scale_invariant_params
 
 __all__ = ["norms", "penalty", "convert_sync", "transform", "plan", "report", "presets",
-           "Spec", "SpecError", "TransformError", "Report", "SiteRecord", "__version__"]
+           "Spec", "SpecError", "TransformError", "Report", "SiteRecord", "LRCorrection",
+           "NormRecorder", "param_groups", "scale_invariant_params", "__version__"]
