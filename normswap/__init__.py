@@ -10,7 +10,9 @@ from .spec import Spec, SpecError, presets
 from .transform import TransformError, plan, report, transform
 from .train import LRCorrection, NormRecorder, param_groups
 from .graph.producers import scale_invariant_params
+from .io import CheckpointError, export, load, save
 
 __all__ = ["norms", "penalty", "convert_sync", "transform", "plan", "report", "presets",
            "Spec", "SpecError", "TransformError", "Report", "SiteRecord", "LRCorrection",
-           "NormRecorder", "param_groups", "scale_invariant_params", "__version__"]
+           "NormRecorder", "param_groups", "scale_invariant_params", "save", "load", "export",
+           "CheckpointError", "__version__"]

@@ -127,7 +127,19 @@ def _build_site(site: Site, variant: str, kwargs, new_modules, build_modules: bo
     site.status, site.becomes = "converted", type(mod).__name__
     site.preserves_function, site.note = preserves, note
     if build_modules:
+        record_original(mod, site)
         new_modules[site.name] = mod
+
+
+def record_original(mod: nn.Module, site: Site) -> None:
+    """Remember what the site was (for folding back to the original architecture)."""
+    f = site.facts()
+    orig = site.module
+    object.__setattr__(mod, "_normswap_original", {
+        "family": site.family, "class": site.original, "eps": f.get("eps", 1e-5),
+        "affine": bool(f.get("affine", False)),
+        "num_batches_tracked": getattr(orig, "num_batches_tracked", None) is not None if orig is not None else False,
+    })
 
 
 def plan(model: nn.Module, spec: Union[str, Spec, dict], *, strict: bool = False,

@@ -137,6 +137,8 @@ def bwn_hook(model: nn.Module, jobs: List[Tuple[Site, str, Dict[str, Any]]], new
                         site.preserves_function = pres
                         site.note = f"bwn fallback ({reason})" + (f"; {fnote}" if fnote else "")
                         if build_modules:
+                            from ..transform import record_original
+                            record_original(mod, site)
                             new_modules[site.name] = mod
                         continue
                     except LayoutError as e:
@@ -150,6 +152,8 @@ def bwn_hook(model: nn.Module, jobs: List[Tuple[Site, str, Dict[str, Any]]], new
         site.status, site.becomes = "converted", type(norm).__name__
         site.preserves_function, site.note = preserves, f"{note}; weight norm on {prod.producer}"
         if build_modules:
+            from ..transform import record_original
+            record_original(norm, site)
             new_modules[site.name] = norm
             applies.append(apply_conv)
     return applies
