@@ -25,7 +25,7 @@ import timm
 import torch
 
 import normswap
-from normswap.graph.functional import find_functional_sites
+from normswap.graph.functional import candidate_owners
 from normswap.graph.sites import find_module_sites
 from normswap.graph.tracer import _calls_functional_norm, trace
 
@@ -49,7 +49,7 @@ def check_model(name, spec, forward, max_params):
         return row
     sites = find_module_sites(model)
     row["module_sites"] = len(sites)
-    if not sites and not any(_calls_functional_norm(m) for m in model.modules()):
+    if not sites and not candidate_owners(model):
         row["no_norm"] = True
         return row
     for label, fn in (("plain_fx", lambda: torch.fx.symbolic_trace(model)), ("normswap_fx", lambda: trace(model))):

@@ -133,6 +133,8 @@ def candidate_owners(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if module_family(m) is not None or isinstance(m, NormalizerBase):
             continue
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue  # a norm call in a conv's forward standardizes its weight (StdConv2d...)
         if _calls_functional_norm(m):
             out.append((name, m))
     return out
