@@ -157,8 +157,11 @@ def train(args) -> dict:
     kw = {}
     if args.mixed_precision:
         kw["mixed_precision"] = args.mixed_precision
-    accelerator = Accelerator(log_with="all", project_dir=args.output_dir,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kw)
+    import warnings
+    with warnings.catch_warnings():  # "all" trackers: whichever are installed, if any
+        warnings.filterwarnings("ignore", message=".*no supported trackers.*")
+        accelerator = Accelerator(log_with="all", project_dir=args.output_dir,
+                                  dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kw)
     set_seed(args.seed)
     if args.data:
         train_ds, val_ds, num_classes, in_chans = folder_datasets(args.data, args.img_size)
