@@ -150,5 +150,6 @@ def test_lr_correction_errors():
     opt = normswap.LRCorrection(torch.optim.SGD(net.parameters(), lr=0.1), net, weight_decay=1e-4)
     assert opt.param_groups is opt.optimizer.param_groups
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)  # works with torch schedulers
+    opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)

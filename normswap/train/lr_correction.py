@@ -181,12 +181,6 @@ class LRCorrection(Optimizer):
         self.epoch = int(epoch)
 
     # -- the correction --------------------------------------------------------------
-    def _lr_of(self, p) -> float:
-        for g in self.optimizer.param_groups:
-            if any(q is p for q in g["params"]):
-                return float(g["lr"])
-        raise KeyError("parameter not in the optimizer")
-
     def _group_of(self, p):
         for g in self.optimizer.param_groups:
             if any(q is p for q in g["params"]):
