@@ -35,16 +35,16 @@ def install_penalty_hook(model: nn.Module) -> None:
     """Clear every site's recorded terms when ``model``'s forward starts, so that a
     module called several times in one forward contributes every call."""
     root = unwrap_model(model)
+    for m in _normalizers(root):
+        m._penalty_accumulate = True
     if getattr(root, _HOOK_ATTR, None) is not None:
         return
-    sites = _normalizers(root)
 
-    def _clear(_module, _args):
-        for m in sites:
+    def _clear(module, _args):
+        for m in _normalizers(module):  # looked up each time: the model may change
             m._penalty_terms = []
+            m._penalty_accumulate = True
 
-    for m in sites:
-        m._penalty_accumulate = True
     handle = root.register_forward_pre_hook(_clear)
     object.__setattr__(root, _HOOK_ATTR, handle)
 
