@@ -186,7 +186,7 @@ def train(args) -> dict:
     scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
                                        warmup_epochs=args.warmup_epochs, warmup_lr=lr * 0.01,
                                        decay_milestones=[int(args.epochs * f) for f in (0.33, 0.66, 0.9)],
-                                       updates_per_epoch=steps_per_epoch)
+                                       updates_per_epoch=steps_per_epoch, step_on_epochs=False)
     start_epoch, global_step = 0, 0
     if args.resume:
         accelerator.load_state(args.resume)

@@ -109,3 +109,15 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[k], b[k]), k
     lines = [json.loads(l) for l in open(tmp_path / "part" / "metrics.jsonl")]
     assert [l["epoch"] for l in lines] == [1, 2]
+
+
+def test_skipped_fp16_steps_do_not_advance_the_lr_schedule(tmp_path, monkeypatch):
+    """Accelerate reports an overflowed fp16 step as skipped (GPU only); fake it here."""
+    from accelerate import Accelerator
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    _run(FAST + ["--epochs", "1", "--warmup-epochs", "1", "--lr", "0.05", "--output-dir", str(tmp_path)])
+    line = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert line["skipped_steps"] == 3
+    state = json.load(open(tmp_path / "checkpoint_epoch1" / "trainer_state.json"))
+    assert state["global_step"] == 0
+    assert line["lr"] == pytest.approx(0.05 * 0.01)  # still the first warm-up value

@@ -396,3 +396,18 @@ def test_plan_and_transform_on_the_meta_device():
     out = normswap.transform(model, "l1bn")
     assert out.bn1.weight.device.type == "meta"
     assert len(normswap.report(out).converted) == 20
+
+
+def test_transformed_model_pickles_with_torch_save(tmp_path):
+    import io as _io
+    model = normswap.transform(timm.create_model("efficientnet_b0", pretrained=False), "bn*")
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    normswap.penalty(model)  # installs the per-forward hook
+    buf = _io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded.bn1).__name__ == "BatchNormStar2dAct"
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    assert normswap.report(loaded).counts() == normswap.report(model).counts()

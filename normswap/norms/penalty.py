@@ -31,6 +31,14 @@ def _normalizers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, NormalizerBase)]
 
 
+def _clear_penalty_terms(module: nn.Module, _args) -> None:
+    """Forward pre-hook of the root: a new forward starts with no recorded terms.
+    (Module level, so that a model with the hook still pickles.)"""
+    for m in _normalizers(module):  # looked up each time: the model may change
+        m._penalty_terms = []
+        m._penalty_accumulate = True
+
+
 def install_penalty_hook(model: nn.Module) -> None:
     """Clear every site's recorded terms when ``model``'s forward starts, so that a
     module called several times in one forward contributes every call."""
@@ -39,13 +47,7 @@ def install_penalty_hook(model: nn.Module) -> None:
         m._penalty_accumulate = True
     if getattr(root, _HOOK_ATTR, None) is not None:
         return
-
-    def _clear(module, _args):
-        for m in _normalizers(module):  # looked up each time: the model may change
-            m._penalty_terms = []
-            m._penalty_accumulate = True
-
-    handle = root.register_forward_pre_hook(_clear)
+    handle = root.register_forward_pre_hook(_clear_penalty_terms)
     object.__setattr__(root, _HOOK_ATTR, handle)
 
 
