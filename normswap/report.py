@@ -34,7 +34,6 @@ class Report:
     """What a spec does (or did) to a model. ``print(report)`` gives a table."""
     spec: Dict[str, Any]
     sites: List[SiteRecord] = field(default_factory=list)
-    untraced: List[Dict[str, str]] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     applied: bool = False
 
@@ -60,7 +59,7 @@ class Report:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"spec": self.spec, "applied": self.applied, "counts": self.counts(),
-                "sites": [s.to_dict() for s in self.sites], "untraced": list(self.untraced),
+                "sites": [s.to_dict() for s in self.sites],
                 "warnings": list(self.warnings)}
 
     def to_json(self, **kw) -> str:

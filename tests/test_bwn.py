@@ -253,3 +253,13 @@ def test_scale_invariant_params():
     assert len(scale_invariant_params(l1)) == 20
     bns = normswap.transform(timm.create_model("resnet18", pretrained=False), "bn-s")
     assert scale_invariant_params(bns) == []  # sigma > 0: not scale invariant
+
+
+def test_parametrized_weight_is_computed_once_per_forward():
+    model = normswap.transform(timm.create_model("resnet18", pretrained=False), "bwn")
+    calls = []
+    for m in model.modules():
+        if isinstance(m, N.BoundedWeightNorm):
+            m.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 20 and len({id(c) for c in calls}) == 20

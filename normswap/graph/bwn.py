@@ -21,7 +21,7 @@ from torch import nn
 from .. import norms as N
 from ..norms.bwn import bounded_weight_norm
 from ..spec import PRESETS, Preset, register_preset
-from .convert import LayoutError, act_class, build
+from .convert import LayoutError, build, finish
 from .producers import _out_channels, norm_producers
 from .sites import Site
 
@@ -78,12 +78,7 @@ def _plan_site(model: nn.Module, site: Site, kw: Dict[str, Any], producer: str):
             preserves = False
             note = ("every output channel gets the fixed norm rho: outputs change" if not learn_gain
                     else "no running statistics to fold: outputs change")
-    norm = norm.to(dtype=f["dtype"]) if f["dtype"] != torch.float32 else norm
-    if f.get("act") is not None:
-        norm.__class__ = act_class(type(norm))
-        norm.drop = f["drop"] if f.get("drop") is not None else nn.Identity()
-        norm.act = f["act"]
-    norm.train(f["training"])
+    norm = finish(norm, f)
 
     def apply_conv():
         gain = None

@@ -71,14 +71,21 @@ def _share_or_copy(new: nn.Module, attr: str, src: Optional[torch.Tensor]) -> bo
     return True
 
 
-def _finish(new: nn.Module, f: Dict[str, Any]) -> nn.Module:
-    new = new.to(device=f["device"])
-    if f["dtype"] in (torch.float64, torch.float16, torch.bfloat16) and f["dtype"] != torch.float32:
-        new = new.to(dtype=f["dtype"])
+def attach_act(new: nn.Module, f: Dict[str, Any]) -> nn.Module:
+    """Give ``new`` the drop and activation of a timm *Act norm site (if it had them)."""
     if f.get("act") is not None:
         new.__class__ = act_class(type(new))
         new.drop = f["drop"] if f.get("drop") is not None else nn.Identity()
         new.act = f["act"]
+    return new
+
+
+def finish(new: nn.Module, f: Dict[str, Any]) -> nn.Module:
+    """Device, dtype, activation and training mode of the site it replaces."""
+    new = new.to(device=f["device"])
+    if f["dtype"] in (torch.float64, torch.float16, torch.bfloat16):
+        new = new.to(dtype=f["dtype"])
+    attach_act(new, f)
     new.train(f["training"])
     return new
 
@@ -155,7 +162,7 @@ def build_batch(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module
             note = "was frozen: now a trainable batch norm (eval outputs preserved)"
     else:
         note = "no running statistics to convert"
-    return _finish(new, f), preserves, note
+    return finish(new, f), preserves, note
 
 
 def build_ln(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, bool, Optional[str]]:
@@ -183,7 +190,7 @@ def build_ln(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, b
         f"sigma={sigma:g}" + ("" if affine or not f.get("affine") else ", affine dropped")
         + ("" if fam == "layernorm" else f", per-example statistics replace {fam}")
         + ": outputs change")
-    return _finish(new, f), preserves, note
+    return finish(new, f), preserves, note
 
 
 def build_dn(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, bool, Optional[str]]:
@@ -209,7 +216,7 @@ def build_dn(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, b
     if affine:
         _share_or_copy(new, "weight", f.get("weight"))
         _share_or_copy(new, "bias", f.get("bias"))
-    return _finish(new, f), False, "local statistics replace the original area: outputs change"
+    return finish(new, f), False, "local statistics replace the original area: outputs change"
 
 
 BUILDERS: Dict[str, Callable[[Site, str, Dict[str, Any]], Tuple[nn.Module, bool, Optional[str]]]] = {

@@ -101,7 +101,9 @@ class DivisiveNorm2d(_DivisiveBase):
         xf = x.to(stat_dtype(x.dtype))
         local_mean = box_mean_2d(xf.mean(1, keepdim=True), self.sum_window)
         v = xf - local_mean
-        local_var = box_mean_2d(v.square().mean(1, keepdim=True), self.sup_window)
+        # mean over channels of v^2 without a full-size temporary
+        chan_var = torch.linalg.vector_norm(v, 2, dim=1, keepdim=True).square() / v.shape[1]
+        local_var = box_mean_2d(chan_var, self.sup_window)
         y = v * torch.rsqrt(local_var + self.sigma * self.sigma + self.eps)
         return self._finish(y, v, x, (1, -1, 1, 1))
 
