@@ -88,7 +88,9 @@ def check_model(name, spec, forward, max_params):
         row["params"] = n_params
         if n_params <= max_params:
             try:
-                real = normswap.transform(build(name, "cpu"), spec)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    real = normswap.transform(build(name, "cpu"), spec)
                 cfg = real.pretrained_cfg.get("input_size", (3, 224, 224))
                 fixed = real.pretrained_cfg.get("fixed_input_size", False)
                 size = cfg[1:] if fixed else (min(cfg[1], 96), min(cfg[2], 96))
