@@ -121,3 +121,20 @@ def test_skipped_fp16_steps_do_not_advance_the_lr_schedule(tmp_path, monkeypatch
     state = json.load(open(tmp_path / "checkpoint_epoch1" / "trainer_state.json"))
     assert state["global_step"] == 0
     assert line["lr"] == pytest.approx(0.05 * 0.01)  # still the first warm-up value
+
+
+def test_imagenet_style_folder_through_timm_data(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    out = _run(["--data", str(tmp_path / "data"), "--model", "resnet10t", "--img-size", "32", "--epochs", "1",
+                "--batch-size", "4", "--workers", "0", "--output-dir", str(tmp_path / "out")])
+    assert out["model"].get_classifier().out_features == 2
+    line = json.loads(open(tmp_path / "out" / "metrics.jsonl").readline())
+    assert line["epoch"] == 1 and 0 <= line["val_top1"] <= 100
