@@ -8,9 +8,9 @@ through Hugging Face Accelerate.
 
 The model is built with timm (pretrained=False), converted with ``normswap.transform``
 (default spec: ``bwn``; sites it cannot convert follow ``l1bn``), trained with SGD
-(momentum 0.9) on parameter groups from ``normswap.param_groups``, the L1 penalty
-``normswap.penalty`` added to the loss, and, by default, no weight decay on the
-scale-invariant weights but ``normswap.LRCorrection`` in its place. Each epoch writes
+(momentum 0.9) on parameter groups from ``normswap.param_groups``, with the L1 penalty
+``normswap.penalty`` added to the loss; ``--lr-correction online|reference`` trains the
+scale-invariant weights without weight decay and ``normswap.LRCorrection`` in its place. Each epoch writes
 metrics to ``OUTPUT/metrics.jsonl`` and ``accelerator.save_state`` to
 ``OUTPUT/checkpoint_epochN``; the end writes ``OUTPUT/model.safetensors`` with
 ``normswap.save`` (load it back with ``normswap.load``).
@@ -48,8 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, help="peak learning rate for a global batch of 256 on ImageNet "
                                              "(scaled linearly); used as is on the digits")
     ap.add_argument("--weight-decay", type=float)
-    ap.add_argument("--lr-correction", choices=["none", "online", "reference"], default="online",
-                    help="replace weight decay on scale-invariant weights by normswap.LRCorrection")
+    ap.add_argument("--lr-correction", choices=["none", "online", "reference"], default="none",
+                    help="replace weight decay on scale-invariant weights by normswap.LRCorrection "
+                         "(exact for plain SGD, an approximation with momentum: see the README)")
     ap.add_argument("--reference-norms", help="NormRecorder file for --lr-correction reference")
     ap.add_argument("--record-norms", action="store_true",
                     help="record per-epoch norms of scale-invariant weights (a reference for later runs)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -36,8 +37,10 @@ def train(eps, correction, momentum, steps, lr=0.1, wd=5e-3, data=None):
     data = data or batches(steps)
     if correction:
         groups = normswap.param_groups(net, lr, wd, scale_invariant_weight_decay=0.0)
-        opt = normswap.LRCorrection(torch.optim.SGD(groups, lr=lr, momentum=momentum), net,
-                                    weight_decay=wd, mode="online")
+        with warnings.catch_warnings():  # the momentum approximation is what this script measures
+            warnings.simplefilter("ignore")
+            opt = normswap.LRCorrection(torch.optim.SGD(groups, lr=lr, momentum=momentum), net,
+                                        weight_decay=wd, mode="online")
     else:
         opt = torch.optim.SGD(normswap.param_groups(net, lr, wd), lr=lr, momentum=momentum)
     for x, y in data:

@@ -115,8 +115,9 @@ def test_resume_from_state_dict_continues_exactly():
     def make():
         net = study.make_net(1e-5)
         groups = normswap.param_groups(net, 0.05, 1e-3, scale_invariant_weight_decay=0)
-        return net, normswap.LRCorrection(torch.optim.SGD(groups, lr=0.05, momentum=0.9), net,
-                                          weight_decay=1e-3)
+        with pytest.warns(UserWarning, match="approximation"):
+            return net, normswap.LRCorrection(torch.optim.SGD(groups, lr=0.05, momentum=0.9), net,
+                                              weight_decay=1e-3)
 
     def steps(net, opt, batches):
         for x, y in batches:

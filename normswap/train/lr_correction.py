@@ -28,6 +28,7 @@ is an approximation (measured in the tests and the README).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -142,6 +143,10 @@ class LRCorrection(Optimizer):
                 raise ValueError(f"LRCorrection: the reference norms lack {missing[:5]}; record them with "
                                  f"NormRecorder on the same architecture")
             self._ref = {s.name: ref[s.name].double() for s in self._si}
+        if mode == "online" and any(g.get("momentum", 0) for g in optimizer.param_groups):
+            warnings.warn("LRCorrection(mode='online') with momentum SGD is an approximation (exact only for "
+                          "plain SGD); measured deviations are in the README (scripts/lr_correction_study.py)",
+                          stacklevel=2)
         self._rho2: Dict[str, torch.Tensor] = {}
         self._radial: Dict[str, torch.Tensor] = {}
         self.last_factors: Dict[str, torch.Tensor] = {}
