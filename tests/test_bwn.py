@@ -10,7 +10,7 @@ from torch import nn
 import normswap
 import normswap.norms as N
 from normswap import Spec
-from normswap.graph.producers import scale_invariant_params
+from normswap.graph import scale_invariant_params
 
 LAYERS = [  # (factory, input shape)
     (lambda: nn.Conv1d(3, 5, 3), (2, 3, 8)),
