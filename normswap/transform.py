@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import difflib
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 

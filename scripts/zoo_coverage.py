@@ -27,7 +27,7 @@ import torch
 import normswap
 from normswap.graph.functional import candidate_owners
 from normswap.graph.sites import find_module_sites
-from normswap.graph.tracer import _calls_functional_norm, trace
+from normswap.graph.tracer import trace
 
 DEFAULT_SPEC = {"types": {"batchnorm": "l1bn", "layernorm": "ln-s", "groupnorm": "dn"}}
 

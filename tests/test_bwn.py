@@ -1,6 +1,4 @@
 """Bounded weight norm, Lp weight norm, mean-only batch norm, and the bwn presets."""
-import copy
-import math
 
 import pytest
 import timm

@@ -1,7 +1,5 @@
 """normswap.transform / plan / report on timm, torchvision and custom models."""
-import copy
 import json
-import warnings
 
 import pytest
 import timm

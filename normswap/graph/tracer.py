@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -62,13 +61,6 @@ class TraceResult:
     graphs: List[Tuple[str, fx.Graph]] = field(default_factory=list)   # (prefix, graph)
     failed: List[Tuple[str, str]] = field(default_factory=list)         # (qualname, error)
 
-    def untraced_prefixes(self) -> List[str]:
-        return [name for name, _ in self.failed]
-
-
-def _has_norm_or_children(m: nn.Module) -> bool:
-    return any(True for _ in m.children())
-
 
 def trace_tolerant(model: nn.Module, leaf_modules: Sequence = ()) -> TraceResult:
     """Trace the model; where it fails, trace its children instead, recursively.
@@ -89,8 +81,8 @@ def trace_tolerant(model: nn.Module, leaf_modules: Sequence = ()) -> TraceResult
         for name, child in m.named_children():
             if module_family(child) is not None or isinstance(child, NormalizerBase):
                 continue  # a norm module is a module site whatever its parent does
-            if not _has_norm_or_children(child) and not _calls_functional_norm(child):
-                continue
+            if next(child.children(), None) is None and not _calls_functional_norm(child):
+                continue  # a leaf with nothing of ours inside
             visit(f"{prefix}.{name}" if prefix else name, child)
 
     visit("", model)
@@ -116,10 +108,3 @@ def _forward_names_norm(cls: type) -> bool:
             names.update(const.co_names)
     return any(n in names for n in FUNCTIONAL_NAMES)
 
-
-def forward_source(m: nn.Module) -> Optional[str]:
-    import inspect
-    try:
-        return inspect.getsource(type(m).forward)
-    except Exception:
-        return None

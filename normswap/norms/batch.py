@@ -16,7 +16,6 @@ which works on any backend, gloo on CPU included.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

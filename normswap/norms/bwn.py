@@ -16,7 +16,7 @@ forward to keep ``||g||_2`` at its initial value ``G0``: ``g <- g * G0 / ||g||_2
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
