@@ -207,8 +207,12 @@ class Spec:
         raise SpecError(f"spec must be a preset name, a dict, JSON or a normswap.Spec; got {type(spec).__name__}")
 
     # -- resolution -----------------------------------------------------------------------
+    def excluded_by(self, name: str) -> List[str]:
+        """The ``exclude`` patterns (exact names or regexes) that match ``name``."""
+        return [p for p in self.exclude if name == p or re.fullmatch(p, name)]
+
     def is_excluded(self, name: str) -> bool:
-        return any(name == p or re.fullmatch(p, name) for p in self.exclude)
+        return bool(self.excluded_by(name))
 
     def resolve(self, name: str, family: str, types: List[str]) -> Tuple[Optional[str], Dict[str, Any], List[str]]:
         """(preset, kwargs, matched rule keys) for a site; preset None = no rule applies."""

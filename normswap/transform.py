@@ -55,9 +55,10 @@ def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, 
         if site.skip_reason:
             site.status, site.reason = "skipped", site.skip_reason
             continue
-        if spec.is_excluded(site.name):
+        excluded_by = spec.excluded_by(site.name)
+        if excluded_by:
             site.status, site.reason = "excluded", "matches spec.exclude"
-            matched_rules.update(f"exclude:{p}" for p in spec.exclude if p == site.name or _fullmatch(p, site.name))
+            matched_rules.update(f"exclude:{p}" for p in excluded_by)
             continue
         preset, kw, matched = spec.resolve(site.name, site.family, site.types)
         matched_rules.update(matched)
@@ -109,13 +110,11 @@ def _decide(model: nn.Module, spec: Spec, leaf_modules: Sequence, strict: bool, 
         if bad:
             raise TransformError("strict=True and these sites cannot be rewritten:\n" + "\n".join(
                 f"  {s.name}: {s.reason}" for s in bad))
+    for site in sites:
+        if site.name in new_modules:
+            record_original(new_modules[site.name], site)
     report.sites = [_record(s) for s in sites]
     return sites, new_modules, owners, report, post_apply
-
-
-def _fullmatch(pattern: str, name: str) -> bool:
-    import re
-    return re.fullmatch(pattern, name) is not None
 
 
 def _build_site(site: Site, variant: str, kwargs, new_modules, build_modules: bool) -> None:
@@ -127,7 +126,6 @@ def _build_site(site: Site, variant: str, kwargs, new_modules, build_modules: bo
     site.status, site.becomes = "converted", type(mod).__name__
     site.preserves_function, site.note = preserves, note
     if build_modules:
-        record_original(mod, site)
         new_modules[site.name] = mod
 
 

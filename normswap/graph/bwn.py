@@ -21,7 +21,7 @@ from torch import nn
 from .. import norms as N
 from ..norms.bwn import bounded_weight_norm
 from ..spec import PRESETS, Preset, register_preset
-from .convert import LayoutError, build, finish
+from .convert import LayoutError, build, finish, new_batch_norm, site_momentum
 from .producers import _out_channels, norm_producers
 from .sites import Site
 
@@ -34,9 +34,6 @@ register_preset(Preset(
     "w_i = g_i * v_i / ||v_i||_p with ||g||_2 fixed; then y = x - mu + beta",
     "bounded weight norm with a learned gain of fixed L2 norm; folds a pretrained BN (eval outputs kept)"))
 
-MEAN_ONLY = {"1d": N.MeanOnlyBatchNorm1d, "2d": N.MeanOnlyBatchNorm2d, "3d": N.MeanOnlyBatchNorm3d}
-
-
 def _plan_site(model: nn.Module, site: Site, kw: Dict[str, Any], producer: str):
     """Build (not apply) the mean-only norm and the conv change for one site."""
     f = site.facts()
@@ -44,21 +41,8 @@ def _plan_site(model: nn.Module, site: Site, kw: Dict[str, Any], producer: str):
     C = f["num_features"]
     if _out_channels(conv) != C:
         raise LayoutError(f"{producer} has {_out_channels(conv)} output channels, the norm {C}")
-    layout = f["layout"]
-    extra = {}
-    if layout == "last":
-        if len(f["normalized_shape"]) != 1:
-            raise LayoutError(f"{site.name}: normalizes several trailing dims; bwn needs one channel dim")
-        cls, extra = MEAN_ONLY["1d"], {"channel_dim": -1}
-    elif layout == "any":
-        cls = MEAN_ONLY["2d"]
-    else:
-        cls = MEAN_ONLY[layout]
-    mom = f.get("momentum", 0.1) if f["family"] == "batchnorm" else 0.1
-    norm = cls(C, momentum=kw.get("momentum", mom), bias=True, l1_alpha=kw.get("l1_alpha", 0.0),
-               sync=kw.get("sync", False), device=f["device"], **extra)
-    if layout == "any":
-        norm._dims = (2, 3, 4, 5)
+    norm = new_batch_norm(site, f, "meanonly", momentum=site_momentum(f, kw), bias=True,
+                          l1_alpha=kw.get("l1_alpha", 0.0), sync=kw.get("sync", False))
     learn_gain = bool(kw.get("learn_gain", False))
     rm, rv, eps = f.get("running_mean"), f.get("running_var"), f["eps"]
     gamma, beta = f.get("weight"), f.get("bias")
@@ -132,8 +116,6 @@ def bwn_hook(model: nn.Module, jobs: List[Tuple[Site, str, Dict[str, Any]]], new
                         site.preserves_function = pres
                         site.note = f"bwn fallback ({reason})" + (f"; {fnote}" if fnote else "")
                         if build_modules:
-                            from ..transform import record_original
-                            record_original(mod, site)
                             new_modules[site.name] = mod
                         continue
                     except LayoutError as e:
@@ -147,8 +129,6 @@ def bwn_hook(model: nn.Module, jobs: List[Tuple[Site, str, Dict[str, Any]]], new
         site.status, site.becomes = "converted", type(norm).__name__
         site.preserves_function, site.note = preserves, f"{note}; weight norm on {prod.producer}"
         if build_modules:
-            from ..transform import record_original
-            record_original(norm, site)
             new_modules[site.name] = norm
             applies.append(apply_conv)
     return applies

@@ -107,10 +107,22 @@ def _batch_layout(site: Site, f, variant: str) -> Tuple[type, Dict[str, Any]]:
     return cls, extra
 
 
+def site_momentum(f: Dict[str, Any], kw: Dict[str, Any]):
+    """The spec's momentum, else the site's own (batch norms), else 0.1."""
+    return kw.get("momentum", f.get("momentum", 0.1) if f["family"] == "batchnorm" else 0.1)
+
+
+def new_batch_norm(site: Site, f: Dict[str, Any], variant: str, **args) -> nn.Module:
+    """The batch-statistics layer of ``variant`` laid out for the site, on its device."""
+    cls, extra = _batch_layout(site, f, variant)
+    new = cls(f["num_features"], device=f["device"], **args, **extra)
+    if f["layout"] == "any":
+        new._dims = (2, 3, 4, 5)  # SyncBatchNorm / GroupNorm sites accept any rank
+    return new
+
+
 def build_batch(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module, bool, Optional[str]]:
     f = site.facts()
-    cls, extra = _batch_layout(site, f, variant)
-    C = f["num_features"]
     from_bn = f["family"] == "batchnorm"
     args: Dict[str, Any] = {}
     if variant == "meanonly":
@@ -118,17 +130,13 @@ def build_batch(site: Site, variant: str, kw: Dict[str, Any]) -> Tuple[nn.Module
     else:
         args["eps"] = kw.get("eps", f["eps"])
         args["affine"] = kw.get("affine", f.get("affine", True))
-    mom = f.get("momentum", 0.1) if from_bn else 0.1
-    args["momentum"] = kw.get("momentum", mom)
+    args["momentum"] = site_momentum(f, kw)
     track = kw.get("track_running_stats", f.get("track_running_stats", True) if from_bn else True)
     args["track_running_stats"] = track
     for key in ("k", "sigma", "learn_sigma", "l1_alpha", "sync"):
         if key in kw:
             args[key] = kw[key]
-    args.update(extra)
-    new = cls(C, device=f["device"], **args)
-    if f["layout"] == "any":
-        new._dims = (2, 3, 4, 5)  # SyncBatchNorm / GroupNorm sites accept any rank
+    new = new_batch_norm(site, f, variant, **args)
     _share_or_copy(new, "weight", f.get("weight"))
     _share_or_copy(new, "bias", f.get("bias"))
 

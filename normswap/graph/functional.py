@@ -174,7 +174,8 @@ def find_functional_sites(model: nn.Module, leaf_modules: Sequence = ()) -> Tupl
             if node.op != "call_function" or node.target not in FUNCTIONAL_TARGETS:
                 continue
             family, short, names = FUNCTIONAL_TARGETS[node.target]
-            if not _depends_on_placeholder(_bind(node, names)["input"]):
+            args = _bind(node, names)
+            if not _depends_on_placeholder(args["input"]):
                 continue  # normalizes a weight (weight standardization), not an activation
             i = counts.get(short, 0)
             counts[short] = i + 1
@@ -183,7 +184,7 @@ def find_functional_sites(model: nn.Module, leaf_modules: Sequence = ()) -> Tupl
                 attr += "_"
             used.add(attr)
             name = f"{owner_name}.{attr}" if owner_name else attr
-            facts, why = _facts(owner, family, short, _bind(node, names))
+            facts, why = _facts(owner, family, short, args)
             site = Site(name=name, kind="functional", family=family, original=f"F.{short}",
                         types=[f"F.{short}", family], owner=owner_name,
                         call={"facts": facts or {}, "attr": attr}, skip_reason=why)

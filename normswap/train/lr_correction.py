@@ -186,22 +186,17 @@ class LRCorrection(Optimizer):
         self.epoch = int(epoch)
 
     # -- the correction --------------------------------------------------------------
-    def _group_of(self, p):
-        for g in self.optimizer.param_groups:
-            if any(q is p for q in g["params"]):
-                return g
-        raise KeyError("parameter not in the optimizer")
-
     @torch.no_grad()
     def _correct(self):
         """Scale each channel's gradient; returns what ``_update_shadow`` needs after the step."""
         self.last_factors = {}
         pending = []
+        group_of = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
         for s in self._si:
             p = s.param
             if p.grad is None:
                 continue
-            group = self._group_of(p)
+            group = group_of[id(p)]
             lr, mu = float(group["lr"]), float(group.get("momentum", 0.0))
             w2 = channel_sq_norms(p, s)
             if self.mode == "online":
