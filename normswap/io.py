@@ -226,7 +226,7 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, fold: bool = True
     """
     from .norms.bwn import BoundedWeightNorm
     from .norms.penalty import unwrap_model
-    from .transform import report, spec_of
+    from .transform import report, spec_of, state_of
     model = unwrap_model(model)
     rep = report(model)
     sd = dict(model.state_dict())
@@ -234,7 +234,9 @@ def export(model: nn.Module, path: Union[str, os.PathLike], *, fold: bool = True
     folded: Dict[str, torch.Tensor] = {}
     for site in rep.converted:
         mod = model.get_submodule(site.name)
-        original = getattr(mod, "_normswap_original", None)
+        o = state_of(model).originals.get(site.name)
+        original = None if o is None else {"family": o.family, "eps": o.eps, "affine": o.affine,
+                                           "num_batches_tracked": o.num_batches_tracked}
         variant_ok = site.preset is not None and (site.preset.startswith("bwn") or
                                                   site.preset.rstrip("*").replace("-s", "") in
                                                   ("l1bn", "topkbn", "bn", "meanonly"))
