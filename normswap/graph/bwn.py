@@ -95,6 +95,11 @@ class BoundedWeightNormVariant(Variant):
         passed = {k: v for k, v in kw.items() if k in variant.accepted() and k != "fallback"}
         return variant.check({**preset.defaults, **passed, **rule}, f"{where} fallback {preset.name!r}")
 
+    def fold(self, module, original):
+        """The mean-only norm folds like any batch norm (the weight norm folds into the
+        conv's plain weight separately)."""
+        return MeanOnlyBatch().fold(module, original)
+
     def scale_invariant(self, kw, family):
         return False   # the direction v is scale invariant; handled through the parametrization
 
