@@ -60,7 +60,7 @@ def c_inf(n: int) -> float:
 def _c_inf_any(n: Union[int, torch.Tensor]):
     """``c_inf`` of a Python count or of a count tensor (synchronized batches)."""
     if isinstance(n, torch.Tensor):
-        return _C_INF_NUM / torch.sqrt(2.0 * torch.log(n.to(torch.float64))).float()
+        return _C_INF_NUM / torch.sqrt(2.0 * torch.log(n))
     return c_inf(n)
 
 

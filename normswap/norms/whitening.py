@@ -175,8 +175,11 @@ class _IterNorm(NormalizerBase):
                 eye = torch.eye(c.shape[-1], dtype=cdt, device=x.device)
                 wms.append(newton_whitening(c / m + self.eps * eye, self.T))
             self._update_running(mu.detach(), [w.detach() for w in wms])
-            if self._wants_penalty():
-                self._record_penalty(v.abs().mean())
+            if self._wants_penalty():  # mean|x - mu| over the (global) batch
+                pen = v.abs().sum()
+                if group is not None:
+                    pen = _all_reduce_grad(pen, group)
+                self._record_penalty(pen / (m * C))
         else:
             v = xc - self.running_mean.to(cdt)[:, None]
             wms = [self.running_wm[:full].to(cdt)]
