@@ -143,3 +143,123 @@ def centered_mean_abs_batch(x):
     mu, _ = bn_stats(x, "none")
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return (x.detach().double() - mu.view(shape)).abs().mean()
+
+
+# -- every operation on every area (PAPERS.md section 5) ------------------------------
+def _vec_stats(vals, kind, sigma=0.0, eps=1e-5, k=None):
+    """One area's values (1-D float64): (normalized values, mean, tracked statistic).
+
+    The tracked statistic is what a running statistic averages: the biased variance
+    (l2), mean|v| (l1), C_inf(n) * s_k (topk)."""
+    n = vals.numel()
+    mu = vals.sum() / n
+    v = vals - mu
+    if kind == "l2":
+        s = (v * v).sum() / n
+        d = torch.sqrt(sigma ** 2 + s + eps)
+    elif kind == "l1":
+        s = v.abs().sum() / n
+        d = c_l1() * s + eps
+    elif kind == "topk":
+        top = torch.sort(v.abs(), descending=True).values[:k]
+        s = c_inf(n) * top.sum() / k
+        d = s + eps
+    else:
+        s = torch.tensor(0.0, dtype=torch.float64)
+        d = torch.tensor(1.0, dtype=torch.float64)
+    return v / d, mu, s
+
+
+def _area_slices(shape, area, num_groups=None, ndim=1):
+    """Index tuples, one per set of values that share statistics, for an input shape."""
+    N, C = shape[0], shape[1] if len(shape) > 1 else None
+    out = []
+    if area == "layer":
+        lead = int(np.prod(shape[:len(shape) - ndim]))
+        for i in range(lead):
+            out.append(np.unravel_index(i, shape[:len(shape) - ndim]) + (Ellipsis,))
+    elif area == "channels":
+        for n in range(N):
+            for pos in np.ndindex(*shape[2:]):
+                out.append((n, slice(None)) + pos)
+    elif area == "group":
+        cg = C // num_groups
+        for n in range(N):
+            for g in range(num_groups):
+                out.append((n, slice(g * cg, (g + 1) * cg)))
+    elif area == "instance":
+        for n in range(N):
+            for c in range(C):
+                out.append((n, c))
+    elif area == "batch":
+        for c in range(C):
+            out.append((slice(None), c))
+    return out
+
+
+def area_norm(x, area, kind, sigma=0.0, eps=1e-5, k=None, gamma=None, beta=None, num_groups=None,
+              ndim=1):
+    """Normalize ``x`` with statistics per set of the area; then the recovery: per
+    element of the trailing ``ndim`` dims for the layer area, per channel otherwise.
+    Returns (y, means, tracked statistics) with one mean / statistic per set."""
+    x = x.detach().double()
+    y = torch.empty_like(x)
+    means, stats = [], []
+    for idx in _area_slices(tuple(x.shape), area, num_groups, ndim):
+        vals = x[idx]
+        out, mu, s = _vec_stats(vals.reshape(-1), kind, sigma, eps, k)
+        y[idx] = out.reshape(vals.shape)
+        means.append(mu)
+        stats.append(s)
+    if area == "layer":
+        if gamma is not None:
+            y = y * gamma.detach().double()
+        if beta is not None:
+            y = y + beta.detach().double()
+    else:
+        y = _affine(y, gamma, beta)
+    return y, torch.stack(means), torch.stack(stats)
+
+
+def area_mean_abs_centered(x, area, num_groups=None, ndim=1):
+    """mean|x - mu| with mu the mean of each value's own area set (the L1 penalty)."""
+    x = x.detach().double()
+    total, count = 0.0, 0
+    for idx in _area_slices(tuple(x.shape), area, num_groups, ndim):
+        vals = x[idx].reshape(-1)
+        total += float((vals - vals.sum() / vals.numel()).abs().sum())
+        count += vals.numel()
+    return total / count
+
+
+def iter_norm(x, group_size, T, eps, running_mean=None, running_wm=None, gamma=None, beta=None):
+    """IterNorm (PAPERS.md section 6) per group of channels with plain numpy matrices.
+
+    Training (``running_mean`` None): returns (y, mean, whitening matrices per group);
+    eval: uses the given mean and per-group matrices."""
+    x = x.detach().double()
+    N, C = x.shape[0], x.shape[1]
+    X = x.transpose(0, 1).reshape(C, -1).numpy()
+    m = X.shape[1]
+    d = min(group_size, C)
+    starts = list(range(0, C, d))
+    Y = np.empty_like(X)
+    mu = X.mean(axis=1) if running_mean is None else running_mean.double().numpy()
+    wms = []
+    for gi, s in enumerate(starts):
+        e = min(s + d, C)
+        V = X[s:e] - mu[s:e, None]
+        if running_mean is None:
+            sigma = V @ V.T / m + eps * np.eye(e - s)
+            tr = np.trace(sigma)
+            sigma_n = sigma / tr
+            P = np.eye(e - s)
+            for _ in range(T):
+                P = (3 * P - P @ P @ P @ sigma_n) / 2
+            wm = P / np.sqrt(tr)
+        else:
+            wm = running_wm[gi].double().numpy()
+        wms.append(wm)
+        Y[s:e] = wm @ V
+    y = torch.from_numpy(Y).reshape((C, N) + tuple(x.shape[2:])).transpose(0, 1)
+    return _affine(y, gamma, beta), torch.from_numpy(mu), wms

@@ -10,6 +10,7 @@ during its training-mode forward. :func:`normswap.penalty` sums the recorded ter
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -41,9 +42,7 @@ class NormalizerBase(nn.Module):
 
     def __init__(self, l1_alpha: float = 0.0):
         super().__init__()
-        if l1_alpha < 0:
-            raise ValueError(f"{type(self).__name__}: l1_alpha must be >= 0, got {l1_alpha}")
-        self.l1_alpha = float(l1_alpha)
+        self.l1_alpha = check_number(self, "l1_alpha", l1_alpha, low=0.0)
         self._penalty_terms: List[torch.Tensor] = []
         self._penalty_accumulate = False
 
@@ -97,3 +96,58 @@ def check_channels(layer: nn.Module, x: torch.Tensor, dims: tuple, num_channels:
     if num_channels is not None and x.shape[channel_dim] != num_channels:
         raise ValueError(f"{name}: expected {num_channels} channels in dim {channel_dim} of the "
                          f"input {what}, got shape {tuple(x.shape)}")
+
+
+# -- argument checks: a ValueError naming the layer, the argument, the value and what is accepted --
+def _owner(layer) -> str:
+    return layer if isinstance(layer, str) else type(layer).__name__
+
+
+def check_bool(layer, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_owner(layer)}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def check_int(layer, name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        rng = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{_owner(layer)}: {name} must be {rng}, got {value!r}")
+    return int(value)
+
+
+def check_number(layer, name: str, value, low: Optional[float] = None, strict: bool = False) -> float:
+    """A real number (not a bool, not a string), ``>= low`` (``> low`` if strict)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        rng = "a finite number" if low is None else f"{'>' if strict else '>='} {low:g} (a finite number)"
+        raise ValueError(f"{_owner(layer)}: {name} must be {rng}, got {value!r}")
+    return float(value)
+
+
+def check_momentum(layer, momentum) -> Optional[float]:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{_owner(layer)}: momentum must be a number in [0, 1] or None, got {momentum!r}")
+    return float(momentum)
+
+
+class _SigmaMixin:
+    """The smoothing term ``sigma`` of Ren et al.: a float, or one learned scalar."""
+
+    def _init_sigma(self, sigma: float, learn_sigma: bool):
+        sigma = check_number(self, "sigma", sigma, low=0.0)
+        self.learn_sigma = check_bool(self, "learn_sigma", learn_sigma)
+        if learn_sigma:
+            self.sigma = nn.Parameter(torch.tensor(sigma))
+        else:
+            self.sigma = sigma
+
+    def _sigma_value(self) -> float:
+        return float(self.sigma.detach()) if self.learn_sigma else float(self.sigma)
+
+    def _sigma_repr(self) -> str:
+        return f"sigma={self._sigma_value():g}" + (", learn_sigma=True" if self.learn_sigma else "")

@@ -1,33 +1,39 @@
-"""Functional core of the batch-statistics normalizers.
+"""Functional core: one autograd Function for every standardizing normalizer.
 
-One autograd Function, :class:`BatchStatNormFn`, computes every batch-statistics
-normalizer of normswap. For an input ``x`` of shape ``(N, C, *)`` and each channel
-``c`` (statistics over the ``M = N * prod(*)`` values of the channel, across all
-processes when a process group is given)::
+Every area (batch, layer, channels at a position, group, instance) is laid out as a
+``(P, G, Q)`` view of the input; statistics are taken per group ``g`` over the
+``n = P * Q`` values ``x[:, g, :]`` (across all processes when a process group is
+given, which only the batch area uses). For each ``g``::
 
     mu = mean(x)                 v = x - mu
-    y  = gamma * v / d + beta
+    y  = gamma * v / d + beta    (gamma, beta per g; optional)
 
 with the denominator ``d`` chosen by ``stat``:
 
-    "l2"    d = sqrt(mean(v^2) + delta)          delta = sigma^2 + eps   (BN, BN-s, BN*)
+    "l2"    d = sqrt(mean(v^2) + delta)          delta = sigma^2 + eps   (BN, BN-s, LN-s, ...)
     "l1"    d = C_L1 * mean(|v|) + eps            C_L1 = sqrt(pi / 2)
-    "topk"  d = C_inf(M) * s_k + eps              s_k = mean of the k largest |v|
-    "mean"  d = 1                                 (mean-only batch norm)
+    "topk"  d = C_inf(n) * s_k + eps              s_k = mean of the k largest |v|
+    "mean"  d = 1                                 (mean-only)
 
-It also returns ``mean(|v|)`` per channel as a differentiable output, the quantity
-the L1 activation penalty of Ren et al. needs, without a second pass.
+It also returns ``mean(|v|)`` per group as a differentiable output, the quantity the
+L1 activation penalty of Ren et al. needs, without a second pass.
 
-Only the centered input ``v`` and per-channel vectors are saved for backward. The
-backward pass is written out by hand (derivation in the docstring of
-:meth:`BatchStatNormFn.backward`); per-channel sums come from one fused reduction
-(``native_batch_norm_backward`` with the input-gradient disabled), and under a process
-group they are all-reduced like ``nn.SyncBatchNorm`` does.
+Only the centered input ``v`` (for half-precision inputs: the input itself, ``v`` is
+recomputed in float32 so that it cannot overflow) and per-group vectors are saved for
+backward. The backward pass is written out by hand (see :meth:`StatNormFn.backward`);
+per-group sums come from one fused reduction (``native_batch_norm_backward`` with the
+input-gradient disabled), and under a process group they are all-reduced like
+``nn.SyncBatchNorm`` does.
+
+Nothing here reads a tensor value on the host, so that the layers compile without a
+graph break: the count ``n`` is a Python int from the shape (a tensor only when it
+comes from other processes).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -36,22 +42,30 @@ C_L1 = math.sqrt(math.pi / 2.0)
 """Makes ``C_L1 * mean|v|`` equal the standard deviation for Gaussian ``v``."""
 
 STATS = ("l2", "l1", "topk", "mean")
+_C_INF_NUM = 0.5 * (1.0 + math.sqrt(math.pi * math.log(4.0)))
 
 
 def c_inf(n: int) -> float:
     """``C_inf(n) = 0.5 * (1 + sqrt(pi * ln 4)) / sqrt(2 * ln n)`` (Hoffer et al.).
 
-    The scale constant of Hoffer et al.'s L-inf batch norm, exactly as PAPERS.md gives
-    it. Note: for n = 2e5 Gaussian values ``C_inf(n) * max|v|`` comes out near 1.5 std
-    (measured), so top-k BN is not a drop-in scale match for L2 BN the way L1 BN is.
+    The scale constant of Hoffer et al.'s L-inf batch norm. Note: for n = 2e5
+    Gaussian values ``C_inf(n) * max|v|`` comes out near 1.5 std (measured), so top-k
+    BN is not a drop-in scale match for L2 BN the way L1 BN is.
     """
     if n < 2:
         raise ValueError(f"C_inf(n) needs n >= 2 values, got n={n}")
-    return 0.5 * (1.0 + math.sqrt(math.pi * math.log(4.0))) / math.sqrt(2.0 * math.log(n))
+    return _C_INF_NUM / math.sqrt(2.0 * math.log(n))
+
+
+def _c_inf_any(n: Union[int, torch.Tensor]):
+    """``c_inf`` of a Python count or of a count tensor (synchronized batches)."""
+    if isinstance(n, torch.Tensor):
+        return _C_INF_NUM / torch.sqrt(2.0 * torch.log(n))
+    return c_inf(n)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype in which per-channel statistics are accumulated and kept."""
+    """Dtype in which statistics are accumulated and kept."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -61,77 +75,93 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _channel_sums(dy3: torch.Tensor, v3: torch.Tensor, sdt: torch.dtype):
-    """Per-channel ``sum(dy * v)`` and ``sum(dy)`` in one fused pass."""
-    C = v3.shape[1]
-    zeros = torch.zeros(C, dtype=sdt, device=v3.device)
-    ones = torch.ones(C, dtype=sdt, device=v3.device)
+def _group_sums(dy3: torch.Tensor, v3: torch.Tensor, sdt: torch.dtype):
+    """Per-group ``sum(dy * v)`` and ``sum(dy)`` of ``(P, G, Q)`` tensors in one pass."""
+    G = v3.shape[1]
+    zeros = torch.zeros(G, dtype=sdt, device=v3.device)
+    ones = torch.ones(G, dtype=sdt, device=v3.device)
     _, sdyv, sdy = torch.ops.aten.native_batch_norm_backward(
         dy3, v3, None, None, None, zeros, ones, True, 0.0, [False, True, True])
     return sdyv.to(sdt), sdy.to(sdt)
 
 
-def _topk_select(v3: torch.Tensor, k: int, group, world: int):
-    """Positions of the k largest |v| of each channel (over all processes).
+def _rows(v3: torch.Tensor) -> torch.Tensor:
+    """``|v|`` laid out as (G, P * Q): one contiguous row per group (fast topk on CPU)."""
+    P, G, Q = v3.shape
+    if P == 1:
+        return v3.reshape(G, Q).abs()
+    return v3.transpose(0, 1).abs().reshape(G, P * Q)
 
-    Returns (values (C, k) of the global top-k, flat indices into v3 of the ones this
-    process holds, their channel index).
+
+def _topk_select(v3: torch.Tensor, k: int, group, world: int):
+    """The k largest |v| of each group (over all processes).
+
+    Returns (values (G, k) of the global top-k, flat indices (G * k,) into v3 of this
+    process's local top-k, their group index, and a (G * k,) 0/1 weight that is 1 where
+    the local value is one of the global top-k).
     """
-    N, C, L = v3.shape
-    # |v| laid out as (C, N * L): one contiguous row per channel makes topk fast on CPU
-    a = torch.empty((C, N, L), dtype=v3.dtype, device=v3.device)
-    torch.abs(v3.transpose(0, 1), out=a)
-    loc_vals, loc_pos = a.view(C, N * L).topk(k, dim=1, sorted=False)   # (C, k)
+    P, G, Q = v3.shape
+    loc_vals, loc_pos = _rows(v3).topk(k, dim=1, sorted=False)   # (G, k)
+    gidx = torch.arange(G, device=v3.device).repeat_interleave(k)
+    pos = loc_pos.reshape(-1)
+    flat = ((pos // Q) * G + gidx) * Q + pos % Q
     if group is not None and world > 1:
         gathered = [torch.empty_like(loc_vals) for _ in range(world)]
         dist.all_gather(gathered, loc_vals.contiguous(), group=group)
-        allv = torch.cat(gathered, dim=1)                         # (C, world * k)
+        allv = torch.cat(gathered, dim=1)                         # (G, world * k)
         glob_vals, glob_pos = allv.topk(k, dim=1, sorted=False)
         rank = dist.get_rank(group)
-        mine = (glob_pos >= rank * k) & (glob_pos < (rank + 1) * k)
-        ch, slot = mine.nonzero(as_tuple=True)
-        pos = loc_pos[ch, glob_pos[ch, slot] - rank * k]
-    else:
-        glob_vals = loc_vals
-        ch = torch.arange(C, device=v3.device).repeat_interleave(k)
-        pos = loc_pos.reshape(-1)
-    n, l = pos // L, pos % L
-    flat = (n * C + ch) * L + l
-    return glob_vals, flat, ch
+        mine = torch.zeros(G, world * k, dtype=v3.dtype, device=v3.device)
+        mine.scatter_(1, glob_pos, 1.0)
+        keep = mine[:, rank * k:(rank + 1) * k].reshape(-1)
+        return glob_vals, flat, gidx, keep
+    return loc_vals, flat, gidx, None
 
 
-class BatchStatNormFn(torch.autograd.Function):
-    """Batch-statistics normalization with a hand-written backward. See module doc."""
+@dataclass(frozen=True)
+class _Meta:
+    """What backward needs besides tensors."""
+    stat: str
+    k: int
+    group: object
+    shape: tuple
+    has_w: bool
+    has_b: bool
+    delta_grad: bool
+    recompute: bool       # v is recomputed from the saved input (half precision)
+    sdt: torch.dtype
+
+
+class StatNormFn(torch.autograd.Function):
+    """Standardization of a ``(P, G, Q)`` tensor per group. See the module doc."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, stat: str, k: int, eps: float,
-                group, need_mad: bool):
+    def forward(ctx, x3, weight, bias, delta, stat: str, k: int, eps: float, group, need_mad: bool):
         ctx.set_materialize_grads(False)
-        N, C = x.shape[0], x.shape[1]
-        x3 = x.reshape(N, C, -1)
-        sdt = stat_dtype(x.dtype)
+        P, G, Q = x3.shape
+        sdt = stat_dtype(x3.dtype)
         world = dist.get_world_size(group) if group is not None else 1
-        local_m = x3.shape[0] * x3.shape[2]
 
-        # mean: one all-reduce of the per-channel sums and the count (batches may differ)
+        # mean: one all-reduce of the per-group sums and the count (batches may differ)
         s1 = x3.sum(dim=(0, 2), dtype=sdt)
         if group is not None:
-            packed = _all_reduce(torch.cat([s1, s1.new_tensor([float(local_m)])]), group)
-            s1, m = packed[:C], int(round(packed[C].item()))
+            packed = _all_reduce(torch.cat([s1, s1.new_full((1,), float(P * Q))]), group)
+            s1, m = packed[:G], packed[G]
         else:
-            m = local_m
+            m = P * Q
         mu = s1 / m
+        empty = mu.new_zeros(0)
         if stat == "mean" and not need_mad:
             # y = x - mu + beta in one pass; backward needs only sum(dy)
             shift = bias.to(sdt) - mu if bias is not None else -mu
-            bshape = (1, C) + (1,) * (x.dim() - 2)
-            y = x + shift.to(x.dtype).view(bshape)  # a fresh tensor, not a view
-            ctx.save_for_backward()
-            ctx.meta = ("mean-lite", k, group, m, x.shape, False, bias is not None, False, sdt)
-            outs = (y, mu, mu.new_zeros(0), mu.new_zeros(0), torch.tensor(m))
+            y = x3 + shift.to(x3.dtype)[None, :, None]  # a fresh tensor, not a view
+            ctx.meta = _Meta("mean-lite", k, group, x3.shape, False, bias is not None, False, False, sdt)
+            ctx.m = m
+            outs = (y, mu, empty, mu.new_zeros(0), m if group is not None else mu.new_zeros(0))
             ctx.mark_non_differentiable(outs[1], outs[2], outs[4])
             return outs
-        v3 = x3 - mu.to(x.dtype)[None, :, None]
+        recompute = sdt != x3.dtype
+        v3 = (x3.to(sdt) if recompute else x3) - mu.to(sdt if recompute else x3.dtype)[None, :, None]
 
         sq = None
         if stat == "l2":
@@ -141,14 +171,13 @@ class BatchStatNormFn(torch.autograd.Function):
             mad = torch.linalg.vector_norm(v3, 1, dim=(0, 2), dtype=sdt)
         red = [t for t in (sq, mad) if t is not None]
         if group is not None and red:
-            packed = _all_reduce(torch.cat(red), group)
-            parts = list(packed.split(C))
+            parts = list(_all_reduce(torch.cat(red), group).split(G))
             sq = parts.pop(0) if sq is not None else None
             mad = parts.pop(0) if mad is not None else None
         mad = mad / m if mad is not None else None
 
-        topk_flat = topk_ch = None
-        topk_sign_sum = None
+        topk = None
+        ctx.cinf = None
         if stat == "l2":
             var = sq / m
             d = torch.sqrt(var + delta.to(sdt))
@@ -157,79 +186,91 @@ class BatchStatNormFn(torch.autograd.Function):
             d = C_L1 * mad + eps
             batch_stat = mad.clone()  # a distinct tensor: mad itself stays differentiable
         elif stat == "topk":
-            if k > local_m:
-                raise ValueError(f"top-k batch norm: k={k} is larger than the {local_m} values per "
-                                 f"channel (on this process)")
-            vals, topk_flat, topk_ch = _topk_select(v3, k, group, world)
+            vals, flat, gidx, keep = _topk_select(v3, k, group, world)
             s_k = vals.to(sdt).mean(dim=1)
-            cinf = c_inf(m)
+            cinf = _c_inf_any(m)
             d = cinf * s_k + eps
             batch_stat = cinf * s_k
-            sgn = torch.sign(v3.reshape(-1)[topk_flat]).to(sdt)
-            topk_sign_sum = torch.zeros(C, dtype=sdt, device=x.device).index_add_(0, topk_ch, sgn)
-            topk_sign_sum = _all_reduce(topk_sign_sum, group)
+            sgn = torch.sign(v3.reshape(-1)[flat]).to(sdt)
+            if keep is not None:
+                sgn = sgn * keep.to(sdt)
+            sign_sum = _all_reduce(torch.zeros(G, dtype=sdt, device=x3.device).index_add_(0, gidx, sgn), group)
+            topk = (flat, gidx, sign_sum, keep)
             ctx.cinf = cinf
         elif stat == "mean":
-            d = torch.ones(C, dtype=sdt, device=x.device)
+            d = torch.ones(G, dtype=sdt, device=x3.device)
             batch_stat = None
         else:
             raise ValueError(f"unknown statistic {stat!r}; expected one of {STATS}")
 
-        gamma = weight.to(sdt) if weight is not None else torch.ones(C, dtype=sdt, device=x.device)
+        gamma = weight.to(sdt) if weight is not None else torch.ones(G, dtype=sdt, device=x3.device)
         scale = gamma / d
-        shift = bias.to(sdt) if bias is not None else torch.zeros(C, dtype=sdt, device=x.device)
-        bshape = (1, C) + (1,) * (x.dim() - 2)
-        y = torch.addcmul(shift.to(x.dtype).view(bshape), v3.view(x.shape), scale.to(x.dtype).view(bshape))
+        ydt = v3.dtype
+        if bias is not None:
+            y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None])
+        else:
+            y = v3 * scale.to(ydt)[None, :, None]
+        if recompute:
+            y = y.to(x3.dtype)
 
-        ctx.save_for_backward(v3, d, gamma, topk_flat, topk_ch, topk_sign_sum)
-        ctx.meta = (stat, k, group, m, x.shape, weight is not None, bias is not None,
-                    delta is not None and delta.requires_grad, sdt)
+        saved_topk = topk if topk is not None else (None, None, None, None)
+        ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, *saved_topk)
+        ctx.meta = _Meta(stat, k, group, x3.shape, weight is not None, bias is not None,
+                         delta is not None and delta.requires_grad, recompute, sdt)
+        ctx.m = m
         if delta is not None:
             ctx.delta_shape = delta.shape
-        outs = [y, mu, batch_stat if batch_stat is not None else mu.new_zeros(0),
-                mad if mad is not None else mu.new_zeros(0), torch.tensor(m)]
+        outs = (y, mu, batch_stat if batch_stat is not None else empty,
+                mad if mad is not None else mu.new_zeros(0), m if group is not None else mu.new_zeros(0))
         ctx.mark_non_differentiable(outs[1], outs[2], outs[4])
-        return tuple(outs)
+        return outs
 
     @staticmethod
     def backward(ctx, dy, _gmu, _gstat, gmad, _gcount):
-        """Gradients, for each channel over the M values of the (global) batch.
+        """Gradients, for each group over its n values (of the global batch).
 
-        With ``g = dy``, ``k1 = gamma / d``, ``S_dy = sum(dy)``, ``S_dyv = sum(dy * v)``
-        and ``dL/dd = -gamma * S_dyv / d^2``::
+        With ``k1 = gamma / d``, ``S_dy = sum(dy)``, ``S_dyv = sum(dy * v)`` and
+        ``dL/dd = -gamma * S_dyv / d^2``::
 
-            dx = k1 * (dy - S_dy / M) + dL/dd * (dd/dv - mean(dd/dv))
-                 + gmad / M * (sign(v) - mean(sign(v)))
+            dx = k1 * (dy - S_dy / n) + dL/dd * (dd/dv - mean(dd/dv))
+                 + gmad / n * (sign(v) - mean(sign(v)))
 
-        ``dd/dv``: "l2" ``v / (M d)``; "l1" ``C_L1 sign(v) / M``; "topk"
+        ``dd/dv``: "l2" ``v / (n d)``; "l1" ``C_L1 sign(v) / n``; "topk"
         ``C_inf sign(v) / k`` on the top-k positions, 0 elsewhere; "mean" 0.
         ``dL/dgamma = S_dyv / d`` and ``dL/dbeta = S_dy`` are local (DDP averages them);
-        ``dL/ddelta = sum_c dL/dd / (2 d)``.
+        ``dL/ddelta = sum_g dL/dd / (2 d)``.
         """
-        stat, k, group, m, shape, has_w, has_b, delta_grad, sdt = ctx.meta
+        meta, m = ctx.meta, ctx.m
+        stat, k, group, shape, sdt = meta.stat, meta.k, meta.group, meta.shape, meta.sdt
         if stat == "mean-lite":
-            return BatchStatNormFn._mean_only_backward(ctx, dy)
-        v3, d, gamma, topk_flat, topk_ch, topk_sign_sum = ctx.saved_tensors
+            return StatNormFn._mean_only_backward(ctx, dy)
+        saved, mu, d, gamma, topk_flat, topk_g, topk_sign_sum, topk_keep = ctx.saved_tensors
+        if meta.recompute:
+            v3 = saved.to(sdt) - mu[None, :, None]
+        else:
+            v3 = saved
+        out_dt = saved.dtype
         if dy is None:
             dy = torch.zeros(shape, dtype=v3.dtype, device=v3.device)
-        dy3 = dy.reshape(v3.shape)
-        C = v3.shape[1]
-        sdyv_loc, sdy_loc = _channel_sums(dy3, v3, sdt)
-        need_sign = stat == "l1" or gmad is not None and gmad.numel() > 0
+        dy3 = dy.to(v3.dtype)
+        G = v3.shape[1]
+        sdyv_loc, sdy_loc = _group_sums(dy3, v3, sdt)
+        has_gmad = gmad is not None and gmad.numel() > 0
+        need_sign = stat == "l1" or has_gmad
         sign = torch.sign(v3) if need_sign else None
         if group is not None:
             parts = [sdyv_loc, sdy_loc]
-            if gmad is not None and gmad.numel() > 0:
+            if has_gmad:
                 parts.append(gmad.to(sdt))
             if need_sign:
                 parts.append(sign.sum(dim=(0, 2), dtype=sdt))
-            packed = _all_reduce(torch.cat(parts), group).split(C)
+            packed = _all_reduce(torch.cat(parts), group).split(G)
             sdyv, sdy = packed[0], packed[1]
-            gmad_g = packed[2] if len(parts) > 2 + need_sign else None
+            gmad_g = packed[2] if has_gmad else None
             ssign = packed[-1] if need_sign else None
         else:
             sdyv, sdy = sdyv_loc, sdy_loc
-            gmad_g = gmad.to(sdt) if gmad is not None and gmad.numel() > 0 else None
+            gmad_g = gmad.to(sdt) if has_gmad else None
             ssign = sign.sum(dim=(0, 2), dtype=sdt) if need_sign else None
 
         k1 = gamma / d
@@ -250,48 +291,62 @@ class BatchStatNormFn(torch.autograd.Function):
             topk_coef = dldd * ctx.cinf / k
             c0 = c0 - topk_coef * topk_sign_sum / m
 
-        dt = dy.dtype
+        dt = v3.dtype
         dx = torch.addcmul(c0.to(dt)[None, :, None], dy3, k1.to(dt)[None, :, None])
         if coef_v is not None:
             dx.addcmul_(v3, coef_v.to(dt)[None, :, None])
         if need_sign:
             dx.addcmul_(sign, coef_sign.to(dt)[None, :, None])
         if topk_coef is not None:
-            sgn = torch.sign(v3.reshape(-1)[topk_flat])
-            dx.view(-1).index_add_(0, topk_flat, (topk_coef[topk_ch] * sgn.to(sdt)).to(dt))
+            sgn = torch.sign(v3.reshape(-1)[topk_flat]).to(sdt) * topk_coef[topk_g]
+            if topk_keep is not None:
+                sgn = sgn * topk_keep.to(sdt)
+            dx.view(-1).index_add_(0, topk_flat, sgn.to(dt))
 
-        gw = (sdyv_loc / d).to(gamma.dtype) if has_w and ctx.needs_input_grad[1] else None
-        gb = sdy_loc if has_b and ctx.needs_input_grad[2] else None
+        gw = (sdyv_loc / d).to(gamma.dtype) if meta.has_w and ctx.needs_input_grad[1] else None
+        gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
         gdelta = None
-        if delta_grad:
+        if meta.delta_grad:
             gdelta = (dldd / (2 * d)).sum().reshape(ctx.delta_shape)
-        return dx.view(shape), gw, gb, gdelta, None, None, None, None, None
+        return dx.to(out_dt), gw, gb, gdelta, None, None, None, None, None
 
     @staticmethod
     def _mean_only_backward(ctx, dy):
         """Mean-only: ``dx = dy - mean(dy)``, ``dbeta = sum(dy)``."""
-        _, _, group, m, shape, _, has_b, _, sdt = ctx.meta
+        meta, m = ctx.meta, ctx.m
         if dy is None:
             return (None,) * 9
-        C = shape[1]
-        dy3 = dy.reshape(shape[0], C, -1)
-        sdy_loc = dy3.sum(dim=(0, 2), dtype=sdt)
-        sdy = _all_reduce(sdy_loc.clone(), group) if group is not None else sdy_loc
-        dx = dy3 - (sdy / m).to(dy.dtype)[None, :, None]
-        gb = sdy_loc if has_b and ctx.needs_input_grad[2] else None
-        return dx.view(shape), None, gb, None, None, None, None, None, None
+        sdy_loc = dy.sum(dim=(0, 2), dtype=meta.sdt)
+        sdy = _all_reduce(sdy_loc.clone(), meta.group) if meta.group is not None else sdy_loc
+        dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
+        gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
+        return dx, None, gb, None, None, None, None, None, None
+
+
+def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+              stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
+              group=None, need_mad: bool = False):
+    """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
+
+    ``batch_stat`` is what a running statistic tracks: the biased variance ("l2"),
+    ``mean|v|`` ("l1"), ``C_inf(n) * s_k`` ("topk"); empty for "mean". ``mad`` is
+    ``mean|v|`` per group (differentiable) when ``need_mad`` or ``stat == "l1"``, else
+    empty. ``count`` is ``n`` (a Python int; a tensor when summed over ``group``).
+    """
+    if stat == "l2" and delta is None:
+        delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
+    y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, delta, stat, k, eps, group, need_mad)
+    if group is None:
+        count = x3.shape[0] * x3.shape[2]
+    return y, mu, batch_stat, mad, count
 
 
 def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
                     group=None, need_mad: bool = False):
-    """Training-mode batch-statistics normalization: returns (y, mu, batch_stat, mad, count).
-
-    ``batch_stat`` is what the running statistic tracks: the biased variance ("l2"),
-    ``mean|v|`` ("l1"), ``C_inf(M) * s_k`` ("topk"); empty for "mean". ``mad`` is
-    ``mean|v|`` per channel (differentiable) when ``need_mad`` or ``stat == "l1"``,
-    else empty.
-    """
-    if stat == "l2" and delta is None:
-        delta = torch.tensor(eps, dtype=stat_dtype(x.dtype), device=x.device)
-    return BatchStatNormFn.apply(x, weight, bias, delta, stat, k, eps, group, need_mad)
+    """Training-mode batch normalization of ``(N, C, *)``: statistics per channel over
+    ``(N, *)``. Returns (y, mu, batch_stat, mad, count) as :func:`stat_norm` does."""
+    N, C = x.shape[0], x.shape[1]
+    y3, mu, batch_stat, mad, count = stat_norm(x.reshape(N, C, -1), weight, bias, stat, delta=delta,
+                                               k=k, eps=eps, group=group, need_mad=need_mad)
+    return y3.view(x.shape), mu, batch_stat, mad, count

@@ -1,54 +1,72 @@
-"""Layer normalization with a smoothing term (LN-s; LN* with ``l1_alpha > 0``).
+"""Per-example normalizers on the area of ``nn.LayerNorm`` (the trailing
+``normalized_shape``) and of timm's ``LayerNorm2d`` (the channels at each position of
+``(N, C, H, W)``), each a configuration of :class:`~normswap.norms.core.AreaNorm`.
 
-Ren et al. 2017, on the area of Ba et al.'s layer norm (all normalized dims of one
-example)::
+No batch dependence: train and eval compute the same thing.
 
-    mu = mean(x)   v = x - mu   y = v / sqrt(sigma^2 + mean(v^2) + eps)   [* gamma + beta]
-
-No batch dependence: train and eval compute the same thing. LN-s has no affine by
-default (paper Table 1). ``sigma = 0`` with an affine is exactly ``nn.LayerNorm``.
+- LN-s / LN* (Ren et al. 2017): ``y = v / sqrt(sigma^2 + mean(v^2) + eps)``, ``v = x - mean(x)``;
+  no affine by default (paper Table 1); ``sigma = 0`` with an affine is ``nn.LayerNorm``.
+- L1 (Hoffer et al. 2018 on this area): ``y = v / (C_L1 * mean|v| + eps)``.
+- top-k: ``y = v / (C_inf(n) * s_k + eps)``, ``s_k`` the mean of the k largest ``|v|``
+  of the n values of the area.
 """
 from __future__ import annotations
 
 from typing import Sequence, Union
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from .base import NormalizerBase, check_channels, register_normalizer
-from .functional import stat_dtype
+from .areas import ChannelsArea, LayerArea
+from .base import _SigmaMixin, check_bool, register_normalizer  # noqa: F401  (_SigmaMixin: re-export)
+from .core import NO_RECOVERY, AreaNorm, Operation, Recovery
 
 
-class _SigmaMixin:
-    def _init_sigma(self, sigma: float, learn_sigma: bool):
-        if sigma < 0:
-            raise ValueError(f"{type(self).__name__}: sigma must be >= 0, got {sigma}")
-        self.learn_sigma = learn_sigma
-        if learn_sigma:
-            self.sigma = nn.Parameter(torch.tensor(float(sigma)))
-        else:
-            self.sigma = float(sigma)
-
-    def _sigma_value(self) -> float:
-        return float(self.sigma.detach()) if self.learn_sigma else float(self.sigma)
-
-    def _sigma_repr(self) -> str:
-        return f"sigma={self._sigma_value():g}" + (", learn_sigma=True" if self.learn_sigma else "")
+def _shape(normalized_shape) -> tuple:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(normalized_shape)
 
 
-def smoothed_layer_norm(x: torch.Tensor, ndim: int, sigma, eps: float):
-    """Composed LN-s on the last ``ndim`` dims; returns ``(y_hat, v)`` in the stats dtype."""
-    dims = tuple(range(x.dim() - ndim, x.dim()))
-    xf = x.to(stat_dtype(x.dtype))
-    mu = xf.mean(dims, keepdim=True)
-    v = xf - mu
-    var = v.square().mean(dims, keepdim=True)
-    return v * torch.rsqrt(var + sigma * sigma + eps), v
+class _LayerNorm(AreaNorm):
+    """Shared constructor of the ``normalized_shape`` classes (nn.LayerNorm's arguments)."""
+
+    def __init__(self, normalized_shape, operation: Operation, elementwise_affine: bool, bias: bool,
+                 l1_alpha: float, device, dtype):
+        check_bool(self, "elementwise_affine", elementwise_affine)
+        check_bool(self, "bias", bias)
+        shape = _shape(normalized_shape)
+        recovery = Recovery(True, bias) if elementwise_affine else NO_RECOVERY
+        super().__init__(LayerArea(shape), operation, recovery, l1_alpha=l1_alpha, device=device, dtype=dtype)
+        self.normalized_shape = shape
+        self.elementwise_affine = elementwise_affine
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
+                + ("" if self.bias is not None or not self.elementwise_affine else ", bias=False")
+                + self._op_repr() + self._penalty_repr())
+
+
+class _LayerNorm2d(AreaNorm):
+    """Shared constructor of the channels-at-each-position classes (timm LayerNorm2d's arguments)."""
+
+    _dims = (4,)
+
+    def __init__(self, num_channels: int, operation: Operation, affine: bool, bias: bool,
+                 l1_alpha: float, device, dtype):
+        check_bool(self, "affine", affine)
+        check_bool(self, "bias", bias)
+        recovery = Recovery(True, bias) if affine else NO_RECOVERY
+        super().__init__(ChannelsArea(num_channels), operation, recovery, l1_alpha=l1_alpha,
+                         device=device, dtype=dtype)
+        self.num_channels = num_channels
+        self.affine = affine
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, eps={self.eps:g}, affine={self.affine}"
+                + ("" if self.bias is not None or not self.affine else ", bias=False")
+                + self._op_repr() + self._penalty_repr())
 
 
 @register_normalizer
-class LayerNormStar(_SigmaMixin, NormalizerBase):
+class LayerNormStar(_LayerNorm):
     """LN-s / LN* over the trailing ``normalized_shape`` dims (the area of nn.LayerNorm).
 
     ``y = (x - mu) / sqrt(sigma^2 + mean((x - mu)^2) + eps)``, statistics per example over
@@ -58,46 +76,40 @@ class LayerNormStar(_SigmaMixin, NormalizerBase):
     def __init__(self, normalized_shape: Union[int, Sequence[int]], sigma: float = 0.5,
                  elementwise_affine: bool = False, eps: float = 1e-5, bias: bool = True,
                  learn_sigma: bool = False, l1_alpha: float = 0.0, device=None, dtype=None):
-        super().__init__(l1_alpha=l1_alpha)
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
-        self.eps = float(eps)
-        self.elementwise_affine = elementwise_affine
-        self._init_sigma(sigma, learn_sigma)
-        fk = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **fk))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **fk)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        super().__init__(normalized_shape, Operation("l2", sigma=sigma, learn_sigma=learn_sigma, eps=eps),
+                         elementwise_affine, bias, l1_alpha, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nd = len(self.normalized_shape)
-        if x.dim() < nd or tuple(x.shape[-nd:]) != self.normalized_shape:
-            raise ValueError(f"{type(self).__name__}: expected an input whose last {nd} dims are "
-                             f"{self.normalized_shape}, got shape {tuple(x.shape)}")
-        want_pen = self._wants_penalty()
-        if not self.learn_sigma and not want_pen:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias,
-                                self.sigma ** 2 + self.eps)
-        y, v = smoothed_layer_norm(x, nd, self.sigma, self.eps)
-        if want_pen:
-            self._record_penalty(v.abs().mean())
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, {self._sigma_repr()}, eps={self.eps:g}, "
-                f"elementwise_affine={self.elementwise_affine}" + self._penalty_repr())
+    def _op_repr(self) -> str:
+        return ", " + self._sigma_repr()
 
 
 @register_normalizer
-class LayerNormStar2d(_SigmaMixin, NormalizerBase):
+class L1LayerNorm(_LayerNorm):
+    """L1 layer norm: per example over ``normalized_shape``,
+    ``y = (x - mu) / (C_L1 * mean|x - mu| + eps) * gamma + beta``, ``C_L1 = sqrt(pi / 2)``."""
+
+    def __init__(self, normalized_shape: Union[int, Sequence[int]], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, *, l1_alpha: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__(normalized_shape, Operation("l1", eps=eps), elementwise_affine, bias,
+                         l1_alpha, device, dtype)
+
+
+@register_normalizer
+class TopKLayerNorm(_LayerNorm):
+    """Top-k layer norm: per example over the n values of ``normalized_shape``,
+    ``y = (x - mu) / (C_inf(n) * s_k + eps) * gamma + beta``, ``s_k`` the mean of the k
+    largest ``|x - mu|``, ``C_inf(n) = 0.5 (1 + sqrt(pi ln 4)) / sqrt(2 ln n)``."""
+
+    def __init__(self, normalized_shape: Union[int, Sequence[int]], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, *, k: int = 10,
+                 l1_alpha: float = 0.0, device=None, dtype=None):
+        super().__init__(normalized_shape, Operation("topk", k=k, eps=eps), elementwise_affine, bias,
+                         l1_alpha, device, dtype)
+
+
+@register_normalizer
+class LayerNormStar2d(_LayerNorm2d):
     """LN-s / LN* over the channels at each position of an NCHW tensor (the area of
     timm's ``LayerNorm2d``).
 
@@ -108,35 +120,30 @@ class LayerNormStar2d(_SigmaMixin, NormalizerBase):
     def __init__(self, num_channels: int, sigma: float = 0.5, affine: bool = False,
                  eps: float = 1e-5, bias: bool = True, learn_sigma: bool = False,
                  l1_alpha: float = 0.0, device=None, dtype=None):
-        super().__init__(l1_alpha=l1_alpha)
-        self.num_channels = num_channels
-        self.eps = float(eps)
-        self.affine = affine
-        self._init_sigma(sigma, learn_sigma)
-        fk = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, **fk))
-            self.bias = nn.Parameter(torch.zeros(num_channels, **fk)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        super().__init__(num_channels, Operation("l2", sigma=sigma, learn_sigma=learn_sigma, eps=eps),
+                         affine, bias, l1_alpha, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_channels(self, x, (4,), self.num_channels, what="(N, C, H, W)")
-        xl = x.permute(0, 2, 3, 1)
-        want_pen = self._wants_penalty()
-        if not self.learn_sigma and not want_pen:
-            y = F.layer_norm(xl, (self.num_channels,), self.weight, self.bias, self.sigma ** 2 + self.eps)
-            return y.permute(0, 3, 1, 2)
-        y, v = smoothed_layer_norm(xl, 1, self.sigma, self.eps)
-        if want_pen:
-            self._record_penalty(v.abs().mean())
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).permute(0, 3, 1, 2)
+    def _op_repr(self) -> str:
+        return ", " + self._sigma_repr()
 
-    def extra_repr(self) -> str:
-        return (f"{self.num_channels}, {self._sigma_repr()}, eps={self.eps:g}, affine={self.affine}"
-                + self._penalty_repr())
+
+@register_normalizer
+class L1LayerNorm2d(_LayerNorm2d):
+    """L1 norm over the channels at each position of ``(N, C, H, W)``:
+    ``y[n, :, h, w] = v / (C_L1 * mean_c|v| + eps) * gamma + beta``, ``v = x[n, :, h, w] - mean_c``."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, *, bias: bool = True,
+                 l1_alpha: float = 0.0, device=None, dtype=None):
+        super().__init__(num_channels, Operation("l1", eps=eps), affine, bias, l1_alpha, device, dtype)
+
+
+@register_normalizer
+class TopKLayerNorm2d(_LayerNorm2d):
+    """Top-k norm over the C channels at each position of ``(N, C, H, W)``:
+    ``y[n, :, h, w] = v / (C_inf(C) * s_k + eps) * gamma + beta``, ``s_k`` the mean of the
+    k largest ``|v|`` over the channels."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, *, k: int = 10,
+                 bias: bool = True, l1_alpha: float = 0.0, device=None, dtype=None):
+        super().__init__(num_channels, Operation("topk", k=k, eps=eps), affine, bias, l1_alpha,
+                         device, dtype)

@@ -1,0 +1,223 @@
+"""Whitening on the batch area: IterNorm (Huang, Zhou, Zhu, Liu, Shao, CVPR 2019).
+
+The channels are split into groups of ``group_size`` (the last group smaller when
+``num_features`` is not a multiple). For a group of ``d`` channels with ``m`` values
+per channel and centered values ``V = x - mu`` (``d x m``)::
+
+    Sigma   = V V^T / m + eps * I
+    Sigma_N = Sigma / tr(Sigma)
+    P_0 = I;   P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2,   k = 1..T
+    y = P_T / sqrt(tr(Sigma)) * V                  then   y * gamma + beta per channel
+
+``P_T`` approximates ``Sigma_N^{-1/2}``, so ``y`` approximately has identity covariance.
+Eval mode uses ``running_mean`` and ``running_wm`` (the whitening matrix
+``P_T / sqrt(tr(Sigma))`` per group), kept with PyTorch's momentum convention
+``running = (1 - momentum) * running + momentum * batch_value``. Gradients flow
+through the iterations by autograd. Computed in float32 for half-precision inputs.
+Under ``sync=True`` the mean and covariance are taken over every process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .areas import BatchArea
+from .base import (NormalizerBase, check_bool, check_channels, check_int, check_momentum,
+                   check_number, register_normalizer)
+from .batch import make_ranked
+from .functional import stat_dtype
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """The whitening operation: groups of ``group_size`` channels, ``T`` Newton steps, ``eps``."""
+    group_size: int = 16
+    T: int = 5
+    eps: float = 1e-5
+
+    def validate(self, layer) -> None:
+        check_int(layer, "group_size", self.group_size)
+        check_int(layer, "T", self.T)
+        check_number(layer, "eps", self.eps, low=0.0, strict=True)
+
+
+def _sizes(num_features: int, group_size: int) -> List[int]:
+    d = min(group_size, num_features)
+    full, rest = divmod(num_features, d)
+    return [d] * full + ([rest] if rest else [])
+
+
+def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
+    """``P_T / sqrt(tr(Sigma))`` for a batch of covariance matrices ``Sigma`` (..., d, d)."""
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    sig_n = cov / tr
+    p = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+    for _ in range(T):
+        p = 1.5 * p - 0.5 * torch.matmul(torch.matmul(torch.matmul(p, p), p), sig_n)
+    return p / torch.sqrt(tr)
+
+
+def _all_reduce_grad(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over processes, differentiable (the gradient is summed back)."""
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(t, group=group)
+
+
+class _IterNorm(NormalizerBase):
+    """IterNorm: group whitening by Newton's iteration on the batch area (see module doc).
+
+    Args:
+        num_features: channels C of the ``(N, C, *)`` input.
+        group_size: channels per whitened group (the last group may be smaller).
+        T: Newton iterations.
+        eps: added to the covariance's diagonal.
+        momentum: of ``running_mean`` and ``running_wm`` (None: cumulative average).
+        affine: per-channel gamma and beta after whitening.
+        sync: mean and covariance over every process of ``process_group`` in training.
+    Buffers: ``running_mean`` (C), ``running_wm`` (groups, d, d) (the last group, when
+    smaller, in the top-left block), ``num_batches_tracked``.
+    """
+
+    _dims: tuple = (4,)
+
+    def __init__(self, num_features: int, group_size: int = 16, T: int = 5, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, *, sync: bool = False,
+                 process_group=None, l1_alpha: float = 0.0, device=None, dtype=None):
+        super().__init__(l1_alpha=l1_alpha)
+        self.area = BatchArea(check_int(self, "num_features", num_features))
+        self.operation = Whitening(group_size, T, eps)
+        self.operation.validate(self)
+        self.momentum = check_momentum(self, momentum)
+        self.affine = check_bool(self, "affine", affine)
+        self.sync = check_bool(self, "sync", sync)
+        self.process_group = process_group
+        self.num_features, self.group_size, self.T, self.eps = num_features, group_size, T, float(eps)
+        self.track_running_stats = True
+        self._sizes = _sizes(num_features, group_size)
+        fk = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", nn.Parameter(torch.ones(num_features, **fk)) if affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(num_features, **fk)) if affine else None)
+        sk = {"device": device, "dtype": stat_dtype(dtype or torch.get_default_dtype())}
+        d = self._sizes[0]
+        self.register_buffer("running_mean", torch.zeros(num_features, **sk))
+        self.register_buffer("running_wm", torch.zeros(len(self._sizes), d, d, **sk))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_wm.zero_()
+        for i, s in enumerate(self._sizes):
+            self.running_wm[i, :s, :s] = torch.eye(s)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name in ("running_mean", "running_wm"):
+            buf = getattr(self, name)
+            if buf.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, buf.float())
+        return self
+
+    def _sync_group(self):
+        if not (self.sync and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _whiten(self, v: torch.Tensor, wms: List[torch.Tensor]) -> torch.Tensor:
+        """Apply one whitening matrix per group to the centered ``v`` (C, m)."""
+        d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
+        out = [torch.matmul(wms[0], v[:full * d].view(full, d, -1)).reshape(full * d, -1)]
+        if len(wms) > 1:
+            out.append(torch.matmul(wms[1], v[full * d:]))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_channels(self, x, self._dims, self.num_features)
+        N, C = x.shape[0], x.shape[1]
+        cdt = stat_dtype(x.dtype)
+        xc = x.to(cdt).transpose(0, 1).reshape(C, -1)                    # (C, m)
+        d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
+        if self.training:
+            group = self._sync_group()
+            if group is None and xc.shape[1] <= 1:
+                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel in "
+                                 f"training, got input of shape {tuple(x.shape)}; use a batch size > 1 "
+                                 f"or call .eval()")
+            s = xc.sum(1)
+            if group is not None:
+                s = _all_reduce_grad(s, group)
+                m = _all_reduce_grad(torch.tensor(float(xc.shape[1]), dtype=cdt, device=x.device), group)
+            else:
+                m = xc.shape[1]
+            mu = s / m
+            v = xc - mu[:, None]
+            vf = v[:full * d].view(full, d, -1)
+            covs = [torch.matmul(vf, vf.transpose(1, 2))]
+            if full < len(self._sizes):
+                vl = v[full * d:]
+                covs.append(torch.matmul(vl, vl.t()))
+            if group is not None:
+                covs = [_all_reduce_grad(c, group) for c in covs]
+            wms = []
+            for c in covs:
+                eye = torch.eye(c.shape[-1], dtype=cdt, device=x.device)
+                wms.append(newton_whitening(c / m + self.eps * eye, self.T))
+            self._update_running(mu.detach(), [w.detach() for w in wms])
+            if self._wants_penalty():  # mean|x - mu| over the (global) batch
+                pen = v.abs().sum()
+                if group is not None:
+                    pen = _all_reduce_grad(pen, group)
+                self._record_penalty(pen / (m * C))
+        else:
+            v = xc - self.running_mean.to(cdt)[:, None]
+            wms = [self.running_wm[:full].to(cdt)]
+            if full < len(self._sizes):
+                r = self._sizes[-1]
+                wms.append(self.running_wm[full, :r, :r].to(cdt))
+        y = self._whiten(v, wms)
+        if self.affine:
+            y = torch.addcmul(self.bias.to(cdt)[:, None], y, self.weight.to(cdt)[:, None])
+        shape = (C, N) + tuple(x.shape[2:])
+        return y.view(shape).transpose(0, 1).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mu: torch.Tensor, wms: List[torch.Tensor]) -> None:
+        finite = torch.isfinite(mu).all()
+        for w in wms:
+            finite = finite & torch.isfinite(w).all()
+        nbt = self.num_batches_tracked
+        nbt.add_(finite.to(nbt.dtype))
+        factor = self.momentum if self.momentum is not None else 1.0 / nbt.clamp(min=1).to(mu.dtype)
+        rm, rw = self.running_mean, self.running_wm
+        rm.copy_(torch.where(finite, torch.lerp(rm, mu.to(rm.dtype), factor), rm))
+        new = rw.clone()
+        full = wms[0].shape[0]
+        new[:full] = wms[0].to(rw.dtype)
+        if len(wms) > 1:
+            r = wms[1].shape[-1]
+            new[full, :r, :r] = wms[1].to(rw.dtype)
+        rw.copy_(torch.where(finite, torch.lerp(rw, new, factor), rw))
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_features}, group_size={self.group_size}, T={self.T}, eps={self.eps:g}, "
+             f"momentum={self.momentum}, affine={self.affine}")
+        if self.sync:
+            s += ", sync=True"
+        return s + self._penalty_repr()
+
+
+IterNorm1d = make_ranked(_IterNorm, "IterNorm1d", (2, 3), __name__)
+IterNorm2d = make_ranked(_IterNorm, "IterNorm2d", (4,), __name__)
+IterNorm3d = make_ranked(_IterNorm, "IterNorm3d", (5,), __name__)
