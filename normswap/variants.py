@@ -574,10 +574,21 @@ class Whitening(Variant):
         new = cls(f.num_features, group_size=kw.get("group_size", 16), T=kw.get("T", 5),
                   eps=kw.get("eps", f.eps), momentum=site_momentum(f, kw),
                   affine=kw.get("affine", True), sync=kw.get("sync", False), device=f.device)
-        if f.running_mean is not None and hasattr(new, "running_mean"):
+        preserves, note = False, "whitening across channels replaces per-channel scaling"
+        if f.running_mean is not None and f.running_var is not None:
+            # a BatchNorm is whitening with a diagonal matrix: running_wm = diag(1/sqrt(var + eps))
             with torch.no_grad():
                 new.running_mean.copy_(f.running_mean.to(new.running_mean.dtype))
-        return Built(finish(new, f), False, "whitening across channels replaces per-channel scaling")
+                inv_std = torch.rsqrt(f.running_var.double() + f.eps)
+                start = 0
+                for g, size in enumerate(new._sizes):
+                    new.running_wm[g].zero_()
+                    new.running_wm[g, :size, :size] = torch.diag(inv_std[start:start + size])
+                    start += size
+                copy_num_batches(new, f)
+            preserves = True
+            note = "eval outputs kept (diagonal whitening from the BN statistics); training whitens"
+        return Built(finish(new, f), preserves, note)
 
 
 class Keep(Variant):
