@@ -21,6 +21,17 @@ LAYERS = [
     (lambda: N.LayerNormStar2d(4, affine=True), (4, 4, 6, 6)),
     (lambda: N.DivisiveNorm2d(3, 3), (4, 4, 6, 6)),
     (lambda: N.DivisiveNorm1d(radius=2), (4, 9)),
+    (lambda: N.L1LayerNorm(6), (4, 5, 6)),
+    (lambda: N.TopKLayerNorm(12, k=3, l1_alpha=0.1), (4, 5, 12)),
+    (lambda: N.L1LayerNorm2d(4), (4, 4, 6, 6)),
+    (lambda: N.TopKLayerNorm2d(4, k=2), (4, 4, 6, 6)),
+    (lambda: N.L1GroupNorm(2, 4), (4, 4, 6, 6)),
+    (lambda: N.TopKGroupNorm(2, 4, k=3), (4, 4, 6, 6)),
+    (lambda: N.GroupNormStar(2, 4), (4, 4, 6, 6)),
+    (lambda: N.L1InstanceNorm2d(4, affine=True, track_running_stats=True), (4, 4, 6, 6)),
+    (lambda: N.TopKInstanceNorm2d(4, k=3), (4, 4, 6, 6)),
+    (lambda: N.InstanceNormStar2d(4, affine=True, track_running_stats=True), (4, 4, 6, 6)),
+    (lambda: N.IterNorm2d(4, group_size=2), (4, 4, 6, 6)),
 ]
 
 
@@ -99,3 +110,39 @@ def test_small_cnn_trains_50_steps_in_pure_fp16_with_l1_batch_norm():
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert all(p.dtype == torch.float16 for p in net.parameters())
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10  # it learns
+
+
+# L1 and top-k on every area: (layer, area, operation, reference kwargs)
+EVERY_AREA = [
+    (lambda: N.L1BatchNorm2d(4), "batch", "l1", {}),
+    (lambda: N.TopKBatchNorm2d(4, k=10), "batch", "topk", {"k": 10}),
+    (lambda: N.L1LayerNorm(8), "layer", "l1", {}),
+    (lambda: N.TopKLayerNorm(8, k=3), "layer", "topk", {"k": 3}),
+    (lambda: N.L1LayerNorm2d(4), "channels", "l1", {}),
+    (lambda: N.TopKLayerNorm2d(4, k=2), "channels", "topk", {"k": 2}),
+    (lambda: N.L1GroupNorm(2, 4), "group", "l1", {"num_groups": 2}),
+    (lambda: N.TopKGroupNorm(2, 4, k=5), "group", "topk", {"k": 5, "num_groups": 2}),
+    (lambda: N.L1InstanceNorm2d(4, track_running_stats=True), "instance", "l1", {}),
+    (lambda: N.TopKInstanceNorm2d(4, k=5, track_running_stats=True), "instance", "topk", {"k": 5}),
+]
+
+
+@pytest.mark.parametrize("offset", [0.0, 3e4], ids=["centered", "offset"])
+@pytest.mark.parametrize("make,area,op,kw", EVERY_AREA, ids=[f"{a}-{o}" for _, a, o, _ in EVERY_AREA])
+def test_pure_fp16_l1_and_topk_finite_on_every_area(make, area, op, kw, offset):
+    """Activations up to 6e4 in pure float16 (|v| > 256 already overflows v^2)."""
+    g = torch.Generator().manual_seed(0)
+    span = 6e4 - offset
+    x = (offset + (torch.rand(8, 4, 4, 8, generator=g) * 2 - 1) * span).half()
+    assert x.abs().max() > 5e4 and torch.isfinite(x).all()
+    m = make().half().train()
+    xg = x.clone().requires_grad_()
+    y = m(xg)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert 0.3 < y.float().std() < 3.0  # normalized, not collapsed
+    (y.float() * torch.randn(y.shape, generator=g)).sum().backward()
+    assert torch.isfinite(xg.grad).all()
+    want = ref.area_norm(x.double(), area, op, **kw)[0]
+    torch.testing.assert_close(y.double(), want, atol=2e-2, rtol=2e-2)
+    assert all(torch.isfinite(b).all() for b in m.buffers())
+    assert torch.isfinite(m.eval()(x)).all()

@@ -17,6 +17,7 @@ LAYERS = {
     "bn-s": lambda: N.BatchNormStar2d(3, sigma=0.7),
     "mean": lambda: N.MeanOnlyBatchNorm2d(3),
     "l1-1d": lambda: N.L1BatchNorm1d(3, l1_alpha=0.1),
+    "iternorm": lambda: N.IterNorm2d(3, group_size=2, l1_alpha=0.1),
 }
 SIZES = (3, 5)  # uneven per-process batches
 

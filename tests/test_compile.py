@@ -1,0 +1,108 @@
+"""torch.compile: every normswap layer traces without a graph break, in train and eval
+mode, with and without the L1 penalty and a learned sigma; compiled L1 and top-k batch
+norms match eager mode in forward, backward and running statistics."""
+import copy
+
+import pytest
+import torch
+
+import normswap
+import normswap.norms as N
+
+# class -> (factory(**extra), input shape). Every public layer class must be here.
+LAYERS = {
+    N.L1BatchNorm1d: (lambda **kw: N.L1BatchNorm1d(4, **kw), (3, 4, 5)),
+    N.L1BatchNorm2d: (lambda **kw: N.L1BatchNorm2d(4, **kw), (2, 4, 5, 5)),
+    N.L1BatchNorm3d: (lambda **kw: N.L1BatchNorm3d(4, **kw), (2, 4, 2, 3, 3)),
+    N.TopKBatchNorm1d: (lambda **kw: N.TopKBatchNorm1d(4, k=3, **kw), (6, 4)),
+    N.TopKBatchNorm2d: (lambda **kw: N.TopKBatchNorm2d(4, **kw), (2, 4, 5, 5)),
+    N.TopKBatchNorm3d: (lambda **kw: N.TopKBatchNorm3d(4, **kw), (2, 4, 2, 3, 3)),
+    N.BatchNormStar1d: (lambda **kw: N.BatchNormStar1d(4, **kw), (3, 4, 5)),
+    N.BatchNormStar2d: (lambda **kw: N.BatchNormStar2d(4, **kw), (2, 4, 5, 5)),
+    N.BatchNormStar3d: (lambda **kw: N.BatchNormStar3d(4, **kw), (2, 4, 2, 3, 3)),
+    N.MeanOnlyBatchNorm1d: (lambda **kw: N.MeanOnlyBatchNorm1d(4, **kw), (6, 4)),
+    N.MeanOnlyBatchNorm2d: (lambda **kw: N.MeanOnlyBatchNorm2d(4, **kw), (2, 4, 5, 5)),
+    N.MeanOnlyBatchNorm3d: (lambda **kw: N.MeanOnlyBatchNorm3d(4, **kw), (2, 4, 2, 3, 3)),
+    N.LayerNormStar: (lambda **kw: N.LayerNormStar(6, **kw), (2, 3, 6)),
+    N.LayerNormStar2d: (lambda **kw: N.LayerNormStar2d(4, affine=True, **kw), (2, 4, 3, 3)),
+    N.L1LayerNorm: (lambda **kw: N.L1LayerNorm(6, **kw), (2, 3, 6)),
+    N.TopKLayerNorm: (lambda **kw: N.TopKLayerNorm(12, k=3, **kw), (2, 3, 12)),
+    N.L1LayerNorm2d: (lambda **kw: N.L1LayerNorm2d(4, **kw), (2, 4, 3, 3)),
+    N.TopKLayerNorm2d: (lambda **kw: N.TopKLayerNorm2d(4, k=2, **kw), (2, 4, 3, 3)),
+    N.GroupNormStar: (lambda **kw: N.GroupNormStar(2, 4, **kw), (2, 4, 3, 3)),
+    N.L1GroupNorm: (lambda **kw: N.L1GroupNorm(2, 4, **kw), (2, 4, 3, 3)),
+    N.TopKGroupNorm: (lambda **kw: N.TopKGroupNorm(2, 4, k=3, **kw), (2, 4, 3, 3)),
+    N.InstanceNormStar1d: (lambda **kw: N.InstanceNormStar1d(4, **kw), (2, 4, 6)),
+    N.InstanceNormStar2d: (lambda **kw: N.InstanceNormStar2d(4, track_running_stats=True, **kw), (2, 4, 3, 3)),
+    N.InstanceNormStar3d: (lambda **kw: N.InstanceNormStar3d(4, **kw), (2, 4, 2, 2, 2)),
+    N.L1InstanceNorm1d: (lambda **kw: N.L1InstanceNorm1d(4, **kw), (2, 4, 6)),
+    N.L1InstanceNorm2d: (lambda **kw: N.L1InstanceNorm2d(4, affine=True, track_running_stats=True, **kw),
+                         (2, 4, 3, 3)),
+    N.L1InstanceNorm3d: (lambda **kw: N.L1InstanceNorm3d(4, **kw), (2, 4, 2, 2, 2)),
+    N.TopKInstanceNorm1d: (lambda **kw: N.TopKInstanceNorm1d(4, k=3, **kw), (2, 4, 6)),
+    N.TopKInstanceNorm2d: (lambda **kw: N.TopKInstanceNorm2d(4, k=3, track_running_stats=True, **kw),
+                           (2, 4, 3, 3)),
+    N.TopKInstanceNorm3d: (lambda **kw: N.TopKInstanceNorm3d(4, k=3, **kw), (2, 4, 2, 2, 2)),
+    N.IterNorm1d: (lambda **kw: N.IterNorm1d(6, group_size=4, **kw), (8, 6)),
+    N.IterNorm2d: (lambda **kw: N.IterNorm2d(6, group_size=4, **kw), (2, 6, 3, 3)),
+    N.IterNorm3d: (lambda **kw: N.IterNorm3d(6, group_size=4, **kw), (2, 6, 2, 2, 2)),
+    N.DivisiveNorm1d: (lambda **kw: N.DivisiveNorm1d(radius=2, **kw), (2, 9)),
+    N.DivisiveNorm2d: (lambda **kw: N.DivisiveNorm2d(3, 3, **kw), (2, 4, 5, 5)),
+    N.AreaNorm: (lambda **kw: N.AreaNorm(N.GroupArea(2, 4), N.Operation("l1"), **kw), (2, 4, 3)),
+}
+SIGMA = {N.BatchNormStar1d, N.BatchNormStar2d, N.BatchNormStar3d, N.LayerNormStar, N.LayerNormStar2d,
+         N.GroupNormStar, N.InstanceNormStar1d, N.InstanceNormStar2d, N.InstanceNormStar3d,
+         N.DivisiveNorm1d, N.DivisiveNorm2d}
+
+
+def test_every_public_layer_is_listed():
+    public = [getattr(N, n) for n in N.__all__]
+    layers = {c for c in public if isinstance(c, type) and issubclass(c, N.NormalizerBase)
+              and c not in (N.NormalizerBase, N.BatchStatNorm)}
+    assert layers == set(LAYERS)
+
+
+def _configs():
+    for cls, (make, shape) in LAYERS.items():
+        yield pytest.param(make, shape, {}, id=cls.__name__)
+        yield pytest.param(make, shape, {"l1_alpha": 0.1}, id=cls.__name__ + "-l1")
+        if cls in SIGMA:
+            yield pytest.param(make, shape, {"learn_sigma": True, "l1_alpha": 0.1},
+                               id=cls.__name__ + "-learned")
+
+
+@pytest.mark.parametrize("make,shape,kw", list(_configs()))
+def test_no_graph_break_in_train_and_eval(make, shape, kw):
+    m = make(**kw)
+    x = torch.randn(shape)
+    for mode in ("train", "eval"):
+        getattr(m, mode)()
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_break_count == 0, (mode, [str(b.reason)[:300] for b in explained.break_reasons])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3)],
+                         ids=["L1BatchNorm2d", "TopKBatchNorm2d"])
+def test_compiled_matches_eager_forward_backward_and_running_stats(make):
+    torch._dynamo.reset()
+    eager = make()
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 4, 5, 5), (3, 4, 6, 6)):  # a second shape: recompiled with dynamic sizes
+        x = torch.randn(shape, generator=g) * 2 + 1
+        dy = torch.randn(shape, generator=g)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        (ya * dy).sum().add(normswap.penalty(eager)).backward()
+        (yb * dy).sum().add(normswap.penalty(compiled_mod)).backward()
+        torch.testing.assert_close(yb, ya)
+        torch.testing.assert_close(xb.grad, xa.grad)
+        for (n, a), b in zip(eager.named_parameters(), compiled_mod.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, msg=n)
+        for (n, a), b in zip(eager.named_buffers(), compiled_mod.buffers()):
+            torch.testing.assert_close(b, a, msg=n)
+    eager.eval(), compiled_mod.eval()
+    torch.testing.assert_close(compiled(x), eager(x))
