@@ -16,6 +16,7 @@ import difflib
 import importlib
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Dict, List, Optional
@@ -151,6 +152,9 @@ def load_spec(text: str):
     elif _looks_like_path(text):
         raise UserError(f"--spec file {text}: no such file (a spec is a preset name, JSON, or the path "
                         f"of a JSON file)")
+    elif not re.fullmatch(r"[\w.*+-]{1,64}", stripped):
+        raise UserError(f"--spec {stripped[:40]!r}{'...' if len(stripped) > 40 else ''}: not a preset name, "
+                        f"a JSON object or a file")
     else:
         return Spec.coerce(stripped)
     try:
