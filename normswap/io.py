@@ -39,6 +39,7 @@ META_KEY = "normswap_format"
 MAX_JSON_BYTES = 1 << 20   # a JSON metadata field (spec, aliases) holds at most 1 MiB
 MAX_JSON_DEPTH = 16        # a spec is 4 levels deep; refuse anything nested deeper than this
 MAX_TEXT = 256             # short metadata strings (architecture, versions, class name)
+MAX_PATTERN = 1000         # a regular expression in a spec (regex rules, exclude)
 
 
 class CheckpointError(ValueError):
@@ -314,6 +315,28 @@ def check_spec_json(d: Any, what: str) -> None:
     exclude = d.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise bad("'exclude'", "a list of names or regular expressions (strings)", exclude)
+    for where, pattern in [(f"regex[{p[:40]!r}]", p) for p in d.get("regex", {})] + \
+            [(f"exclude[{i}]", p) for i, p in enumerate(exclude)]:
+        _check_pattern(pattern, f"{what}: {where}")
+
+
+def _paren_depth(pattern: str) -> int:
+    """Nesting of groups in a regular expression (escaped parentheses skipped; one inside
+    a character class counts too, which can only over-estimate)."""
+    steps = (1 if c == "(" else -1 for c in re.findall(r"\\.|[()]", pattern, re.S) if c in "()")
+    return max(itertools.accumulate(steps, initial=0))
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    """A regular expression short and flat enough for ``re.compile`` (whose parser
+    recurses: a few hundred nested groups are a RecursionError)."""
+    depth = _paren_depth(pattern)
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{where}: a regular expression with groups nested {depth} deep; normswap "
+                              f"reads at most {MAX_JSON_DEPTH}")
+    if len(pattern) > MAX_PATTERN:
+        raise CheckpointError(f"{where}: a regular expression of {len(pattern)} characters; normswap "
+                              f"reads at most {MAX_PATTERN}")
 
 
 def registered_presets() -> List[str]:
@@ -347,7 +370,7 @@ def spec_from_file(text: str, what: str):
         return Spec.from_dict(d)
     except SpecError as e:
         raise CheckpointError(f"{what}: {e}") from None
-    except (TypeError, ValueError, re.error) as e:  # a value the spec's own checks did not expect
+    except (TypeError, ValueError, re.error, RecursionError) as e:  # what the spec's checks did not expect
         raise CheckpointError(f"{what}: {type(e).__name__}: {e}") from None
 
 

@@ -188,6 +188,9 @@ BAD_METADATA = [
     ({"spec": '{"preset": "l1bn", "names": {"1": {"to": ["l1bn"]}}}'}, "names['1']['to'] must be a preset name"),
     ({"spec": '{"preset": "l1bn", "loader": "os:system"}'}, "unknown spec field(s) 'loader'"),
     ({"spec": None}, "a converted checkpoint without its 'spec' metadata"),
+    ({"spec": json.dumps({"preset": "l1bn", "regex": {"(" * 1000 + ")" * 1000: "keep"}})},
+     "a regular expression with groups nested 1000 deep"),  # a RecursionError in re.compile
+    ({"spec": json.dumps({"preset": "l1bn", "exclude": ["x" * 1001]})}, "exclude[0]: a regular expression of 1001 characters"),
 ]
 
 
