@@ -340,7 +340,8 @@ def _check_pattern(pattern: str, where: str) -> None:
 
 
 def registered_presets() -> List[str]:
-    """The preset/variant names this process knows (the only names a file may use)."""
+    """The preset/variant names this process knows (named in the message for an unknown one;
+    the one place to point at the variant registry)."""
     from .spec import presets
     return list(presets())
 
@@ -354,21 +355,23 @@ def _named_presets(d: Dict[str, Any]) -> List[str]:
 
 
 def spec_from_file(text: str, what: str):
-    """The stored spec, checked (size, depth, types, registered names) before it is built."""
+    """The stored spec, checked (size, depth, types) before it is built. The spec's own
+    validation looks every preset up among those registered in this process; an unknown
+    name becomes a CheckpointError that says how to register it."""
     from .spec import Spec, SpecError
     d = parse_json_field(text, what)
     check_spec_json(d, what)
-    known = set(registered_presets())
-    unknown = [n for n in dict.fromkeys(_named_presets(d)) if n not in known]
-    if unknown:
-        names = ", ".join(repr(n) for n in unknown)
-        raise CheckpointError(
-            f"{what} names variant {names}, which is not registered in this process; normswap never "
-            f"imports code named by a file: import the package that defines it (it calls "
-            f"normswap.register_variant(...)) before loading. Registered: {', '.join(sorted(known))}")
     try:
         return Spec.from_dict(d)
     except SpecError as e:
+        known = set(registered_presets())
+        unknown = [n for n in dict.fromkeys(_named_presets(d)) if n not in known]
+        if unknown:
+            raise CheckpointError(
+                f"{what} names variant {', '.join(repr(n) for n in unknown)}, which is not registered in "
+                f"this process; normswap never imports code named by a file: import the package that "
+                f"defines it (it calls normswap.register_variant(...)) before loading. Registered: "
+                f"{', '.join(sorted(known))}") from None
         raise CheckpointError(f"{what}: {e}") from None
     except (TypeError, ValueError, re.error, RecursionError) as e:  # what the spec's checks did not expect
         raise CheckpointError(f"{what}: {type(e).__name__}: {e}") from None
