@@ -315,8 +315,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         "e.g. '{\"drop_rate\": 0.1}'; the model is always built with pretrained=False")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line like every other error (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="normswap", description="Swap a model's normalizations for BN*, LN*, DN*, "
+    ap = _Parser(prog="normswap", description="Swap a model's normalizations for BN*, LN*, DN*, "
                                  "L1 / top-k batch norm or bounded weight norm, and manage the checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("presets", help="list the presets with formula and defaults", epilog=EXAMPLES["presets"])

@@ -177,3 +177,16 @@ def test_inspect_formats(capsys):
     rows = [line for line in md[2:] if line.startswith("| ")]
     assert len(rows) == 20 and all(line.count(" | ") == 4 for line in rows)
     assert "| `layer1.0.bn1` | module | BatchNorm2d | L1BatchNorm2d" in outputs[("--format", "markdown")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("convert", "resnet18"), "normswap convert: error: the following arguments are required: --spec, --out"),
+    (("inspect", "resnet18", "--num-classes", "ten"), "argument --num-classes: invalid int value: 'ten'"),
+    (("inspect", "resnet18", "--format", "html"), "argument --format: invalid choice: 'html'"),
+    (("frobnicate",), "argument command: invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_too(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        in_process(*args)
+    line = one_line_error(capsys, info.value.code)
+    assert message in line and line.endswith("--help)"), line
