@@ -90,7 +90,11 @@ def _rows(v3: torch.Tensor) -> torch.Tensor:
     P, G, Q = v3.shape
     if P == 1:
         return v3.reshape(G, Q).abs()
-    return v3.transpose(0, 1).abs().reshape(G, P * Q)
+    if torch.compiler.is_compiling():  # inductor fuses these (and mis-lays out `out=` below)
+        return v3.transpose(0, 1).abs().reshape(G, P * Q)
+    a = torch.empty((G, P, Q), dtype=v3.dtype, device=v3.device)
+    torch.abs(v3.transpose(0, 1), out=a)  # one pass into the (G, P, Q) layout
+    return a.view(G, P * Q)
 
 
 def _topk_select(v3: torch.Tensor, k: int, group, world: int):
