@@ -122,42 +122,6 @@ def _topk_select(v3: torch.Tensor, k: int, group, world: int):
     return loc_vals, flat, gidx, None
 
 
-_SHORT_ROWS = 1024
-"""Below this many values per group, top-k uses :func:`_kth_largest` (``torch.topk`` on
-many short rows costs about a microsecond per row on CPU)."""
-
-
-def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of ``a`` (G, n), values >= 0: the k-th largest value, counting repeats.
-
-    k rounds of "take the row maximum, remove every copy of it"; the threshold is the
-    maximum of the round in which the count of removed values reaches k."""
-    work = a.clone()
-    t = a.new_zeros(a.shape[0])
-    cnt = a.new_zeros(a.shape[0])
-    for _ in range(k):
-        m = work.amax(dim=1)
-        hit = work == m[:, None]
-        active = cnt < k
-        t = torch.where(active, m, t)
-        cnt = cnt + torch.where(active, hit.sum(1).to(a.dtype), 0.0)
-        work.masked_fill_(hit, -1.0)
-    return t
-
-
-def _threshold_weights(v3: torch.Tensor, t: torch.Tensor, frac: Optional[torch.Tensor], k: int):
-    """Weight of each value in ``s_k``: 1 above the threshold ``t``, ``frac`` at it (so that
-    exactly k values count when several equal ``t``), 0 below. Returns (weights, |v|)."""
-    a3 = v3.abs()
-    tb = t.to(v3.dtype)[None, :, None]
-    gt, eq = a3 > tb, a3 == tb
-    if frac is None:
-        n_gt = gt.sum(dim=(0, 2)).to(t.dtype)
-        frac = (k - n_gt) / eq.sum(dim=(0, 2)).to(t.dtype).clamp(min=1)
-    w = torch.addcmul(gt.to(v3.dtype), eq.to(v3.dtype), frac.to(v3.dtype)[None, :, None])
-    return w, a3, frac
-
-
 @dataclass(frozen=True)
 class _Meta:
     """What backward needs besides tensors."""
@@ -227,20 +191,13 @@ class StatNormFn(torch.autograd.Function):
             batch_stat = mad.clone()  # a distinct tensor: mad itself stays differentiable
         elif stat == "topk":
             cinf = _c_inf_any(m)
-            if group is None and P * Q < _SHORT_ROWS:
-                t = _kth_largest(_rows(v3), k).to(sdt)
-                w, a3, frac = _threshold_weights(v3, t, None, k)
-                s_k = (a3 * w).sum(dim=(0, 2), dtype=sdt) / k
-                sign_sum = (torch.sign(v3) * w).sum(dim=(0, 2), dtype=sdt)
-                topk = (None, None, sign_sum, None, t, frac)
-            else:
-                vals, flat, gidx, keep = _topk_select(v3, k, group, world)
-                s_k = vals.to(sdt).mean(dim=1)
-                sgn = torch.sign(v3.reshape(-1)[flat]).to(sdt)
-                if keep is not None:
-                    sgn = sgn * keep.to(sdt)
-                sign_sum = _all_reduce(torch.zeros(G, dtype=sdt, device=x3.device).index_add_(0, gidx, sgn), group)
-                topk = (flat, gidx, sign_sum, keep, None, None)
+            vals, flat, gidx, keep = _topk_select(v3, k, group, world)
+            s_k = vals.to(sdt).mean(dim=1)
+            sgn = torch.sign(v3.reshape(-1)[flat]).to(sdt)
+            if keep is not None:
+                sgn = sgn * keep.to(sdt)
+            sign_sum = _all_reduce(torch.zeros(G, dtype=sdt, device=x3.device).index_add_(0, gidx, sgn), group)
+            topk = (flat, gidx, sign_sum, keep)
             d = cinf * s_k + eps
             batch_stat = cinf * s_k
             ctx.cinf = cinf
@@ -260,7 +217,7 @@ class StatNormFn(torch.autograd.Function):
         if recompute:
             y = y.to(x3.dtype)
 
-        saved_topk = topk if topk is not None else (None,) * 6
+        saved_topk = topk if topk is not None else (None,) * 4
         ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, *saved_topk)
         ctx.meta = _Meta(stat, k, group, x3.shape, weight is not None, bias is not None,
                          delta is not None and delta.requires_grad, recompute, sdt)
@@ -291,7 +248,7 @@ class StatNormFn(torch.autograd.Function):
         stat, k, group, shape, sdt = meta.stat, meta.k, meta.group, meta.shape, meta.sdt
         if stat == "mean-lite":
             return StatNormFn._mean_only_backward(ctx, dy)
-        saved, mu, d, gamma, topk_flat, topk_g, topk_sign_sum, topk_keep, topk_t, topk_frac = ctx.saved_tensors
+        saved, mu, d, gamma, topk_flat, topk_g, topk_sign_sum, topk_keep = ctx.saved_tensors
         if meta.recompute:
             v3 = saved.to(sdt) - mu[None, :, None]
         else:
@@ -344,10 +301,7 @@ class StatNormFn(torch.autograd.Function):
             dx.addcmul_(v3, coef_v.to(dt)[None, :, None])
         if need_sign:
             dx.addcmul_(sign, coef_sign.to(dt)[None, :, None])
-        if topk_coef is not None and topk_t is not None:
-            w, _, _ = _threshold_weights(v3, topk_t, topk_frac, k)
-            dx.addcmul_(torch.sign(v3) * w, topk_coef.to(dt)[None, :, None])
-        elif topk_coef is not None:
+        if topk_coef is not None:
             sgn = torch.sign(v3.reshape(-1)[topk_flat]).to(sdt) * topk_coef[topk_g]
             if topk_keep is not None:
                 sgn = sgn * topk_keep.to(sdt)
