@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Benchmark every normswap normalizer against the native PyTorch layer.
 
-Prints, per shape, the forward+backward median time and the bytes saved for
-backward, as ratios to the native layer (nn.BatchNorm2d for the batch-statistics
-layers and DN, nn.LayerNorm for LN-s) measured in the same run. Absolute numbers are
-in the --json output only.
+Prints, per shape, the forward+backward median time (on CPU the processor time of
+this process, which other processes on a shared machine do not disturb; use
+--threads 1 there) and the bytes saved
+for backward, as ratios to the native layer of the same area measured in the same run:
+nn.BatchNorm2d for the batch area (and IterNorm, DN), nn.LayerNorm on channels-last
+input for the layer area, timm's LayerNorm2d for the channels at each position,
+nn.GroupNorm and nn.InstanceNorm2d. Absolute numbers are in the --json output only.
+Layers missing from the installed normswap are skipped (to measure older code).
 
     python scripts/bench_norms.py                 # CPU (and CUDA when present)
-    python scripts/bench_norms.py --json out.json --reps 20 --device cpu
+    python scripts/bench_norms.py --json out.json --reps 20 --device cpu --threads 1 --only L1,TopK
 """
 from __future__ import annotations
 
@@ -25,20 +29,47 @@ import normswap.norms as N
 SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14)]
 
 
+def _n(name):
+    """A normswap class by name, or None when this checkout lacks it (to run old code too)."""
+    return getattr(N, name, None)
+
+
 def layers(c: int):
-    """(name, module factory, native baseline name, input layout)."""
+    """(name, module factory, native baseline name, input layout); None factories are skipped."""
+    import timm.layers
+
+    def mk(cls_name, *args, **kw):
+        cls = _n(cls_name)
+        return (lambda: cls(*args, **kw)) if cls is not None else None
+
+    g = 32 if c % 32 == 0 else 1
+    bn, ln, ln2d, gn, inn = "nn.BatchNorm2d", "nn.LayerNorm(C)", "timm LayerNorm2d", "nn.GroupNorm", "nn.InstanceNorm2d"
     return [
-        ("nn.BatchNorm2d", lambda: nn.BatchNorm2d(c), None, "nchw"),
-        ("nn.LayerNorm(C)", lambda: nn.LayerNorm(c), None, "nhwc"),
-        ("L1BatchNorm2d", lambda: N.L1BatchNorm2d(c), "nn.BatchNorm2d", "nchw"),
-        ("TopKBatchNorm2d(k=10)", lambda: N.TopKBatchNorm2d(c, k=10), "nn.BatchNorm2d", "nchw"),
-        ("BatchNormStar2d", lambda: N.BatchNormStar2d(c), "nn.BatchNorm2d", "nchw"),
-        ("BatchNormStar2d+L1", lambda: N.BatchNormStar2d(c, l1_alpha=0.005), "nn.BatchNorm2d", "nchw"),
-        ("L1BatchNorm2d+L1", lambda: N.L1BatchNorm2d(c, l1_alpha=0.005), "nn.BatchNorm2d", "nchw"),
-        ("MeanOnlyBatchNorm2d", lambda: N.MeanOnlyBatchNorm2d(c), "nn.BatchNorm2d", "nchw"),
-        ("DivisiveNorm2d(5,5)", lambda: N.DivisiveNorm2d(5, 5), "nn.BatchNorm2d", "nchw"),
-        ("LayerNormStar(C)", lambda: N.LayerNormStar(c, elementwise_affine=True), "nn.LayerNorm(C)", "nhwc"),
-        ("LayerNormStar2d", lambda: N.LayerNormStar2d(c, affine=True), "nn.BatchNorm2d", "nchw"),
+        (bn, lambda: nn.BatchNorm2d(c), None, "nchw"),
+        (ln, lambda: nn.LayerNorm(c), None, "nhwc"),
+        (ln2d, lambda: timm.layers.LayerNorm2d(c), None, "nchw"),
+        (gn, lambda: nn.GroupNorm(g, c), None, "nchw"),
+        (inn, lambda: nn.InstanceNorm2d(c, affine=True), None, "nchw"),
+        ("L1BatchNorm2d", mk("L1BatchNorm2d", c), bn, "nchw"),
+        ("TopKBatchNorm2d(k=10)", mk("TopKBatchNorm2d", c, k=10), bn, "nchw"),
+        ("BatchNormStar2d", mk("BatchNormStar2d", c), bn, "nchw"),
+        ("BatchNormStar2d+L1", mk("BatchNormStar2d", c, l1_alpha=0.005), bn, "nchw"),
+        ("L1BatchNorm2d+L1", mk("L1BatchNorm2d", c, l1_alpha=0.005), bn, "nchw"),
+        ("MeanOnlyBatchNorm2d", mk("MeanOnlyBatchNorm2d", c), bn, "nchw"),
+        ("IterNorm2d(16, T=5)", mk("IterNorm2d", c), bn, "nchw"),
+        ("DivisiveNorm2d(5,5)", mk("DivisiveNorm2d", 5, 5), bn, "nchw"),
+        ("LayerNormStar(C)", mk("LayerNormStar", c, elementwise_affine=True), ln, "nhwc"),
+        ("L1LayerNorm(C)", mk("L1LayerNorm", c), ln, "nhwc"),
+        ("TopKLayerNorm(C)", mk("TopKLayerNorm", c), ln, "nhwc"),
+        ("LayerNormStar2d", mk("LayerNormStar2d", c, affine=True), ln2d, "nchw"),
+        ("L1LayerNorm2d", mk("L1LayerNorm2d", c), ln2d, "nchw"),
+        ("TopKLayerNorm2d", mk("TopKLayerNorm2d", c), ln2d, "nchw"),
+        (f"GroupNormStar({g})", mk("GroupNormStar", g, c), gn, "nchw"),
+        (f"L1GroupNorm({g})", mk("L1GroupNorm", g, c), gn, "nchw"),
+        (f"TopKGroupNorm({g})", mk("TopKGroupNorm", g, c), gn, "nchw"),
+        ("InstanceNormStar2d", mk("InstanceNormStar2d", c, affine=True), inn, "nchw"),
+        ("L1InstanceNorm2d", mk("L1InstanceNorm2d", c, affine=True), inn, "nchw"),
+        ("TopKInstanceNorm2d", mk("TopKInstanceNorm2d", c, affine=True), inn, "nchw"),
     ]
 
 
@@ -60,29 +91,34 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def time_fwd_bwd(module, x, grad, reps, sync):
+def time_fwd_bwd(module, x, grad, reps, sync, clock=time.perf_counter):
     times = []
     for i in range(reps + 2):
         x.grad = None
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         y = module(x)
         if getattr(module, "l1_alpha", 0):
             y = y + 0 * N.penalty(module)
         y.backward(grad)
         sync()
         if i >= 2:
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times)
 
 
-def run(device: str, reps: int):
+def run(device: str, reps: int, only=None):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # CPU: processor time of this process, not wall time, so that other processes on a
+    # shared machine do not enter the figures (with --threads 1 it is the work done)
+    clock = time.perf_counter if device == "cuda" else time.process_time
     rows = []
     for shape in SHAPES:
         n, c, h, w = shape
         res = {}
         for name, make, base, layout in layers(c):
+            if make is None or (only and base and not any(o in name for o in only)):
+                continue
             torch.manual_seed(0)
             m = make().to(device).train()
             x = torch.randn(shape, device=device)
@@ -90,10 +126,12 @@ def run(device: str, reps: int):
                 x = x.permute(0, 2, 3, 1).contiguous()
             x.requires_grad_()
             grad = torch.randn_like(x)
-            t = time_fwd_bwd(m, x, grad, reps, sync)
+            t = time_fwd_bwd(m, x, grad, reps, sync, clock)
             mem = saved_bytes(m, x)
             res[name] = {"time_s": t, "saved_bytes": mem, "baseline": base}
         for name, r in res.items():
+            if r["baseline"] is None and only:
+                continue
             base = res[r["baseline"]] if r["baseline"] else r
             rows.append({"device": device, "shape": list(shape), "layer": name,
                          "baseline": r["baseline"] or name, "time_s": r["time_s"],
@@ -104,10 +142,19 @@ def run(device: str, reps: int):
 
 
 def print_table(rows):
-    print(f"{'device':6} {'shape':18} {'layer':24} {'vs':16} {'time x':>7} {'mem x':>6}")
+    print(f"{'device':6} {'shape':18} {'layer':24} {'vs':18} {'time x':>7} {'mem x':>6}")
     for r in rows:
-        print(f"{r['device']:6} {str(tuple(r['shape'])):18} {r['layer']:24} {r['baseline']:16} "
+        print(f"{r['device']:6} {str(tuple(r['shape'])):18} {r['layer']:24} {r['baseline']:18} "
               f"{r['time_ratio']:7.2f} {r['memory_ratio']:6.2f}")
+
+
+def print_markdown(rows):
+    print("| device | shape | layer | vs | time x | memory x |")
+    print("|---|---|---|---|---:|---:|")
+    for r in rows:
+        if r["baseline"] != r["layer"]:
+            print(f"| {r['device']} | {tuple(r['shape'])} | {r['layer']} | {r['baseline']} | "
+                  f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
 
 
 def main(argv=None):
@@ -115,14 +162,20 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", metavar="FILE", help="also write the rows (with absolute times) as JSON")
+    ap.add_argument("--only", help="comma-separated substrings of the layer names to measure")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = ap.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = args.only.split(",") if args.only else None
     rows = []
     for d in devices:
-        rows += run(d, args.reps)
+        rows += run(d, args.reps, only)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print_table(rows)
+    (print_markdown if args.markdown else print_table)(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

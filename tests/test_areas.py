@@ -313,3 +313,26 @@ def test_mean_only_batch_norm_has_batch_norms_argument_order():
     assert N.MeanOnlyBatchNorm2d(4, bias=False).bias is None        # the old keyword still works
     with pytest.raises(ValueError, match="bias is an alias of affine"):
         N.MeanOnlyBatchNorm2d(4, affine=False, bias=True)
+
+
+def test_named_classes_are_configurations_of_the_generic_module():
+    x = _input((3, 4, 5, 5))
+    pairs = [
+        (N.L1BatchNorm2d(4), N.AreaNorm(N.BatchArea(4), N.Operation("l1"))),
+        (N.TopKGroupNorm(2, 4, k=3), N.AreaNorm(N.GroupArea(2, 4), N.Operation("topk", k=3))),
+        (N.InstanceNormStar2d(4, sigma=0.3), N.AreaNorm(N.InstanceArea(4), N.Operation("l2", sigma=0.3),
+                                                        N.NO_RECOVERY)),
+        (N.L1LayerNorm2d(4, bias=False), N.AreaNorm(N.ChannelsArea(4), N.Operation("l1"), N.SCALE_ONLY)),
+    ]
+    for named, generic in pairs:
+        named, generic = named.double(), generic.double()
+        assert isinstance(named, N.AreaNorm) and named.area == generic.area
+        assert named.operation == generic.operation and named.recovery == generic.recovery
+        assert set(named.state_dict()) == set(generic.state_dict())
+        torch.testing.assert_close(named(x), generic(x), rtol=0, atol=0)
+
+
+def test_convert_sync_marks_batch_area_layers_only():
+    net = torch.nn.Sequential(N.L1BatchNorm2d(4), N.IterNorm2d(4), N.L1GroupNorm(2, 4), N.L1InstanceNorm2d(4))
+    N.convert_sync(net)
+    assert [getattr(m, "sync", False) for m in net] == [True, True, False, False]

@@ -205,6 +205,25 @@ def test_constants():
         c_inf(1)
 
 
+@pytest.mark.parametrize("k", [1, 10])
+def test_top_k_on_long_channels_matches_reference(k):
+    """1024 values per channel, against the reference; gradients by gradcheck (fast mode)."""
+    m = _make(N.TopKBatchNorm2d, (4, 3, 16, 16), {"k": k}).train()
+    x = _input((4, 3, 16, 16))
+    want = ref.batch_norm_train(x, "topk", m.weight, m.bias, eps=m.eps, k=k)
+    torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
+    w = _input((4, 3, 16, 16), seed=7)
+    assert torch.autograd.gradcheck(lambda x, *p: (m(x) * w).sum(), _grad_inputs(m, x), fast_mode=True)
+
+
+def test_top_k_with_ties_takes_k_values():
+    x = torch.tensor([[3.0, 3.0, 3.0, 1.0, -5.0, 0.0], [2.0, -2.0, 2.0, 2.0, 0.0, 1.0]], dtype=torch.float64)
+    m = N.TopKLayerNorm(6, k=2, elementwise_affine=False).double()
+    torch.testing.assert_close(m(x), ref.area_norm(x, "layer", "topk", k=2)[0], rtol=1e-12, atol=1e-12)
+    xs = torch.randn(3, 6, dtype=torch.float64).requires_grad_()  # (differentiable away from ties)
+    assert torch.autograd.gradcheck(lambda a: (m(a) * torch.arange(6.0)).sum(), (xs,))
+
+
 # -- backward ---------------------------------------------------------------------
 def _grad_inputs(m, x):
     return (x.requires_grad_(),) + tuple(p for p in m.parameters())

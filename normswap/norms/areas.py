@@ -23,7 +23,7 @@ average of the per-example ones).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import ClassVar, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -96,7 +96,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         area, operation, recovery: the three choices.
         momentum: running statistics' momentum (None: cumulative average).
         track_running_stats: keep running statistics and use them in eval mode (only
-            for areas with ``batch_stats``).
+            for areas with ``batch_stats``; default: True for the batch area, else False).
         sync: batch area only: statistics over every process of ``process_group``
             (default: the world) while training.
         l1_alpha: coefficient of the L1 penalty ``mean|x - mu|`` recorded in training.
@@ -105,7 +105,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
     _dims: ClassVar[Optional[tuple]] = None   # accepted input ranks (None: the area decides)
 
     def __init__(self, area: Area, operation: Operation, recovery: Recovery = AFFINE, *,
-                 momentum: Optional[float] = 0.1, track_running_stats: bool = False,
+                 momentum: Optional[float] = 0.1, track_running_stats: Optional[bool] = None,
                  sync: bool = False, process_group=None, l1_alpha: float = 0.0,
                  device=None, dtype=None):
         super().__init__(l1_alpha=l1_alpha)
@@ -113,6 +113,8 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
                 or not isinstance(recovery, Recovery):
             raise ValueError(f"{type(self).__name__}: expected (Area, Operation, Recovery), got "
                              f"({type(area).__name__}, {type(operation).__name__}, {type(recovery).__name__})")
+        if track_running_stats is None:  # batch norms keep running statistics by default
+            track_running_stats = isinstance(area, BatchArea)
         area.validate(self)
         operation.validate(self)
         check_bool(self, "recovery.weight", recovery.weight)

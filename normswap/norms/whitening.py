@@ -27,7 +27,7 @@ from torch import nn
 
 from .areas import BatchArea
 from .base import (NormalizerBase, check_bool, check_channels, check_int, check_momentum,
-                   check_number, register_normalizer)
+                   check_number)
 from .batch import make_ranked
 from .functional import stat_dtype
 
