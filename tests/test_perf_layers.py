@@ -10,8 +10,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+import normswap
 import normswap.norms as N
 from normswap.norms.bwn import BoundedWeightFn
+from normswap.norms.divisive import DivisiveNormFn
+
+from . import reference as ref
 
 
 # -- bounded weight norm ------------------------------------------------------------------
@@ -89,13 +93,18 @@ def test_parametrize_cached_computes_each_bounded_weight_once():
     assert not torch.allclose(model(xs[0]), plain[0])
 
 
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+                                        (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), (2, 4, 5, 5)),
+                                        (lambda: nn.Linear(5, 3), (2, 5))], ids=["conv", "convT-groups", "linear"])
+@pytest.mark.parametrize("kw", [{}, {"p": "inf", "learn_gain": True}], ids=["rho-p2", "gain-pinf"])
+def test_bwn_has_no_graph_break(make, shape, kw):
+    torch._dynamo.reset()
+    m = N.bounded_weight_norm(make(), **kw)
+    assert torch._dynamo.explain(m)(torch.randn(shape)).graph_break_count == 0
+
+
 # -- divisive normalization ---------------------------------------------------------------
-import normswap  # noqa: E402
-from normswap.norms.divisive import DivisiveNormFn  # noqa: E402
-
-from . import reference as ref  # noqa: E402
-
-
 def _box_loop(a, wh, ww):
     """Mean over the valid cells of a (wh, ww) window centred at each cell of a (H, W) map."""
     H, W = a.shape
