@@ -220,11 +220,17 @@ def plot(rows: List[Row], path: str, title: str) -> None:
     fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 1.1 * len(presets) * max(1, len(models)) / 2), 3.2 * len(modes)),
                              squeeze=False)
     width = 0.8 / max(1, len(models))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
     for ax, mode in zip(axes[:, 0], modes):
         for j, model in enumerate(models):
             vals = {r.preset: r.ratio for r in rows if r.mode == mode and r.model == model}
+            if not vals:
+                continue
             xs = [i + (j - (len(models) - 1) / 2) * width for i, p in enumerate(presets) if p in vals]
-            ax.bar(xs, [vals[p] for p in presets if p in vals], width, label=model)
+            ys = [vals[p] for p in presets if p in vals]
+            ax.bar(xs, ys, width, label=model, color=colors[model])
+            for xx, yy in zip(xs, ys):
+                ax.text(xx, yy, f"{yy:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.axhline(1.05, color="gray", lw=0.8, ls="--")
         ax.set_xticks(range(len(presets)))
@@ -235,6 +241,24 @@ def plot(rows: List[Row], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def replot(args) -> int:
+    rows, setups = [], []
+    for path in args.from_json:
+        with open(path) as f:
+            d = json.load(f)
+        setups.append(d["setup"])
+        rows += [Row(**r) for r in d["rows"]]
+    for r in rows:
+        print(f"{r.device:5} {r.dtype:5} {r.model:22} {r.preset:9} {r.mode:8} {r.ratio:6.3f}x  "
+              f"(ratio of medians {r.ratio_of_medians:.3f}, reps {r.reps})")
+    if args.plot and rows:
+        s = setups[0]
+        plot(rows, args.plot, f"training step, {s['device']}{' ' + s['gpu'] if s.get('gpu') else ''}, "
+                              f"{s['dtype']}, batch {s['batch']}, {s['size']}x{s['size']}, "
+                              f"{s['threads']} threads")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -254,7 +278,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", metavar="FILE", help="write setup and rows (absolute times too)")
     ap.add_argument("--plot", metavar="PNG", help="bar chart of the ratios (needs matplotlib)")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE",
+                    help="measure nothing: plot (--plot) and print the rows of earlier --json files")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return replot(args)
 
     all_presets = [p for p in normswap.presets() if p != "keep"]
     presets = args.presets or all_presets
