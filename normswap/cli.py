@@ -136,8 +136,7 @@ def load_spec(text: str):
     from .spec import Spec, SpecError
     stripped = text.strip()
     if stripped.startswith("{"):
-        source = stripped
-        what = "--spec"
+        source, what = stripped, "--spec"
     elif os.path.isdir(text):
         raise UserError(f"--spec {text}: is a directory (a spec is a preset name, JSON, or a JSON file)")
     elif os.path.isfile(text):
@@ -147,16 +146,16 @@ def load_spec(text: str):
         except UnicodeDecodeError:
             raise UserError(f"--spec file {text}: not UTF-8 text") from None
         what = f"--spec file {text}"
-        if not source.strip().startswith("{"):
-            source = source.strip()   # a file holding just a preset name
+        source = source.strip()   # JSON, or just a preset name
     elif _looks_like_path(text):
         raise UserError(f"--spec file {text}: no such file (a spec is a preset name, JSON, or the path "
                         f"of a JSON file)")
-    elif not re.fullmatch(r"[\w.*+-]{1,64}", stripped):
-        raise UserError(f"--spec {stripped[:40]!r}{'...' if len(stripped) > 40 else ''}: not a preset name, "
-                        f"a JSON object or a file")
     else:
-        return Spec.coerce(stripped)
+        source, what = stripped, "--spec"
+    if not source.startswith("{") and not re.fullmatch(r"[\w.*+-]{1,64}", source):
+        raise UserError(f"{what} {source[:40]!r}{'...' if len(source) > 40 else ''}: not a preset name, "
+                        f"a JSON object or a file" if what == "--spec" else
+                        f"{what}: holds neither a JSON object nor a preset name")
     try:
         if source.startswith("{"):
             d = parse_json_field(source, what)
