@@ -300,7 +300,8 @@ def check_precision(args, accelerator) -> str:
     """The precision this run really trains in; refuses fp16 autocast where Accelerate
     cannot run it (it would silently train in float32)."""
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
-        fail(f"--mixed-precision fp16: Accelerate runs fp16 autocast only on a CUDA-like device, and this run "
+        source = "--mixed-precision fp16" if args.mixed_precision else "fp16 mixed precision (Accelerate's config)"
+        fail(f"{source}: Accelerate runs fp16 autocast only on a CUDA-like device, and this run "
              f"is on {accelerator.device.type}, so it would train in float32; use --mixed-precision bf16 "
              f"(autocast to bfloat16 on {accelerator.device.type}) or --pure-half (the model itself in float16)")
     if args.pure_half:

@@ -33,18 +33,21 @@ def test_readme_shows_python_blocks():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs_as_shown(index, tmp_path):
-    res = run_block(BLOCKS[index], tmp_path)
-    assert res.returncode == 0, f"README block {index} failed:\n{BLOCKS[index]}\n{res.stderr[-4000:]}"
-
-
-def test_specs_with_rules_example_matches_its_model_and_its_comment(tmp_path):
-    """The spec example: every rule matches a site of the model shown (a rule that matches
-    nothing warns, an error here), and the report's counts are the ones the comment gives."""
-    block = next(b for b in BLOCKS if "normswap.Spec(" in b)
-    comment = re.search(r"print\(normswap\.report\(model\)\)\s+#\s*(.+)$", block, flags=re.M).group(1).strip()
+    """Each block runs alone. Warnings are errors: in the "Specs with rules" example a rule
+    that matches no site of the model shown would warn. A block whose last line prints the
+    report with a comment (`print(normswap.report(model))   # 39 converted, ...`) must print
+    exactly that summary."""
+    block = BLOCKS[index]
     res = run_block(block, tmp_path)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert res.stdout.strip().splitlines()[-1].strip() == comment
+    assert res.returncode == 0, f"README block {index} failed:\n{block}\n{res.stderr[-4000:]}"
+    said = re.search(r"^print\(normswap\.report\(model\)\)\s+#\s*(\d+ converted.*)$", block, flags=re.M)
+    if said:
+        assert res.stdout.strip().splitlines()[-1].strip() == said.group(1).strip()
+
+
+def test_specs_with_rules_example_states_what_it_prints():
+    block = next(b for b in BLOCKS if "normswap.Spec(" in b)
+    assert re.search(r"^print\(normswap\.report\(model\)\)\s+#\s*\d+ converted", block, flags=re.M)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=os.path.basename)

@@ -143,6 +143,7 @@ def test_fp16_autocast_where_accelerate_cannot_run_it_is_refused(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_pure_half_trains_the_float16_model_and_shows_the_penalty(tmp_path, capsys):
     out = _run(FAST + ["--epochs", "1", "--pure-half", "--l1-alpha", "0.005", "--output-dir", str(tmp_path)])
     model = out["model"]
