@@ -108,9 +108,11 @@ class PresetDoesNotApply(Exception):
 def converting_create_model(create_model: Callable, spec: dict, skip: Callable[[str], None]) -> Callable:
     """Wrap ``timm.create_model``: build the model, then apply ``spec`` in place.
 
-    When ``normswap.plan`` says the spec converts nothing in the model, ``skip`` is
+    When the spec cannot apply to the model (``normswap.plan`` refuses it, e.g. a
+    model with no normalization layer, or converts none of its sites), ``skip`` is
     called with a reason starting with ``NA`` (the test is then not applicable).
-    Anything else that goes wrong in ``transform`` propagates: the test fails.
+    Anything else that goes wrong, in ``plan`` or ``transform``, propagates: the
+    test fails.
     """
     import normswap
 
@@ -118,7 +120,10 @@ def converting_create_model(create_model: Callable, spec: dict, skip: Callable[[
     def create(*args, **kwargs):
         model = create_model(*args, **kwargs)
         name = args[0] if args else kwargs.get("model_name", "?")
-        counts = normswap.plan(model, spec).counts()
+        try:
+            counts = normswap.plan(model, spec).counts()
+        except (normswap.TransformError, normswap.SpecError) as e:
+            skip(f"{NA}: {label_of(spec)} on {name}: {str(e).splitlines()[0][:200]}")
         if counts["converted"] == 0:
             skip(f"{NA}: {label_of(spec)} converts no site of {name} ({counts})")
         return normswap.transform(model, spec, inplace=True)
@@ -328,6 +333,11 @@ def summarize(baseline: Run, runs: Sequence[Run]) -> List[Row]:
     return rows
 
 
+def model_of(test_id: str) -> str:
+    """``test_model_forward[1-resnet18]`` -> ``resnet18`` (ids are batch size, then model)."""
+    return test_id.split("[", 1)[-1].rstrip("]").split("-", 1)[-1]
+
+
 def markdown(rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
@@ -385,6 +395,10 @@ def main(argv=None):
     for row, run in zip(rows[1:], runs[1:]):
         for t in row.regressions:
             print(f"regression [{row.label}] {t}: {run.results[t]['reason']}")
+    for run in runs[1:]:
+        na = sorted({model_of(t) for t, r in run.results.items() if r["outcome"] == "n/a"})
+        if na:
+            print(f"n/a [{run.label}]: {', '.join(na)}")
     for t, r in sorted(runs[0].results.items()):
         if r["outcome"] == "failed":
             print(f"baseline failure {t}: {r['reason']}")
