@@ -214,8 +214,7 @@ def _shard(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    for stage in model.layers if hasattr(model, "layers") else [model.layer1, model.layer2,
-                                                                 model.layer3, model.layer4]:
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):   # as an auto-wrap policy would
         fully_shard(stage, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
