@@ -194,8 +194,28 @@ def _file_text(value: str) -> Optional[str]:
     return value if len(value) <= MAX_TEXT and value.isprintable() else None
 
 
+def full_state_dict(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """The model's whole state dict. For a model sharded with FSDP2 (``fully_shard``;
+    its tensors are DTensors) every process must call this: the shards are gathered
+    to CPU, and only process 0 gets the state (the others get None)."""
+    sd = model.state_dict()
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - torch without distributed
+        return sd
+    if not any(isinstance(v, DTensor) for v in sd.values()):
+        return sd
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if dist.get_rank() == 0 else None
+
+
 def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save a transformed model: all tensors + spec + versions, atomically."""
+    """Save a transformed model: all tensors + spec + versions, atomically.
+
+    A model sharded with FSDP2 is gathered first: call ``save`` on every process (as
+    with ``torch.distributed.checkpoint``); process 0 writes the file."""
     from .norms.penalty import unwrap_model
     from .transform import spec_of
     model = unwrap_model(model)
@@ -203,7 +223,10 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     if spec is None:
         raise CheckpointError(f"{type(model).__name__} was not transformed by normswap.transform; save a "
                               f"plain model with safetensors.torch.save_model or torch.save(state_dict)")
-    tensors, aliases = _dedupe(model.state_dict())
+    state = full_state_dict(model)
+    if state is None:
+        return   # a sharded model: process 0 writes the gathered state
+    tensors, aliases = _dedupe(state)
     meta = {META_KEY: str(FORMAT), "kind": "converted", "spec": spec.to_json(),
             "aliases": json.dumps(aliases, sort_keys=True), **_versions()}
     if _file_text(type(model).__name__):

@@ -7,6 +7,8 @@ replaced, per instance, by the code fx generates for the edited graph.
 """
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -238,6 +240,18 @@ class RewrittenForward:
     @property
     def code(self) -> str:
         return self.gm.code
+
+    @property
+    def __code__(self):
+        """The generated forward's code object (its argument names are the owner's),
+        for tools that read a forward's arguments from it (torch.export)."""
+        return type(self.gm).forward.__code__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The owner's own forward signature (torch.export maps inputs by it)."""
+        sig = inspect.signature(type(self.owner).forward)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     def __call__(self, *args, **kwargs):
         return type(self.gm).forward(self.owner, *args, **kwargs)
