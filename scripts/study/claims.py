@@ -54,8 +54,8 @@ CLAIM_VARIANTS: Dict[int, Dict[str, List[str]]] = {
                      "DN+L1 (L1 only)", "DN*"]},
     3: {"relu": ["Baseline", "LN", "LN-s", "LN*", "DN*"], "lstm": ["Baseline", "LN", "LN-s", "LN*", "DN*"]},
     4: {"resnet": ["L2 BN", "L1 BN", "top-k BN"]},
-    5: {"standardized input": ["L2 BN (nn.BatchNorm2d)", "L2 BN (normswap, sigma=0)", "L1 BN", "top-k BN"],
-        "raw pixels 0-255": ["L2 BN (nn.BatchNorm2d)", "L2 BN (normswap, sigma=0)", "L1 BN", "top-k BN"]},
+    5: {"standardized input": ["L2 BN (nn.BatchNorm2d)", "L2 BN (normswap sigma=0)", "L1 BN", "top-k BN"],
+        "raw pixels 0-255": ["L2 BN (nn.BatchNorm2d)", "L2 BN (normswap sigma=0)", "L1 BN", "top-k BN"]},
     6: {"cnn": ["BN", "BWN + mean-only BN", "WN + mean-only BN"]},
     7: {"momentum 0.9": ["WD", "WD (rounding-perturbed)", "no WD", "no WD + online", "no WD + reference"],
         "Nesterov 0.9": ["WD", "WD (rounding-perturbed)", "no WD", "no WD + online", "no WD + reference"]},
@@ -189,7 +189,7 @@ def run_job(job: Job, scale: Scale) -> Dict[str, object]:
 
 def _fp16_job(job: Job, scale: Scale):
     """Pure float16: model.half(), half inputs, SGD in half, no autocast, no loss scaling."""
-    spec = {"L2 BN (nn.BatchNorm2d)": None, "L2 BN (normswap, sigma=0)": normswap.Spec("bn-s", kwargs={"sigma": 0.0}),
+    spec = {"L2 BN (nn.BatchNorm2d)": None, "L2 BN (normswap sigma=0)": normswap.Spec("bn-s", kwargs={"sigma": 0.0}),
             "L1 BN": "l1bn", "top-k BN": "topkbn"}[job.variant]
     torch.manual_seed(job.seed)
     model = SmallCNN("bn", widths=(16, 32, 32))

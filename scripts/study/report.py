@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import claims as C
 
-BEGIN, END = "<!-- study-results:begin -->", "<!-- study-results:end -->"
+def markers(section: str = "main"):
+    return f"<!-- study-results:{section}:begin -->", f"<!-- study-results:{section}:end -->"
 
 
 def _fmt(xs: List[float], digits: int = 2) -> str:
@@ -130,7 +131,11 @@ def _eff_err(rows, setting, variant, key="eff_dev") -> List[float]:
             and j["variant"] == variant and key in r]
 
 
-def render(doc, out: Path) -> str:
+def render(doc, out: Path, docs: Optional[Path] = None) -> str:
+    """Markdown tables for every claim in ``doc``; plots into ``out``, linked relative to
+    the markdown file ``docs`` (or to ``out``'s parent)."""
+    import os
+    link = os.path.relpath(out, (docs.parent if docs else out.parent)).replace(os.sep, "/")
     rows = _flatten(compact(doc))
     claims = sorted({j["claim"] for j, _ in rows})
     md: List[str] = []
@@ -209,12 +214,14 @@ def render(doc, out: Path) -> str:
         if c == 7:
             figs.append("claim7_effective_step.png")
         for f in figs:
-            md.append(f"![claim {c}](study/{f})\n")
+            md.append(f"![claim {c}]({link}/{f})\n")
     return "\n".join(md)
 
 
-def write_docs(path: Path, md: str) -> None:
-    """Replace the text between the result markers of ``path`` (appending them if absent)."""
+def write_docs(path: Path, md: str, section: str = "main") -> None:
+    """Replace the text between the result markers of ``section`` in ``path`` (appending
+    them if absent)."""
+    BEGIN, END = markers(section)
     text = path.read_text() if path.is_file() else ""
     block = f"{BEGIN}\n{md}\n{END}"
     if BEGIN in text and END in text:

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", help="markdown file whose result section is rewritten (e.g. docs/study.md)")
     ap.add_argument("--merge", action="store_true", help="keep other claims' results already in results.json")
     ap.add_argument("--variants", help="run only these variants (comma list of exact row labels)")
+    ap.add_argument("--settings", help="run only these settings (comma list, e.g. 'batch 64')")
+    ap.add_argument("--section", default="main",
+                    help="which result section of --docs to rewrite (markers study-results:SECTION)")
     ap.add_argument("--no-report", action="store_true", help="write results.json only (no plots, no tables)")
     ap.add_argument("--render", metavar="RESULTS_JSON", nargs="+",
                     help="run nothing: make the tables and plots from results.json files (later files win for "
@@ -81,10 +84,10 @@ def main(argv=None) -> int:
         doc = compact(doc)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(doc))
-        md = render(doc, Path(args.out))
+        md = render(doc, Path(args.out), Path(args.docs) if args.docs else None)
         print(md)
         if args.docs:
-            write_docs(Path(args.docs), md)
+            write_docs(Path(args.docs), md, args.section)
         return 0
     claims = args.claims if isinstance(args.claims, list) else parse_claims(args.claims)
     if args.seeds < 1:
@@ -107,6 +110,11 @@ def main(argv=None) -> int:
         if wanted - known:
             ap.error(f"--variants: unknown {sorted(wanted - known)}; known for these claims: {sorted(known)}")
         jobs = [j for j in jobs if j.variant in wanted]
+    if args.settings:
+        wanted = {v.strip() for v in args.settings.split(",")}
+        jobs = [j for j in jobs if j.setting in wanted]
+        if not jobs:
+            ap.error(f"--settings {args.settings!r} selects no run of claims {claims}")
     # longest first: the claim-7 "WD" jobs run two trainings, small batches take longest
     jobs.sort(key=lambda j: (j.claim != 7 or j.variant != "WD", j.setting != "batch 8", j.claim != 3))
     out = Path(args.out)
@@ -156,10 +164,10 @@ def main(argv=None) -> int:
     if args.no_report:
         print(f"{len(results)} runs, {sum('error' in r for _, r in results)} failed, {wall:.0f} s")
         return 0
-    md = render(doc, out)
+    md = render(doc, out, Path(args.docs) if args.docs else None)
     print(md)
     if args.docs:
-        write_docs(Path(args.docs), md)
+        write_docs(Path(args.docs), md, args.section)
     failed = sum("error" in r for _, r in results)
     print(f"{len(results)} runs, {failed} failed, {wall:.0f} s")
     return 1 if failed else 0
