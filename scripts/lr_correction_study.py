@@ -72,11 +72,11 @@ def direction_gap(a: nn.Module, b: nn.Module):
     return gap
 
 
-def study(steps: int):
+def study(steps: int, lrs=(0.1, 0.01), epss=(1e-14, 1e-5)):
     data = batches(steps)
     rows = []
-    for lr in (0.1, 0.01):
-        for eps in (1e-14, 1e-5):
+    for lr in lrs:
+        for eps in epss:
             for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
                 ref = train(eps, False, momentum, steps, lr=lr, data=data, nesterov=nesterov)
                 norms = train.last_norms
@@ -92,9 +92,11 @@ def study(steps: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, nargs="+", default=[0.1, 0.01])
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-14, 1e-5])
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    rows = study(args.steps)
+    rows = study(args.steps, args.lr, args.eps)
     print("| lr | BN eps | momentum | online | reference | no WD, no correction |\n|---|---|---|---|---|---|")
     for r in rows:
         mom = f"{r['momentum']:.1f}" + (" Nesterov" if r["nesterov"] else "")

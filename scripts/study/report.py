@@ -150,10 +150,17 @@ def render(doc, out: Path, docs: Optional[Path] = None) -> str:
         unit = "val bits/char (lower is better)" if lower else "val accuracy %"
         md.append(f"### Claim {c}\n\nPaper: {paper}.\n")
         md.append(f"| setting | variant | ours: {unit} | seeds |\n|---|---|---|---|")
+        errors = {}
+        for job, res in rows:
+            if job["claim"] == c and "error" in res:
+                errors.setdefault((job["setting"], job["variant"]), res["error"].splitlines()[0][:80])
         for setting, variants in C.CLAIM_VARIANTS[c].items():
             for v in variants:
                 xs = runs.get((setting, v), [])
-                md.append(f"| {setting} | {v} | {_fmt(xs, 3 if lower else 2)} | {len(xs)} |")
+                if not xs and (setting, v) not in errors:
+                    continue  # not run in this result file
+                cell = _fmt(xs, 3 if lower else 2) if xs else f"failed: {errors[(setting, v)]}"
+                md.append(f"| {setting} | {v} | {cell} | {len(xs)} |")
         md.append("")
         if comps:
             md.append("| comparison | difference (mean) | verdict |\n|---|---|---|")
