@@ -86,8 +86,10 @@ def _group_sums(dy3: torch.Tensor, v3: torch.Tensor, sdt: torch.dtype):
     G = v3.shape[1]
     zeros = torch.zeros(G, dtype=sdt, device=v3.device)
     ones = torch.ones(G, dtype=sdt, device=v3.device)
+    # weight = ones (unused by these two sums): the CUDA kernel needs a defined weight
+    # tensor ("tensor does not have a device" with None), the CPU one accepts either
     _, sdyv, sdy = torch.ops.aten.native_batch_norm_backward(
-        dy3, v3, None, None, None, zeros, ones, True, 0.0, [False, True, True])
+        dy3, v3, ones, None, None, zeros, ones, True, 0.0, [False, True, True])
     return sdyv.to(sdt), sdy.to(sdt)
 
 
