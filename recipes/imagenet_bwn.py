@@ -83,7 +83,7 @@ def build_parser() -> RecipeArgumentParser:
     ap.add_argument("--weight-decay", type=float)
     ap.add_argument("--lr-correction", choices=["none", "online", "reference"], default="none",
                     help="replace weight decay on scale-invariant weights by normswap.LRCorrection "
-                         "(exact for plain SGD, an approximation with momentum: see the README)")
+                         "(exact for SGD with or without momentum: see the README)")
     ap.add_argument("--reference-norms", help="NormRecorder file for --lr-correction reference")
     ap.add_argument("--record-norms", action="store_true",
                     help="record per-epoch norms of scale-invariant weights (a reference for later runs)")
