@@ -13,9 +13,9 @@ group          (1, N * G, C / G * L)        one example's group of C / G channel
 instance       (1, N * C, L)                one example's channel over the positions
 =============  ===========================  ======================================
 
-The per-channel recovery (gamma, beta) is fused into the normalization where the
-channel axis is the ``G`` axis (batch; instance with gamma repeated N times) and is
-applied to the output otherwise. ``batch_stats`` marks the areas whose statistics
+The recovery (gamma, beta) is fused into the normalization where its axis is the
+``G`` axis (batch; instance with gamma repeated N times) or the ``Q`` axis (layer,
+channels), and is applied to the output otherwise (group). ``batch_stats`` marks the areas whose statistics
 mix examples, the only ones that may keep running statistics (instance norm's
 optional ``track_running_stats`` follows torch: running statistics are the batch
 average of the per-example ones).
@@ -38,6 +38,7 @@ class Area:
     kind: ClassVar[str] = ""
     batch_stats: ClassVar[bool] = False   # statistics mix the examples of a batch
     fused: ClassVar[bool] = False         # per-channel recovery runs on the G axis
+    along_q: ClassVar[bool] = False       # the recovery parameters lie along the Q axis
 
     def validate(self, layer) -> None:
         """Raise a ValueError naming ``layer`` for a bad configuration."""
@@ -178,6 +179,7 @@ class LayerArea(Area):
     normalized_shape: Tuple[int, ...]
 
     kind: ClassVar[str] = "layer"
+    along_q: ClassVar[bool] = True
 
     def validate(self, layer):
         if not self.normalized_shape:
@@ -220,6 +222,7 @@ class ChannelsArea(Area):
     num_channels: int
 
     kind: ClassVar[str] = "channels"
+    along_q: ClassVar[bool] = True
 
     def validate(self, layer):
         check_int(layer, "num_channels", self.num_channels)

@@ -134,13 +134,16 @@ class _Meta:
     delta_grad: bool
     recompute: bool       # v is recomputed from the saved input (half precision)
     sdt: torch.dtype
+    has_qb: bool = False  # a bias along Q
+    qdt: Optional[torch.dtype] = None
 
 
 class StatNormFn(torch.autograd.Function):
     """Standardization of a ``(P, G, Q)`` tensor per group. See the module doc."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, delta, stat: str, k: int, eps: float, group, need_mad: bool):
+    def forward(ctx, x3, weight, bias, qweight, qbias, delta, stat: str, k: int, eps: float, group,
+                need_mad: bool):
         ctx.set_materialize_grads(False)
         P, G, Q = x3.shape
         sdt = stat_dtype(x3.dtype)
@@ -155,7 +158,8 @@ class StatNormFn(torch.autograd.Function):
             m = P * Q
         mu = s1 / m
         empty = mu.new_zeros(0)
-        if stat == "mean" and not need_mad:
+        post = qweight is not None or qbias is not None
+        if stat == "mean" and not need_mad and not post:
             # y = x - mu + beta in one pass; backward needs only sum(dy)
             shift = bias.to(sdt) - mu if bias is not None else -mu
             y = x3 + shift.to(x3.dtype)[None, :, None]  # a fresh tensor, not a view
@@ -214,13 +218,19 @@ class StatNormFn(torch.autograd.Function):
             y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None])
         else:
             y = v3 * scale.to(ydt)[None, :, None]
+        if qweight is not None:  # recovery along Q, in place: y * w_q + b_q
+            y.mul_(qweight.to(ydt)[None, None, :])
+        if qbias is not None:
+            y.add_(qbias.to(ydt)[None, None, :])
         if recompute:
             y = y.to(x3.dtype)
 
         saved_topk = topk if topk is not None else (None,) * 4
-        ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, *saved_topk)
+        ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, qweight,
+                              *saved_topk)
         ctx.meta = _Meta(stat, k, group, x3.shape, weight is not None, bias is not None,
-                         delta is not None and delta.requires_grad, recompute, sdt)
+                         delta is not None and delta.requires_grad, recompute, sdt,
+                         qbias is not None, qbias.dtype if qbias is not None else None)
         ctx.m = m
         if delta is not None:
             ctx.delta_shape = delta.shape
@@ -248,7 +258,7 @@ class StatNormFn(torch.autograd.Function):
         stat, k, group, shape, sdt = meta.stat, meta.k, meta.group, meta.shape, meta.sdt
         if stat == "mean-lite":
             return StatNormFn._mean_only_backward(ctx, dy)
-        saved, mu, d, gamma, topk_flat, topk_g, topk_sign_sum, topk_keep = ctx.saved_tensors
+        saved, mu, d, gamma, qweight, topk_flat, topk_g, topk_sign_sum, topk_keep = ctx.saved_tensors
         if meta.recompute:
             v3 = saved.to(sdt) - mu[None, :, None]
         else:
@@ -258,6 +268,15 @@ class StatNormFn(torch.autograd.Function):
             dy = torch.zeros(shape, dtype=v3.dtype, device=v3.device)
         dy3 = dy.to(v3.dtype)
         G = v3.shape[1]
+        gqw = gqb = None
+        if meta.has_qb and ctx.needs_input_grad[4]:
+            gqb = dy3.sum(dim=(0, 1), dtype=sdt).to(meta.qdt)
+        if qweight is not None:
+            # d/dw_q = sum over (P, G) of dy * v / d; then dy becomes dy * w_q (one buffer)
+            t = dy3 * v3
+            if ctx.needs_input_grad[3]:
+                gqw = t.mul_((gamma / d).to(t.dtype)[None, :, None]).sum(dim=(0, 1), dtype=sdt).to(qweight.dtype)
+            dy3 = torch.mul(dy3, qweight.to(dy3.dtype)[None, None, :], out=t)
         sdyv_loc, sdy_loc = _group_sums(dy3, v3, sdt)
         has_gmad = gmad is not None and gmad.numel() > 0
         need_sign = stat == "l1" or has_gmad
@@ -312,25 +331,29 @@ class StatNormFn(torch.autograd.Function):
         gdelta = None
         if meta.delta_grad:
             gdelta = (dldd / (2 * d)).sum().reshape(ctx.delta_shape)
-        return dx.to(out_dt), gw, gb, gdelta, None, None, None, None, None
+        return dx.to(out_dt), gw, gb, gqw, gqb, gdelta, None, None, None, None, None
 
     @staticmethod
     def _mean_only_backward(ctx, dy):
         """Mean-only: ``dx = dy - mean(dy)``, ``dbeta = sum(dy)``."""
         meta, m = ctx.meta, ctx.m
         if dy is None:
-            return (None,) * 9
+            return (None,) * 11
         sdy_loc = dy.sum(dim=(0, 2), dtype=meta.sdt)
         sdy = _all_reduce(sdy_loc.clone(), meta.group) if meta.group is not None else sdy_loc
         dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
         gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
-        return dx, None, gb, None, None, None, None, None, None
+        return dx, None, gb, None, None, None, None, None, None, None, None
 
 
 def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
-              group=None, need_mad: bool = False):
+              group=None, need_mad: bool = False, qweight: Optional[torch.Tensor] = None,
+              qbias: Optional[torch.Tensor] = None):
     """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
+
+    ``weight``, ``bias``: a recovery per group ``g`` (G,); ``qweight``, ``qbias``: one along
+    ``Q`` (Q,), applied after it (``y * w_q + b_q``).
 
     ``batch_stat`` is what a running statistic tracks: the biased variance ("l2"),
     ``mean|v|`` ("l1"), ``C_inf(n) * s_k`` ("topk"); empty for "mean". ``mad`` is
@@ -341,7 +364,8 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
     if stat == "topk" and group is None and k > x3.shape[0] * x3.shape[2]:
         raise ValueError(f"top-k: k={k} is larger than the {x3.shape[0] * x3.shape[2]} values per group")
-    y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, delta, stat, k, eps, group, need_mad)
+    y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
+                                                     group, need_mad)
     if group is None:
         count = x3.shape[0] * x3.shape[2]
     return y, mu, batch_stat, mad, count
