@@ -134,8 +134,10 @@ class _Meta:
     delta_grad: bool
     recompute: bool       # v is recomputed from the saved input (half precision)
     sdt: torch.dtype
-    has_qb: bool = False  # a bias along Q
+    has_qb: bool = False  # a recovery on the post_shape view
     qdt: Optional[torch.dtype] = None
+    qb_shape: Optional[tuple] = None
+    post_shape: Optional[tuple] = None
 
 
 class StatNormFn(torch.autograd.Function):
@@ -143,7 +145,7 @@ class StatNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, weight, bias, qweight, qbias, delta, stat: str, k: int, eps: float, group,
-                need_mad: bool):
+                need_mad: bool, post_shape):
         ctx.set_materialize_grads(False)
         P, G, Q = x3.shape
         sdt = stat_dtype(x3.dtype)
@@ -218,10 +220,12 @@ class StatNormFn(torch.autograd.Function):
             y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None])
         else:
             y = v3 * scale.to(ydt)[None, :, None]
-        if qweight is not None:  # recovery along Q, in place: y * w_q + b_q
-            y.mul_(qweight.to(ydt)[None, None, :])
-        if qbias is not None:
-            y.add_(qbias.to(ydt)[None, None, :])
+        if post:  # the recovery on the post_shape view, in place: y * w + b
+            yv = y.view(post_shape)
+            if qweight is not None:
+                yv.mul_(qweight.to(ydt))
+            if qbias is not None:
+                yv.add_(qbias.to(ydt))
         if recompute:
             y = y.to(x3.dtype)
 
@@ -230,7 +234,8 @@ class StatNormFn(torch.autograd.Function):
                               *saved_topk)
         ctx.meta = _Meta(stat, k, group, x3.shape, weight is not None, bias is not None,
                          delta is not None and delta.requires_grad, recompute, sdt,
-                         qbias is not None, qbias.dtype if qbias is not None else None)
+                         qbias is not None, qbias.dtype if qbias is not None else None,
+                         tuple(qbias.shape) if qbias is not None else None, post_shape)
         ctx.m = m
         if delta is not None:
             ctx.delta_shape = delta.shape
@@ -269,14 +274,21 @@ class StatNormFn(torch.autograd.Function):
         dy3 = dy.to(v3.dtype)
         G = v3.shape[1]
         gqw = gqb = None
+        post_shape = meta.post_shape
         if meta.has_qb and ctx.needs_input_grad[4]:
-            gqb = dy3.sum(dim=(0, 1), dtype=sdt).to(meta.qdt)
+            gqb = dy3.view(post_shape).sum_to_size(meta.qb_shape).to(meta.qdt)
         if qweight is not None:
-            # d/dw_q = sum over (P, G) of dy * v / d; then dy becomes dy * w_q (one buffer)
+            # dL/dw = sum of dy * v * gamma / d over the dims w is broadcast along; then
+            # dy becomes dy * w (in the same buffer in eager mode)
             t = dy3 * v3
             if ctx.needs_input_grad[3]:
-                gqw = t.mul_((gamma / d).to(t.dtype)[None, :, None]).sum(dim=(0, 1), dtype=sdt).to(qweight.dtype)
-            dy3 = torch.mul(dy3, qweight.to(dy3.dtype)[None, None, :], out=t)
+                gqw = t.mul_((gamma / d).to(t.dtype)[None, :, None]).view(post_shape) \
+                    .sum_to_size(qweight.shape).to(qweight.dtype)
+            w = qweight.to(dy3.dtype)
+            if torch.compiler.is_compiling():
+                dy3 = (dy3.view(post_shape) * w).view(v3.shape)
+            else:
+                dy3 = torch.mul(dy3.view(post_shape), w, out=t.view(post_shape)).view(v3.shape)
         sdyv_loc, sdy_loc = _group_sums(dy3, v3, sdt)
         has_gmad = gmad is not None and gmad.numel() > 0
         need_sign = stat == "l1" or has_gmad
@@ -331,29 +343,30 @@ class StatNormFn(torch.autograd.Function):
         gdelta = None
         if meta.delta_grad:
             gdelta = (dldd / (2 * d)).sum().reshape(ctx.delta_shape)
-        return dx.to(out_dt), gw, gb, gqw, gqb, gdelta, None, None, None, None, None
+        return dx.to(out_dt), gw, gb, gqw, gqb, gdelta, None, None, None, None, None, None
 
     @staticmethod
     def _mean_only_backward(ctx, dy):
         """Mean-only: ``dx = dy - mean(dy)``, ``dbeta = sum(dy)``."""
         meta, m = ctx.meta, ctx.m
         if dy is None:
-            return (None,) * 11
+            return (None,) * 12
         sdy_loc = dy.sum(dim=(0, 2), dtype=meta.sdt)
         sdy = _all_reduce(sdy_loc.clone(), meta.group) if meta.group is not None else sdy_loc
         dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
         gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
-        return dx, None, gb, None, None, None, None, None, None, None, None
+        return dx, None, gb, None, None, None, None, None, None, None, None, None
 
 
 def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
               group=None, need_mad: bool = False, qweight: Optional[torch.Tensor] = None,
-              qbias: Optional[torch.Tensor] = None):
+              qbias: Optional[torch.Tensor] = None, post_shape: Optional[tuple] = None):
     """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
 
-    ``weight``, ``bias``: a recovery per group ``g`` (G,); ``qweight``, ``qbias``: one along
-    ``Q`` (Q,), applied after it (``y * w_q + b_q``).
+    ``weight``, ``bias``: a recovery per group ``g`` (G,). ``qweight``, ``qbias``: a
+    recovery applied after it on the view ``y.view(post_shape)`` (default ``(P, G, Q)``),
+    shaped to broadcast against that view (e.g. ``(1, 1, Q)``: along Q).
 
     ``batch_stat`` is what a running statistic tracks: the biased variance ("l2"),
     ``mean|v|`` ("l1"), ``C_inf(n) * s_k`` ("topk"); empty for "mean". ``mad`` is
@@ -364,8 +377,10 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
     if stat == "topk" and group is None and k > x3.shape[0] * x3.shape[2]:
         raise ValueError(f"top-k: k={k} is larger than the {x3.shape[0] * x3.shape[2]} values per group")
+    if (qweight is not None or qbias is not None) and post_shape is None:
+        post_shape = tuple(x3.shape)
     y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
-                                                     group, need_mad)
+                                                     group, need_mad, post_shape)
     if group is None:
         count = x3.shape[0] * x3.shape[2]
     return y, mu, batch_stat, mad, count
