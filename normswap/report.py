@@ -3,13 +3,33 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph.sites import Site
+    from .variants import Built
 
 STATUSES = ("converted", "kept", "skipped", "excluded", "unmatched")
 
 
 @dataclass
+class Decision:
+    """What the plan decided for one site (separate from the site's facts)."""
+    status: str                        # converted | kept | skipped | excluded | unmatched | pending
+    preset: Optional[str] = None
+    variant: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    reason: Optional[str] = None
+    built: Optional["Built"] = None    # the new module (converted sites)
+    becomes: Optional[str] = None
+    preserves_function: Optional[bool] = None
+    note: Optional[str] = None
+    producer_rewrite: Any = None       # bwn: the change of the conv/linear feeding the site
+
+
+@dataclass
 class SiteRecord:
+    """One line of the report: a site and what became of it."""
     name: str
     kind: str                 # module | functional
     original: str
@@ -21,6 +41,18 @@ class SiteRecord:
     reason: Optional[str] = None
     preserves_function: Optional[bool] = None
     note: Optional[str] = None
+    aliases: List[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, site: "Site", d: Decision) -> "SiteRecord":
+        note = d.note
+        if site.aliases:
+            shared = f"shared module, also reachable as {', '.join(site.aliases)}"
+            note = f"{note}; {shared}" if note else shared
+        return cls(name=site.name, kind=site.kind, original=site.original, family=site.family,
+                   status=d.status, becomes=d.becomes, preset=d.preset, kwargs=dict(d.kwargs),
+                   reason=d.reason, preserves_function=d.preserves_function, note=note,
+                   aliases=list(site.aliases))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dict(self.__dict__)

@@ -19,77 +19,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from .variants import PRESETS, VARIANTS, VariantError
+
 SPEC_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named conversion: which layer a site becomes, on which families, defaults."""
-    name: str
-    variant: str
-    families: Tuple[str, ...]
-    defaults: Mapping[str, Any]
-    formula: str
-    summary: str
-
-
-BN_KW = ("eps", "momentum", "affine", "track_running_stats", "l1_alpha", "sync")
-VARIANT_KWARGS: Dict[str, Tuple[str, ...]] = {
-    "l1bn": BN_KW,
-    "topkbn": BN_KW + ("k",),
-    "bn-s": BN_KW + ("sigma", "learn_sigma"),
-    "meanonly": ("momentum", "bias", "track_running_stats", "l1_alpha", "sync"),
-    "ln-s": ("sigma", "learn_sigma", "affine", "eps", "l1_alpha"),
-    "dn": ("sum_window", "sup_window", "radius", "sup_radius", "sigma", "learn_sigma", "affine",
-           "eps", "l1_alpha"),
-    "keep": (),
-    "bwn": ("p", "rho", "learn_gain", "momentum", "l1_alpha", "sync", "fallback"),
-}
-
-ALL = ("batchnorm", "layernorm", "groupnorm")
-ALPHA = 0.005  # Ren et al.'s CIFAR-10 coefficient for BN*, LN*, DN*
-
-_PRESETS = [
-    Preset("l1bn", "l1bn", ("batchnorm",), {},
-           "y = gamma * (x - mu) / (sqrt(pi/2) * mean|x - mu| + eps) + beta",
-           "L1 batch norm (Hoffer et al. 2018): no squares, finite in fp16"),
-    Preset("topkbn", "topkbn", ("batchnorm",), {"k": 10},
-           "y = gamma * (x - mu) / (C_inf(n) * mean(top-k |x - mu|) + eps) + beta",
-           "L-inf / top-k batch norm (Hoffer et al. 2018), k=10"),
-    Preset("bn-s", "bn-s", ("batchnorm",), {"sigma": 1.0},
-           "y = gamma * (x - mu) / sqrt(sigma^2 + E[(x - mu)^2] + eps) + beta",
-           "batch norm with smoothing term sigma (Ren et al. 2017), sigma=1"),
-    Preset("bn*", "bn-s", ("batchnorm",), {"sigma": 1.0, "l1_alpha": ALPHA},
-           "BN-s + L1 penalty alpha * mean|x - mu|",
-           "BN-s plus the L1 activation penalty (alpha=0.005)"),
-    Preset("ln-s", "ln-s", ("layernorm",), {"sigma": 0.5, "affine": False},
-           "y = (x - mu) / sqrt(sigma^2 + mean((x - mu)^2) + eps), per example, no affine",
-           "layer norm with smoothing term sigma (Ren et al. 2017), sigma=0.5, no affine"),
-    Preset("ln*", "ln-s", ("layernorm",), {"sigma": 0.5, "affine": False, "l1_alpha": ALPHA},
-           "LN-s + L1 penalty alpha * mean|x - mu|",
-           "LN-s plus the L1 activation penalty (alpha=0.005)"),
-    Preset("dn", "dn", ALL, {"sigma": 0.5},
-           "v = x - box_A(mean_c x);  y = v / sqrt(sigma^2 + box_B(mean_c v^2) + eps)",
-           "divisive normalization (Ren et al. 2017): 5x5 windows, sigma=0.5"),
-    Preset("dn*", "dn", ALL, {"sigma": 0.5, "l1_alpha": ALPHA},
-           "DN + L1 penalty alpha * mean|x - local mean|",
-           "DN plus the L1 activation penalty (alpha=0.005)"),
-    Preset("meanonly", "meanonly", ("batchnorm",), {},
-           "y = x - mu + beta", "mean-only batch norm (no scaling)"),
-    Preset("keep", "keep", ALL, {}, "unchanged", "leave the site as it is"),
-]
-PRESETS: Dict[str, Preset] = {p.name: p for p in _PRESETS}
-
-
-def register_preset(preset: Preset) -> None:
-    """Add a preset (used by the bwn module)."""
-    PRESETS[preset.name] = preset
 
 
 def presets() -> Dict[str, str]:
     """Preset name -> one-line description with formula and defaults."""
     return {p.name: f"{p.summary}. {p.formula}. defaults: {dict(p.defaults) or '-'}; "
-                    f"applies to: {', '.join(p.families)}" for p in PRESETS.values()}
+                    f"applies to: {', '.join(p.applies_to())}" for p in PRESETS.values()}
 
 
 class SpecError(ValueError):
@@ -118,12 +56,14 @@ def _norm_rule(value: RuleValue, where: str) -> Dict[str, Any]:
     return rule
 
 
-def check_kwargs(variant: str, kwargs: Mapping[str, Any], where: str) -> None:
-    accepted = VARIANT_KWARGS[variant]
-    bad = sorted(set(kwargs) - set(accepted))
-    if bad:
-        raise SpecError(f"{where}: unknown argument(s) {', '.join(bad)} for {variant!r}; accepted: "
-                        f"{', '.join(accepted) or 'none'}")
+def check_kwargs(preset: str, kwargs: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """The keywords checked (names and values) by the variant of ``preset``."""
+    if not isinstance(kwargs, Mapping):
+        raise SpecError(f"{where}: kwargs must be a dict of keyword -> value, got {type(kwargs).__name__}")
+    try:
+        return VARIANTS[PRESETS[preset].variant].check(kwargs, where)
+    except VariantError as e:
+        raise SpecError(str(e)) from None
 
 
 @dataclass
@@ -141,10 +81,25 @@ class Spec:
 
     # -- validation ------------------------------------------------------------------
     def validate(self) -> None:
+        """Check every field's type and every keyword's name and value (SpecError)."""
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise SpecError(f"preset={self.preset!r}: expected a preset name (str) or None")
+        if not isinstance(self.kwargs, Mapping):
+            raise SpecError(f"kwargs={self.kwargs!r}: expected a dict of keyword -> value")
+        for kind in ("types", "regex", "names"):
+            rules = getattr(self, kind)
+            if not isinstance(rules, Mapping) or not all(isinstance(k, str) for k in rules):
+                raise SpecError(f"{kind}={rules!r}: expected a dict whose keys are strings and values "
+                                f"preset names or dicts like {{'to': 'l1bn', 'k': 5}}")
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, (list, tuple)) or \
+                not all(isinstance(p, str) for p in self.exclude):
+            hint = f" (did you mean exclude=[{self.exclude!r}]?)" if isinstance(self.exclude, str) else ""
+            raise SpecError(f"exclude={self.exclude!r}: expected a list of names or regular "
+                            f"expressions{hint}")
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise _unknown_preset(self.preset)
-            check_kwargs(PRESETS[self.preset].variant, self.kwargs, f"spec kwargs for {self.preset!r}")
+            check_kwargs(self.preset, self.kwargs, f"spec kwargs for {self.preset!r}")
         elif self.kwargs:
             raise SpecError("spec kwargs need a preset to apply to; set Spec(preset=...)")
         if not (self.preset or self.types or self.regex or self.names):
@@ -152,9 +107,9 @@ class Spec:
         for kind in ("types", "regex", "names"):
             for key, value in getattr(self, kind).items():
                 rule = _norm_rule(value, f"{kind}[{key!r}]")
-                if rule.get("to"):
-                    kw = {k: v for k, v in rule.items() if k != "to"}
-                    check_kwargs(PRESETS[rule["to"]].variant, kw, f"{kind}[{key!r}]")
+                to = rule.pop("to", None)
+                if to is not None:
+                    check_kwargs(to, rule, f"{kind}[{key!r}]")
         for pattern in list(self.regex) + list(self.exclude):
             try:
                 re.compile(pattern)
@@ -215,9 +170,10 @@ class Spec:
         return bool(self.excluded_by(name))
 
     def resolve(self, name: str, family: str, types: List[str]) -> Tuple[Optional[str], Dict[str, Any], List[str]]:
-        """(preset, kwargs, matched rule keys) for a site; preset None = no rule applies."""
+        """(preset, checked kwargs with the preset's defaults, matched rule keys) for a site;
+        preset None = no rule applies."""
         preset, kwargs, matched = None, {}, []
-        if self.preset and family in PRESETS[self.preset].families:
+        if self.preset and family in PRESETS[self.preset].applies_to():
             preset, kwargs = self.preset, dict(self.kwargs)
         layers = [("types", [k for k in self.types if k in types or k == family])]
         layers.append(("regex", [k for k in self.regex if re.fullmatch(k, name)]))
@@ -233,9 +189,10 @@ class Spec:
                 if to is not None and to != preset:
                     preset, kwargs = to, {}
                 kwargs.update(rule)
-        if preset is not None:
-            check_kwargs(PRESETS[preset].variant, kwargs, f"site {name!r}")
-        return preset, kwargs, matched
+        if preset is None:
+            return None, {}, matched
+        checked = check_kwargs(preset, {**PRESETS[preset].defaults, **kwargs}, f"site {name!r}")
+        return preset, checked, matched
 
     def rule_keys(self) -> List[str]:
         return ([f"types:{k}" for k in self.types] + [f"regex:{k}" for k in self.regex]

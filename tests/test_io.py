@@ -158,3 +158,121 @@ def test_export_refuses_per_example_statistics(tmp_path, spec):
     assert not (tmp_path / "v.safetensors").exists()
     sd = normswap.export(model, tmp_path / "v.safetensors", fold=False)
     assert set(load_file(str(tmp_path / "v.safetensors"))) == set(sd) == set(model.state_dict())
+
+
+# -- persistence: failed writes, file modes, strict=False ---------------------------------------
+def _small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+
+def _write_failing(monkeypatch, tmp_path, how):
+    """Make the next write fail the way ``how`` says; return the expected error type and text."""
+    import errno
+    import safetensors.torch as st
+    real_open, real_replace, real_save = os.open, os.replace, st.save_file
+    if how == "read-only folder":  # as root a chmod'ed folder stays writable, so the OS error is injected
+        def fake_open(path, flags, mode=0o777, **kw):
+            if os.path.basename(os.fspath(path)).startswith(".tmp-"):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real_open(path, flags, mode, **kw)
+        monkeypatch.setattr(os, "open", fake_open)
+        return CheckpointError, "Permission denied"
+    if how == "disk full":
+        def fake_save(tensors, filename, metadata=None):
+            real_save(tensors, filename, metadata=metadata)
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        monkeypatch.setattr(st, "save_file", fake_save)
+        return OSError, "No space left on device"
+    if how == "interrupted":
+        def fake_save(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        monkeypatch.setattr(st, "save_file", fake_save)
+        return KeyboardInterrupt, ""
+    if how == "rename fails":
+        def fake_replace(src, dst, **kw):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", src, dst)
+        monkeypatch.setattr(os, "replace", fake_replace)
+        return CheckpointError, "Invalid cross-device link"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["read-only folder", "disk full", "interrupted", "rename fails"])
+@pytest.mark.parametrize("writer", ["save", "export"])
+def test_failed_write_leaves_no_temporary_and_names_the_target(tmp_path, monkeypatch, how, writer):
+    model = normswap.transform(_small(), "l1bn").eval()
+    target = tmp_path / "m.safetensors"
+    normswap.save(model, target)
+    before = target.read_bytes()
+    error, text = _write_failing(monkeypatch, tmp_path, how)
+    with pytest.raises(error) as info:
+        getattr(normswap, writer)(model, target)
+    if text:
+        msg = str(info.value)
+        assert msg.startswith(f"cannot write {target}: ") and text in msg and ".tmp-" not in msg, msg
+        assert isinstance(info.value, CheckpointError) and isinstance(info.value, OSError)
+    assert os.listdir(tmp_path) == ["m.safetensors"] and target.read_bytes() == before
+
+
+def test_write_to_a_folder_names_it(tmp_path):
+    model = normswap.transform(_small(), "l1bn").eval()
+    for writer in (normswap.save, normswap.export):
+        with pytest.raises(CheckpointError, match=f"cannot write {tmp_path}: it is a directory; give a file name"):
+            writer(model, tmp_path)
+        with pytest.raises(CheckpointError, match="folder .*missing does not exist"):
+            writer(model, tmp_path / "missing" / "m.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_files_get_their_mode_from_the_umask(tmp_path, umask, mode):
+    model = normswap.transform(_small(), "l1bn").eval()
+    old = os.umask(umask)
+    try:
+        normswap.save(model, tmp_path / "m.safetensors")
+        normswap.export(model, tmp_path / "v.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("m.safetensors", "v.safetensors"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(mode), name
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    model = normswap.transform(_small(), "l1bn").eval()
+    path = tmp_path / "m.safetensors"
+    normswap.save(model, path)
+    os.chmod(path, 0o664)
+    normswap.save(model, path)
+    assert os.stat(path).st_mode & 0o777 == 0o664
+
+
+def test_load_strict_false_is_torchs_strict_false(tmp_path):
+    model = normswap.transform(_small(), "l1bn").eval()
+    with torch.no_grad():
+        model[1].running_mad.fill_(3.0)
+    tensors, meta = normswap.io.read(_saved(model, tmp_path))
+    partial = {k: v for k, v in tensors.items() if k != "1.bias"}
+    partial["head.weight"] = torch.zeros(2)
+    path = tmp_path / "partial.safetensors"
+    save_file(partial, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): 1.bias \| unexpected keys \(1\): head.weight"):
+        normswap.load(path, _small())
+    fresh = _small()
+    with pytest.warns(UserWarning, match=r"strict=False: missing keys \(1\): 1.bias \| unexpected keys \(1\): head.weight"):
+        loaded = normswap.load(path, fresh, strict=False)
+    assert torch.equal(loaded[1].running_mad, torch.full((4,), 3.0))   # from the file
+    assert torch.equal(loaded[0].weight, model[0].weight)
+    assert torch.equal(loaded[1].bias, fresh[1].bias)                  # not in the file: the model's own
+    assert not hasattr(loaded, "head")
+    wrong = {**tensors, "1.running_mad": torch.ones(5)}
+    save_file(wrong, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): 1.running_mad: file \(5,\) vs model \(4,\)"):
+        normswap.load(path, _small(), strict=False)
+
+
+def _saved(model, folder):
+    path = folder / "m.safetensors"
+    normswap.save(model, path)
+    return path

@@ -7,9 +7,8 @@ replaced, per instance, by the code fx generates for the edited graph.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..norms.base import NormalizerBase
-from .sites import Site, module_family
+from .sites import Site, SiteFacts, module_family
 from .tracer import _calls_functional_norm, trace
 
 # target -> (family, short name, parameter names in call order)
@@ -32,9 +31,14 @@ FUNCTIONAL_TARGETS = {
     F.group_norm: ("groupnorm", "group_norm", ["input", "num_groups", "weight", "bias", "eps"]),
     torch.group_norm: ("groupnorm", "group_norm", ["input", "num_groups", "weight", "bias", "eps",
                                                    "cudnn_enabled"]),
+    F.instance_norm: ("instancenorm", "instance_norm", ["input", "running_mean", "running_var", "weight",
+                                                         "bias", "use_input_stats", "momentum", "eps"]),
+    torch.instance_norm: ("instancenorm", "instance_norm", ["input", "weight", "bias", "running_mean",
+                                                            "running_var", "use_input_stats", "momentum",
+                                                            "eps", "cudnn_enabled"]),
 }
 DEFAULTS = {"weight": None, "bias": None, "eps": 1e-5, "running_mean": None, "running_var": None,
-            "training": False, "momentum": 0.1}
+            "training": False, "momentum": 0.1, "use_input_stats": True}
 
 
 @dataclass
@@ -70,45 +74,64 @@ def _tensor_arg(owner: nn.Module, value) -> Tuple[bool, Optional[torch.Tensor]]:
     return False, None
 
 
-def _facts(owner: nn.Module, family: str, short: str, args: Dict[str, Any]) -> Tuple[Optional[Dict], Optional[str]]:
-    f: Dict[str, Any] = {"family": family, "class": f"F.{short}", "act": None, "drop": None}
+def _constant(value, what: str) -> Tuple[Any, Optional[str]]:
+    if isinstance(value, fx.Node):
+        return None, f"its {what} is computed at run time and no parameter shows its value"
+    return value, None
+
+
+def _facts(owner: nn.Module, family: str, short: str, args: Dict[str, Any]) -> Tuple[Optional[SiteFacts], Optional[str]]:
+    """Facts of one functional call, or why its arguments cannot be read.
+
+    Arguments computed from the input (``F.layer_norm(x, x.shape[-1:], w, b)``) are
+    read from the parameters they must agree with (the weight's shape) when there is one.
+    """
+    t: Dict[str, Optional[torch.Tensor]] = {}
     for key in ("weight", "bias", "running_mean", "running_var"):
-        ok, t = _tensor_arg(owner, args.get(key))
+        ok, tensor = _tensor_arg(owner, args.get(key))
         if not ok:
             return None, f"its {key} is computed in forward, not a parameter or buffer of the module"
-        f[key] = t
-    eps = args.get("eps", 1e-5)
-    if isinstance(eps, fx.Node):
-        return None, "its eps is computed at run time"
-    f["eps"] = float(eps)
-    ref = next((t for t in (f["weight"], f["running_mean"], f["bias"]) if t is not None), None)
+        t[key] = tensor
+    eps, why = _constant(args.get("eps", 1e-5), "eps")
+    if why:
+        return None, why
+    ref = next((x for x in (t["weight"], t["running_mean"], t["bias"]) if x is not None), None)
     if ref is None:
         ref = next(iter(owner.parameters()), None)
-    f["device"] = ref.device if ref is not None else torch.device("cpu")
-    f["dtype"] = ref.dtype if ref is not None else torch.get_default_dtype()
-    f["training"] = owner.training
-    f["affine"] = f["weight"] is not None
+    common = dict(family=family, eps=float(eps), weight=t["weight"], bias=t["bias"],
+                  affine=t["weight"] is not None,
+                  device=ref.device if ref is not None else torch.device("cpu"),
+                  dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
+                  training=owner.training)
+    channels = next((x.shape[0] for x in (t["weight"], t["bias"], t["running_mean"]) if x is not None), None)
     if family == "layernorm":
         shape = args.get("normalized_shape")
-        if isinstance(shape, fx.Node) or not isinstance(shape, (tuple, list, int, torch.Size)):
-            return None, "its normalized_shape is computed at run time"
+        if isinstance(shape, fx.Node):
+            known = t["weight"] if t["weight"] is not None else t["bias"]
+            if known is None:
+                return None, "its normalized_shape is computed at run time and it has no weight to read it from"
+            shape = tuple(known.shape)
         shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
-        f.update(normalized_shape=shape, layout="last", num_features=shape[-1], channel_dim=-1)
-    elif family == "groupnorm":
-        if f["weight"] is None:
-            return None, "group norm without weight: the channel count is unknown before run time"
-        f.update(num_features=int(f["weight"].shape[0]), num_groups=args.get("num_groups"),
-                 layout="any", channel_dim=1)
-    else:
-        ref_c = f["running_mean"] if f["running_mean"] is not None else f["weight"]
-        if ref_c is None:
-            return None, "batch norm without weight or running stats: the channel count is unknown"
-        f.update(num_features=int(ref_c.shape[0]), momentum=args.get("momentum", 0.1),
-                 track_running_stats=f["running_mean"] is not None, layout="any", channel_dim=1,
-                 frozen=False)
-        if not isinstance(f["momentum"], (float, int, type(None))):
-            return None, "its momentum is computed at run time"
-    return f, None
+        return SiteFacts(layout="last", num_features=shape[-1], normalized_shape=shape, **common), None
+    if channels is None:
+        return None, f"{short} without weight or running statistics: the channel count is unknown before run time"
+    if family == "groupnorm":
+        groups, why = _constant(args.get("num_groups"), "num_groups")
+        if why:
+            return None, why
+        return SiteFacts(layout="any", num_features=int(channels), num_groups=int(groups), **common), None
+    momentum, why = _constant(args.get("momentum", 0.1), "momentum")
+    if why:
+        return None, why
+    if family == "instancenorm":
+        if args.get("use_input_stats") is not True:
+            return None, "an instance norm call that uses running statistics (use_input_stats is not True)"
+        return SiteFacts(layout="any", num_features=int(channels), momentum=momentum,
+                         track_running_stats=t["running_mean"] is not None,
+                         running_mean=t["running_mean"], running_var=t["running_var"], **common), None
+    return SiteFacts(layout="any", num_features=int(channels), momentum=momentum,
+                     track_running_stats=t["running_mean"] is not None,
+                     running_mean=t["running_mean"], running_var=t["running_var"], **common), None
 
 
 def _depends_on_placeholder(node) -> bool:
@@ -184,10 +207,13 @@ def find_functional_sites(model: nn.Module, leaf_modules: Sequence = ()) -> Tupl
                 attr += "_"
             used.add(attr)
             name = f"{owner_name}.{attr}" if owner_name else attr
-            facts, why = _facts(owner, family, short, args)
+            try:
+                facts, why = _facts(owner, family, short, args)
+            except Exception as e:  # noqa: BLE001 - a call we cannot read is skipped, never raised
+                facts, why = None, f"its arguments cannot be read ({type(e).__name__}: {e})"
             site = Site(name=name, kind="functional", family=family, original=f"F.{short}",
-                        types=[f"F.{short}", family], owner=owner_name,
-                        call={"facts": facts or {}, "attr": attr}, skip_reason=why)
+                        types=[f"F.{short}", family], owner=owner_name, attr=attr,
+                        facts=facts, skip_reason=why)
             sites.append(site)
             rewrite.nodes[name] = node
         if rewrite.nodes:
@@ -195,11 +221,38 @@ def find_functional_sites(model: nn.Module, leaf_modules: Sequence = ()) -> Tupl
     return sites, owners
 
 
-def prepare_rewrite(rewrite: OwnerRewrite, new_modules: Dict[str, nn.Module]):
-    """Edit the graph and generate the new forward; returns an ``apply()`` closure.
+class RewrittenForward:
+    """The forward of a module whose functional norm calls were rewritten.
 
-    Nothing on the model changes until ``apply()`` is called.
+    Stored in the module's instance ``__dict__`` (the module keeps its class). It holds
+    the fx GraphModule of the edited forward and runs its code with the module as
+    ``self``. It pickles with the module (fx regenerates the code on load), so a
+    rewritten module keeps its rewrite through ``torch.save`` / ``torch.load``,
+    ``copy.deepcopy`` and multiprocessing.
     """
+
+    def __init__(self, owner: nn.Module, gm: fx.GraphModule):
+        self.owner = owner
+        self.gm = gm
+
+    @property
+    def code(self) -> str:
+        return self.gm.code
+
+    def __call__(self, *args, **kwargs):
+        return type(self.gm).forward(self.owner, *args, **kwargs)
+
+
+@dataclass
+class PreparedRewrite:
+    """A rewrite ready to apply: ``apply()`` changes the owner, ``undo()`` restores it."""
+    apply: Callable[[], None]
+    undo: Callable[[], None]
+
+
+def prepare_rewrite(rewrite: OwnerRewrite, new_modules: Dict[str, nn.Module]) -> PreparedRewrite:
+    """Edit the graph and generate the new forward. Nothing on the model changes until
+    ``apply()`` is called."""
     graph = rewrite.graph
     owner = rewrite.module
     attrs: Dict[str, nn.Module] = {}
@@ -215,7 +268,7 @@ def prepare_rewrite(rewrite: OwnerRewrite, new_modules: Dict[str, nn.Module]):
         node.replace_all_uses_with(new_node)
         graph.erase_node(node)
     if not attrs:
-        return lambda: None
+        return PreparedRewrite(lambda: None, lambda: None)
     root: Dict[str, Any] = {}
     missing: Dict[str, Any] = {}
     for node in graph.nodes:
@@ -232,13 +285,23 @@ def prepare_rewrite(rewrite: OwnerRewrite, new_modules: Dict[str, nn.Module]):
     gm.recompile()
     for target in missing:
         missing[target] = _resolve_attr(gm, target)
-    forward = type(gm).forward
+    had_forward = "forward" in owner.__dict__
+    old_forward = owner.__dict__.get("forward")
 
     def apply():
         for attr, mod in attrs.items():
             owner.add_module(attr, mod)
         for target, value in missing.items():
             setattr(owner, target, value)
-        owner.forward = types.MethodType(forward, owner)
-        owner._normswap_forward_code = gm.code
-    return apply
+        owner.forward = RewrittenForward(owner, gm)
+
+    def undo():
+        for attr in attrs:
+            owner._modules.pop(attr, None)
+        for target in missing:
+            owner.__dict__.pop(target, None)
+        if had_forward:
+            owner.forward = old_forward
+        else:
+            owner.__dict__.pop("forward", None)
+    return PreparedRewrite(apply, undo)

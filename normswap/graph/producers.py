@@ -14,7 +14,6 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import norms as N
 from ..norms.base import NormalizerBase
 from ..norms.bwn import BoundedWeightNorm, _CONV_T, _SUPPORTED
 from .sites import module_family
@@ -84,15 +83,17 @@ def _out_channels(m: nn.Module) -> int:
     return m.out_channels
 
 
-def _per_channel_scale_invariant(norm: nn.Module) -> bool:
-    """Norms whose output does not change when one input channel is scaled."""
-    if isinstance(norm, N.BatchStatNorm):
-        if norm._stat == "mean":
-            return False
-        if norm._stat == "l2":
-            return float(getattr(norm, "sigma", 0.0)) == 0.0
-        return True
-    return isinstance(norm, nn.modules.batchnorm._BatchNorm)
+def _per_channel_scale_invariant(norm_name: str, norm: nn.Module, state) -> bool:
+    """Whether scaling one input channel of the norm leaves its output unchanged.
+
+    For a converted site the variant says (``Variant.scale_invariant``); an untouched
+    torch batch or instance norm is (its statistics are per channel).
+    """
+    if state is not None:
+        rec = next((r for r in state.report.sites if r.name == norm_name), None)
+        if rec is not None and rec.status == "converted":
+            return state.variant_of(norm_name).scale_invariant(rec.kwargs, rec.family)
+    return isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))
 
 
 @dataclass
@@ -109,7 +110,10 @@ class ScaleInvariant:
 def scale_invariant_params(model: nn.Module, leaf_modules: Sequence = ()) -> List[ScaleInvariant]:
     """Weights whose output channels are each normalized (so only their direction
     matters): conv/linear weights feeding a per-channel batch normalizer, and the
-    direction ``v`` of every bounded-weight-norm weight."""
+    direction ``v`` of every bounded-weight-norm weight.
+
+    On a transformed model the producers come from its recorded state (traced at most
+    once, during ``transform`` or on the first call)."""
     found: Dict[str, ScaleInvariant] = {}
     for name, m in model.named_modules():
         if parametrize.is_parametrized(m, "weight") and any(
@@ -118,15 +122,16 @@ def scale_invariant_params(model: nn.Module, leaf_modules: Sequence = ()) -> Lis
             pname = f"{name}.parametrizations.weight.original" if name else "parametrizations.weight.original"
             found[pname] = ScaleInvariant(pname, name, m.parametrizations["weight"].original,
                                           bwn.transposed, bwn.groups, "bounded weight norm direction")
-    producers, _ = norm_producers(model, leaf_modules)
-    for norm_name, prod in producers.items():
+    from ..transform import producers_of, state_of
+    state = state_of(model)
+    for norm_name, prod in producers_of(model, leaf_modules).items():
         if prod.producer is None:
             continue
         norm = model.get_submodule(norm_name)
         conv = model.get_submodule(prod.producer)
-        if not _per_channel_scale_invariant(norm) or parametrize.is_parametrized(conv, "weight"):
+        if not _per_channel_scale_invariant(norm_name, norm, state) or parametrize.is_parametrized(conv, "weight"):
             continue
-        if _out_channels(conv) != getattr(norm, "num_features", -1):
+        if _out_channels(conv) != getattr(norm, "num_features", getattr(norm, "num_channels", -1)):
             continue
         pname = f"{prod.producer}.weight"
         found[pname] = ScaleInvariant(pname, prod.producer, conv.weight, isinstance(conv, _CONV_T),

@@ -89,7 +89,7 @@ def trace_tolerant(model: nn.Module, leaf_modules: Sequence = ()) -> TraceResult
     return result
 
 
-FUNCTIONAL_NAMES = ("layer_norm", "batch_norm", "group_norm")
+FUNCTIONAL_NAMES = ("layer_norm", "batch_norm", "group_norm", "instance_norm")
 
 
 def _calls_functional_norm(m: nn.Module) -> bool:

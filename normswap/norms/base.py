@@ -87,7 +87,14 @@ class NormalizerBase(nn.Module):
 
 def check_channels(layer: nn.Module, x: torch.Tensor, dims: tuple, num_channels: Optional[int],
                    channel_dim: int = 1, what: str = "(N, C, ...)") -> None:
-    """Raise a ValueError naming the layer and the expected shape."""
+    """Raise a ValueError naming the layer and the expected shape.
+
+    Skipped under torch.compile: comparing the input's channel count with a module
+    attribute makes dynamo guard on that attribute, so one block class whose instances
+    have different widths (EfficientNet's) would recompile per instance and hit the
+    recompile limit. A wrong shape still fails there, in the computation itself."""
+    if torch.compiler.is_compiling():
+        return
     name = type(layer).__name__
     if x.dim() not in dims:
         exp = " or ".join(f"{d}D" for d in dims)

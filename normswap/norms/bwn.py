@@ -9,6 +9,16 @@ Per output channel ``i`` of a conv / linear weight::
 output channels of ``||w_i||_p`` at the time it is applied. ``v`` (stored as
 ``parametrizations.weight.original``) is scale invariant: only its direction matters.
 
+The weight is computed by one fused autograd Function (:class:`BoundedWeightFn`: one
+norm reduction and one multiply forward, a hand-written backward) every time the
+module reads it. Evaluation loops that do not change ``v`` can compute it once for all
+forwards with PyTorch's parametrization cache::
+
+    from torch.nn.utils import parametrize
+    with torch.no_grad(), parametrize.cached():
+        for x in loader:
+            model(x)      # each bounded weight computed on first use, then reused
+
 With ``learn_gain=True`` (the authors' older variant): ``w_i = g_i * v_i / ||v_i||_p``
 with a learned per-channel gain ``g`` (initialised to ``||w_i||_p``) rescaled at every
 forward to keep ``||g||_2`` at its initial value ``G0``: ``g <- g * G0 / ||g||_2``.
@@ -58,8 +68,65 @@ def out_channel_view(w: torch.Tensor, transposed: bool = False, groups: int = 1)
     return wg.permute(0, 2, 1, 3).reshape(groups * cout_g, -1)
 
 
+_TINY = 1e-30  # floor of ||v_i||_p (an all-zero channel gives w_i = 0, not NaN)
+
+
+class BoundedWeightFn(torch.autograd.Function):
+    """Fused ``w = v * (s / n)`` with ``n = max(||v_i||_p, tiny)`` per output channel.
+
+    ``v`` is the weight viewed so that each output channel is the slice over ``dims``
+    (``(C_out, K)`` with ``dims=(1,)`` for conv / linear; ``(G, C_in/G, C_out/G, K)``
+    with ``dims=(1, 3)`` for grouped transposed convs). ``s`` is a 0-d scale (``rho``)
+    or one value per channel shaped like ``n`` (the learned gain).
+
+    Forward: one reduction for ``n`` and one multiply. Only ``v`` (the parameter
+    itself), ``n`` and ``k = s / n`` are saved. Backward, with ``g = dL/dw`` and
+    ``dot_i = g_i . v_i``::
+
+        dL/dv_i = k_i * g_i - (k_i * dot_i / n_i) * dn_i/dv_i
+        dL/ds_i = dot_i / n_i
+
+    where ``dn/dv`` is ``v / n`` (p = 2; this gives ``(s/n)(g - w_hat (w_hat . g))``
+    with ``w_hat = v / n``), ``sign(v)`` (p = 1), and for p = inf ``sign(v)`` at the
+    entries with ``|v| = n`` shared equally among ties (the subgradient autograd uses).
+    """
+
+    @staticmethod
+    def forward(ctx, v, s, p: float, dims):
+        n = torch.linalg.vector_norm(v, p, dim=dims, keepdim=True).clamp_min_(_TINY)
+        k = s / n
+        ctx.save_for_backward(v, n, k)
+        ctx.p, ctx.dims, ctx.s_shape = p, dims, s.shape
+        return v * k
+
+    @staticmethod
+    def backward(ctx, g):
+        v, n, k = ctx.saved_tensors
+        p, dims = ctx.p, ctx.dims
+        if v.dim() == 2:  # batched dot products, no full-size temporary
+            dot = torch.bmm(g.unsqueeze(1), v.unsqueeze(2)).view(n.shape)
+        else:
+            dot = (g * v).sum(dims, keepdim=True)
+        gv = gs = None
+        if ctx.needs_input_grad[0]:
+            if p == 2.0:
+                gv = torch.mul(g, k).addcmul_(v, -k * dot / (n * n))
+            else:
+                dn = torch.sign(v)
+                if math.isinf(p):
+                    at_max = v.abs() == n
+                    dn = dn * at_max / at_max.sum(dims, keepdim=True)
+                gv = torch.mul(g, k).addcmul_(dn, -k * dot / n)
+        if ctx.needs_input_grad[1]:
+            gs = dot / n
+            if gs.shape != ctx.s_shape:  # one scalar scale for every channel
+                gs = gs.sum().reshape(ctx.s_shape)
+        return gv, gs, None, None
+
+
 class BoundedWeightNorm(nn.Module):
-    """Parametrization ``w_i = rho * v_i / ||v_i||_p`` (or the learned-gain variant)."""
+    """Parametrization ``w_i = rho * v_i / ||v_i||_p`` (or the learned-gain variant
+    ``w_i = g_i * G0 / ||g||_2 * v_i / ||v_i||_p``), computed by :class:`BoundedWeightFn`."""
 
     def __init__(self, weight: torch.Tensor, p=2, rho: Optional[float] = None,
                  learn_gain: bool = False, transposed: bool = False, groups: int = 1,
@@ -79,19 +146,26 @@ class BoundedWeightNorm(nn.Module):
             self.gain = nn.Parameter(g0.to(weight.dtype).clone())
             self.register_buffer("gain_norm", g0.float().norm(2).reshape(()))
 
-    def _scale(self, v: torch.Tensor) -> torch.Tensor:
-        if not self.learn_gain:
-            return self.rho.to(v.dtype)
-        g = self.gain * (self.gain_norm.to(v.dtype) / self.gain.norm(2).clamp_min(1e-30))
+    def _channel_layout(self, v: torch.Tensor):
+        """``v`` viewed with one output channel per slice over ``dims``, and ``dims``."""
         if not self.transposed:
-            return g.view((-1,) + (1,) * (v.dim() - 1))
+            return v.reshape(v.shape[0], -1), (1,)
         cin, cout_g = v.shape[0], v.shape[1]
-        gg = g.view(self.groups, 1, cout_g, *([1] * (v.dim() - 2)))
-        return gg.expand(self.groups, cin // self.groups, cout_g, *v.shape[2:]).reshape(v.shape)
+        return v.reshape(self.groups, cin // self.groups, cout_g, -1), (1, 3)
+
+    def _scale(self, vv: torch.Tensor) -> torch.Tensor:
+        """``rho`` (0-d), or the rescaled gain ``g * G0 / ||g||_2`` shaped like the norms."""
+        if not self.learn_gain:
+            return self.rho.to(vv.dtype)
+        g = self.gain * (self.gain_norm.to(vv.dtype) / self.gain.norm(2).clamp_min(_TINY))
+        if vv.dim() == 2:
+            return g.view(-1, 1)
+        return g.view(vv.shape[0], 1, vv.shape[2], 1)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        norms = channel_norms(v, self.p, self.transposed, self.groups).clamp_min(1e-30)
-        return self._scale(v) * v / norms
+        vv, dims = self._channel_layout(v)
+        return BoundedWeightFn.apply(vv, self._scale(vv), self.p, dims).view(v.shape)
+
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w  # v starts as the weight itself (only its direction matters)

@@ -10,6 +10,11 @@ For conv features ``x`` of shape (N, C, H, W) (:class:`DivisiveNorm2d`)::
 ``box_W`` averages over the **valid** positions of a W-sized window centred on p
 (stride 1, same output size, no zero-padding bias at borders); each window is
 normalized by its own area (normswap's fixes of the original TF code, PAPERS.md).
+It is computed as a zero-padded box sum divided by the count map ``box_sum(1)``,
+which also gives its adjoint for backward, ``box_sum(u / count)``.
+
+Both layers run one fused autograd Function, :class:`DivisiveNormFn`, with a
+hand-written backward that saves only the input and per-position maps.
 
 For fully-connected / recurrent pre-activations (:class:`DivisiveNorm1d`) the window
 slides over the hidden-unit index of the last dim, width ``2 * radius + 1``.
@@ -35,20 +40,102 @@ def _pair(w: Union[int, Tuple[int, int]], layer: str, arg: str) -> Tuple[int, in
     return pair
 
 
+def box_sum_2d(t: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """Sum over a ``window`` centred at each position (stride 1, zeros outside)."""
+    pad = (window[0] // 2, window[1] // 2)
+    return F.avg_pool2d(t, window, 1, pad, count_include_pad=True) * float(window[0] * window[1])
+
+
+def box_count_2d(like: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """``|W(p)|``: how many valid positions the window centred at ``p`` covers, (1, 1, H, W)."""
+    return box_sum_2d(like.new_ones((1, 1) + tuple(like.shape[-2:])), window)
+
+
 def box_mean_2d(t: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
     """Mean over the valid positions of a ``window`` centred at each position (stride 1)."""
     if window == (1, 1):
         return t
-    return F.avg_pool2d(t, window, 1, (window[0] // 2, window[1] // 2), count_include_pad=False)
+    return box_sum_2d(t, window) / box_count_2d(t, window)
 
 
-def box_mean_1d(t: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over the valid positions of ``[j - radius, j + radius]`` along the last dim."""
-    if radius == 0:
-        return t
-    shp = t.shape
-    out = F.avg_pool1d(t.reshape(-1, 1, shp[-1]), 2 * radius + 1, 1, radius, count_include_pad=False)
-    return out.reshape(shp)
+def box_mean_2d_adjoint(u: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """Adjoint of :func:`box_mean_2d`: ``sum over p whose window holds q of u(p) / |W(p)|``,
+    i.e. ``box_sum(u / |W|)`` (a centred box sum is its own adjoint)."""
+    if window == (1, 1):
+        return u
+    return box_sum_2d(u / box_count_2d(u, window), window)
+
+
+def _chan_sum(t: torch.Tensor) -> torch.Tensor:
+    """``sum_c t`` over dim 1, kept as a size-1 dim."""
+    return t if t.shape[1] == 1 else t.sum(1, keepdim=True)
+
+
+def _chan_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_c a * b`` over dim 1 (kept) without a full-size temporary."""
+    return a * b if a.shape[1] == 1 else torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
+
+
+class DivisiveNormFn(torch.autograd.Function):
+    """Fused DN on (N, C, H, W) with windows A (mean) and B (variance).
+
+    Forward, with per-position maps of shape (N, 1, H, W)::
+
+        m = box_A(sum_c x / C)      v = x - m      q = box_B(sum_c v^2 / C)
+        r = (q + sigma^2 + eps)^(-1/2)             y = v * r   (written over v)
+
+    Saved for backward: the input ``x`` and the small maps ``m``, ``r`` and
+    ``d = mean_c v``. Backward, with ``box^T`` the adjoint of a box mean::
+
+        dq  = -r^3 / 2 * sum_c(dy * v)           sum_c(dy * v) = sum_c(dy * x) - m sum_c(dy)
+        c_v = 2 / C * box_B^T(dq)                dv = dy * r + c_v * v  [+ g_mad sign(v) / numel]
+        dx  = dv - box_A^T(sum_c dv) / C         sum_c(dv) = r sum_c(dy) + c_v C d [+ ...]
+        dL/dsigma = 2 sigma * sum(dq)
+
+    so backward reads ``dy`` and ``x`` in two channel reductions and one output pass
+    (``dx = x c_v + dy r + (t - m c_v)``, per-position ``t``). ``need_mad`` also
+    returns ``mean|v|`` (the L1 penalty's quantity) as a differentiable scalar.
+    DivisiveNorm1d runs it on (B, 1, 1, H) with windows (1, w).
+    """
+
+    @staticmethod
+    def forward(ctx, x, sigma, sum_window, sup_window, eps: float, need_mad: bool):
+        ctx.set_materialize_grads(False)
+        C = x.shape[1]
+        mbar = _chan_sum(x) / C
+        m = box_mean_2d(mbar, sum_window)
+        v = x - m
+        r = torch.rsqrt(box_mean_2d(_chan_dot(v, v) / C, sup_window) + (sigma * sigma + eps))
+        mad = v.abs().mean() if need_mad else x.new_zeros(())
+        y = v.mul_(r)
+        ctx.save_for_backward(x, m, r, mbar - m, sigma if isinstance(sigma, torch.Tensor) else None)
+        ctx.windows, ctx.need_mad = (sum_window, sup_window), need_mad
+        return y, mad
+
+    @staticmethod
+    def backward(ctx, dy, gmad):
+        x, m, r, d, sigma = ctx.saved_tensors
+        sum_window, sup_window = ctx.windows
+        C = x.shape[1]
+        if dy is None:
+            dy = torch.zeros_like(x)
+        s_dy = _chan_sum(dy)
+        dq = -0.5 * r * r * r * (_chan_dot(dy, x) - m * s_dy)
+        c_v = box_mean_2d_adjoint(dq, sup_window) * (2.0 / C)
+        s_dv = r * s_dy + c_v * (C * d)
+        use_mad = ctx.need_mad and gmad is not None
+        if use_mad:
+            sign = torch.sign(x - m)
+            g = gmad / x.numel()
+            s_dv = s_dv + g * _chan_sum(sign)
+        t = box_mean_2d_adjoint(s_dv, sum_window) * (-1.0 / C) - c_v * m
+        dx = torch.addcmul(t, x, c_v).addcmul_(dy, r)
+        if use_mad:
+            dx.add_(sign * g)
+        gsigma = None
+        if sigma is not None and ctx.needs_input_grad[1]:
+            gsigma = (2.0 * sigma * dq.sum()).reshape(sigma.shape)
+        return dx, gsigma, None, None, None, None
 
 
 class _DivisiveBase(_SigmaMixin, NormalizerBase):
@@ -64,12 +151,16 @@ class _DivisiveBase(_SigmaMixin, NormalizerBase):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def _finish(self, y, v, x, bshape):
-        if self._wants_penalty():
-            self._record_penalty(v.abs().mean())
+    def _normalize(self, x4: torch.Tensor, sum_window, sup_window, bshape) -> torch.Tensor:
+        """DN of ``x4`` (N, C, H, W) in the statistics dtype, penalty, affine."""
+        need_mad = self._wants_penalty()
+        y, mad = DivisiveNormFn.apply(x4.to(stat_dtype(x4.dtype)), self.sigma, sum_window,
+                                      sup_window, self.eps, need_mad)
+        if need_mad:
+            self._record_penalty(mad)
         if self.weight is not None:
-            y = y * self.weight.view(bshape) + self.bias.view(bshape)
-        return y.to(x.dtype)
+            y = torch.addcmul(self.bias.view(bshape), y, self.weight.view(bshape))
+        return y.to(x4.dtype)
 
 
 @register_normalizer
@@ -98,14 +189,7 @@ class DivisiveNorm2d(_DivisiveBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_channels(self, x, (4,), self.num_channels, what="(N, C, H, W)")
-        xf = x.to(stat_dtype(x.dtype))
-        local_mean = box_mean_2d(xf.mean(1, keepdim=True), self.sum_window)
-        v = xf - local_mean
-        # mean over channels of v^2 without a full-size temporary
-        chan_var = torch.linalg.vector_norm(v, 2, dim=1, keepdim=True).square() / v.shape[1]
-        local_var = box_mean_2d(chan_var, self.sup_window)
-        y = v * torch.rsqrt(local_var + self.sigma * self.sigma + self.eps)
-        return self._finish(y, v, x, (1, -1, 1, 1))
+        return self._normalize(x, self.sum_window, self.sup_window, (1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         s = f"sum_window={self.sum_window}, sup_window={self.sup_window}, {self._sigma_repr()}, eps={self.eps:g}"
@@ -148,11 +232,10 @@ class DivisiveNorm1d(_DivisiveBase):
         return self._normalize_last(x)
 
     def _normalize_last(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(stat_dtype(x.dtype))
-        v = xf - box_mean_1d(xf, self.radius)
-        local_var = box_mean_1d(v.square(), self.sup_radius)
-        y = v * torch.rsqrt(local_var + self.sigma * self.sigma + self.eps)
-        return self._finish(y, v, x, (-1,))
+        h = x.shape[-1]
+        y = self._normalize(x.reshape(-1, 1, 1, h), (1, 2 * self.radius + 1),
+                            (1, 2 * self.sup_radius + 1), (-1,))
+        return y.reshape(x.shape)
 
     def extra_repr(self) -> str:
         s = f"radius={self.radius}, sup_radius={self.sup_radius}, {self._sigma_repr()}, eps={self.eps:g}"

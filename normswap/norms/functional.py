@@ -58,7 +58,13 @@ def c_inf(n: int) -> float:
 
 
 def _c_inf_any(n: Union[int, torch.Tensor]):
-    """``c_inf`` of a Python count or of a count tensor (synchronized batches)."""
+    """``c_inf`` of a Python count or of a count tensor (synchronized batches).
+
+    A symbolic count (torch.compile with dynamic shapes) goes through tensor ops, so
+    that ``math.log`` does not specialize the graph on the batch size (one recompile
+    per input shape otherwise)."""
+    if isinstance(n, torch.SymInt):
+        n = torch.scalar_tensor(n, dtype=torch.float64)
     if isinstance(n, torch.Tensor):
         return _C_INF_NUM / torch.sqrt(2.0 * torch.log(n))
     return c_inf(n)

@@ -1,0 +1,245 @@
+"""The fused forms behind bounded weight norm and divisive normalization.
+
+Each fused autograd Function is checked against an independent float64
+re-computation (plain per-channel / per-position loops, no normswap code): forward
+values, gradients (vector-Jacobian products of the loop formula through autograd),
+and torch.autograd.gradcheck of the Function itself.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import normswap
+import normswap.norms as N
+from normswap.norms.bwn import BoundedWeightFn
+from normswap.norms.divisive import DivisiveNormFn
+
+from . import reference as ref
+
+
+# -- bounded weight norm ------------------------------------------------------------------
+def _bounded_rows_loop(v2d, s, p):
+    """w_i = s_i * v_i / ||v_i||_p, one output channel (row) at a time."""
+    rows = []
+    for i in range(v2d.shape[0]):
+        vi = v2d[i]
+        if p == "inf":
+            n = vi.abs().max()
+        else:
+            n = vi.abs().pow(p).sum().pow(1.0 / p)
+        si = s if s.dim() == 0 else s[i, 0]
+        rows.append(si * vi / n)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+@pytest.mark.parametrize("per_channel_scale", [False, True], ids=["rho", "gain"])
+def test_bounded_weight_fn_matches_loop_formula_and_gradcheck(p, per_channel_scale):
+    torch.manual_seed(0)
+    pv = float("inf") if p == "inf" else float(p)
+    v = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(5, 1, dtype=torch.float64) + 0.5 if per_channel_scale
+         else torch.tensor(1.7, dtype=torch.float64)).requires_grad_()
+    w = BoundedWeightFn.apply(v, s, pv, (1,))
+    want = _bounded_rows_loop(v, s, p)
+    torch.testing.assert_close(w, want)
+    g = torch.randn_like(w)
+    got = torch.autograd.grad(w, (v, s), g)
+    exp = torch.autograd.grad(want, (v, s), g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a, b: BoundedWeightFn.apply(a, b, pv, (1,)), (v, s))
+
+
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+def test_bounded_weight_fn_grouped_transposed_layout(p):
+    """(G, Cin/G, Cout/G, K) layout: channel (g, j) spans w[g-th block of Cin, j, :]."""
+    torch.manual_seed(1)
+    pv = float("inf") if p == "inf" else float(p)
+    v = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(2, 1, 4, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    w = BoundedWeightFn.apply(v, s, pv, (1, 3))
+    rows = v.permute(0, 2, 1, 3).reshape(8, 15)               # one row per output channel
+    want = _bounded_rows_loop(rows, s.reshape(8, 1), p).reshape(2, 4, 3, 5).permute(0, 2, 1, 3)
+    torch.testing.assert_close(w, want)
+    g = torch.randn_like(w)
+    for a, b in zip(torch.autograd.grad(w, (v, s), g), torch.autograd.grad(want, (v, s), g)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a, b: BoundedWeightFn.apply(a, b, pv, (1, 3)), (v, s))
+
+
+def test_parametrize_cached_computes_each_bounded_weight_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    for m in (model[0], model[2]):
+        N.bounded_weight_norm(m)
+    calls = []
+    for m in (model[0], model[2]):  # the parametrization module runs once per evaluation
+        m.parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
+    xs = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    with torch.no_grad():
+        plain = [model(x) for x in xs]
+        assert len(calls) == 6                          # 2 convs x 3 forwards
+        calls.clear()
+        with parametrize.cached():
+            cached = [model(x) for x in xs]
+        assert len(calls) == 2                          # once per conv
+    for a, b in zip(plain, cached):
+        torch.testing.assert_close(a, b)
+    # outside the context the cache is gone: a change of v shows at once
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.mul_(-1)
+    assert not torch.allclose(model(xs[0]), plain[0])
+
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+                                        (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), (2, 4, 5, 5)),
+                                        (lambda: nn.Linear(5, 3), (2, 5))], ids=["conv", "convT-groups", "linear"])
+@pytest.mark.parametrize("kw", [{}, {"p": "inf", "learn_gain": True}], ids=["rho-p2", "gain-pinf"])
+def test_bwn_has_no_graph_break(make, shape, kw):
+    torch._dynamo.reset()
+    m = N.bounded_weight_norm(make(), **kw)
+    assert torch._dynamo.explain(m)(torch.randn(shape)).graph_break_count == 0
+
+
+# -- divisive normalization ---------------------------------------------------------------
+def _box_loop(a, wh, ww):
+    """Mean over the valid cells of a (wh, ww) window centred at each cell of a (H, W) map."""
+    H, W = a.shape
+    rh, rw = wh // 2, ww // 2
+    return torch.stack([torch.stack([a[max(0, i - rh):i + rh + 1, max(0, j - rw):j + rw + 1].mean()
+                                     for j in range(W)]) for i in range(H)])
+
+
+def _dn2d_loop(x, sum_w, sup_w, sigma, eps=1e-5):
+    """Differentiable per-example, per-position DN (returns y and v)."""
+    ys, vs = [], []
+    for n in range(x.shape[0]):
+        v = x[n] - _box_loop(x[n].mean(0), *sum_w)
+        q = _box_loop((v * v).mean(0), *sup_w)
+        ys.append(v / torch.sqrt(sigma * sigma + q + eps))
+        vs.append(v)
+    return torch.stack(ys), torch.stack(vs)
+
+
+def _dn1d_loop(x, radius, sup_radius, sigma, eps=1e-5):
+    """Differentiable DN along the last dim, one row at a time (returns y and v)."""
+    rows = x.reshape(-1, x.shape[-1])
+    H = rows.shape[1]
+    ys, vs = [], []
+    for row in rows:
+        m = torch.stack([row[max(0, j - radius):j + radius + 1].mean() for j in range(H)])
+        v = row - m
+        q = torch.stack([(v[max(0, j - sup_radius):j + sup_radius + 1] ** 2).mean() for j in range(H)])
+        ys.append(v / torch.sqrt(sigma * sigma + q + eps))
+        vs.append(v)
+    return torch.stack(ys).reshape(x.shape), torch.stack(vs).reshape(x.shape)
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("windows", [((5, 5), (5, 5)), ((3, 5), (5, 3)), ((1, 1), (3, 3)), ((3, 3), (1, 1))],
+                         ids=["5x5", "3x5/5x3", "A=1", "B=1"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("l1_alpha", [0.0, 0.3])
+def test_dn2d_fused_matches_reference_forward_and_backward(windows, mode, l1_alpha):
+    sum_w, sup_w = windows
+    torch.manual_seed(0)
+    m = N.DivisiveNorm2d(sum_w, sup_w, sigma=0.7, learn_sigma=True, l1_alpha=l1_alpha).double()
+    m.train(mode == "train")
+    x = (torch.randn(2, 3, 5, 6, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    y = m(x)
+    torch.testing.assert_close(y, ref.divisive_norm_2d(x, sum_w, sup_w, 0.7))
+    want, v = _dn2d_loop(x, sum_w, sup_w, m.sigma)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    with_penalty = mode == "train" and l1_alpha > 0
+    loss = (y * g).sum() + (normswap.penalty(m) if with_penalty else 0)
+    loss_ref = (want * g).sum() + (l1_alpha * v.abs().mean() if with_penalty else 0)
+    for a, b in zip(_grads(loss, (x, m.sigma)), _grads(loss_ref, (x, m.sigma))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("windows", [((3, 3), (5, 3)), ((1, 1), (3, 3))], ids=["3x3/5x3", "A=1"])
+def test_dn_function_gradcheck(windows):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, s: DivisiveNormFn.apply(a, s, windows[0], windows[1], 1e-5, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, sigma))            # y and mean|v|, for x and sigma
+    fixed = lambda a: DivisiveNormFn.apply(a, 0.6, windows[0], windows[1], 1e-5, False)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fixed, (x,))
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 9), -1), ((2, 3, 9), -1), ((2, 9, 3), 1)], ids=["NH", "NTH", "dim1"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dn1d_fused_matches_reference_forward_and_backward(shape, dim, mode):
+    torch.manual_seed(2)
+    m = N.DivisiveNorm1d(radius=2, sup_radius=3, sigma=0.4, learn_sigma=True, l1_alpha=0.2, dim=dim).double()
+    m.train(mode == "train")
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    xl = x.movedim(dim, -1)
+    want, v = _dn1d_loop(xl, 2, 3, m.sigma)
+    want, v = want.movedim(-1, dim), v.movedim(-1, dim)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y.movedim(dim, -1), ref.divisive_norm_1d(xl, 2, 3, 0.4))
+    g = torch.randn_like(y)
+    train = mode == "train"
+    loss = (y * g).sum() + (normswap.penalty(m) if train else 0)
+    loss_ref = (want * g).sum() + (0.2 * v.abs().mean() if train else 0)
+    for a, b in zip(_grads(loss, (x, m.sigma)), _grads(loss_ref, (x, m.sigma))):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a: m(a), (x,))
+
+
+def test_dn_affine_gradients():
+    torch.manual_seed(3)
+    m = N.DivisiveNorm2d(3, 3, sigma=0.5, num_channels=3, affine=True).double()
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        m.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    want = _dn2d_loop(x, (3, 3), (3, 3), 0.5)[0] * m.weight.view(1, 3, 1, 1) + m.bias.view(1, 3, 1, 1)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    for a, b in zip(_grads((y * g).sum(), (x, m.weight, m.bias)), _grads((want * g).sum(), (x, m.weight, m.bias))):
+        torch.testing.assert_close(a, b)
+
+
+DN_LAYERS = [
+    (lambda: N.DivisiveNorm2d(5, 5), (2, 4, 7, 7)),
+    (lambda: N.DivisiveNorm2d(3, 5, learn_sigma=True, l1_alpha=0.1, num_channels=4, affine=True), (2, 4, 7, 7)),
+    (lambda: N.DivisiveNorm1d(radius=2), (3, 5, 9)),
+    (lambda: N.DivisiveNorm1d(radius=2, dim=1, l1_alpha=0.1), (3, 9, 5)),
+]
+DN_IDS = ["dn2d", "dn2d-sigma-l1-affine", "dn1d", "dn1d-dim1-l1"]
+
+
+@pytest.mark.parametrize("make,shape", DN_LAYERS, ids=DN_IDS)
+def test_dn_has_no_graph_break(make, shape):
+    torch._dynamo.reset()
+    layer = make().train()
+    x = torch.randn(shape, requires_grad=True)
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make,shape", DN_LAYERS[:2], ids=DN_IDS[:2])
+def test_dn_compiled_matches_eager(make, shape):
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    layer = make().train()
+    x = torch.randn(shape, requires_grad=True)
+    g = torch.randn(shape)
+    y = torch.compile(layer)(x)
+    gx, = torch.autograd.grad((y * g).sum() + normswap.penalty(layer), x)
+    y_e = layer(x)
+    gx_e, = torch.autograd.grad((y_e * g).sum() + normswap.penalty(layer), x)
+    torch.testing.assert_close(y, y_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_e, rtol=1e-4, atol=1e-5)
