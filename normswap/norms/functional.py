@@ -115,6 +115,8 @@ def _topk_select(v3: torch.Tensor, k: int, group, world: int):
     gidx = torch.arange(G, device=v3.device).repeat_interleave(k)
     pos = loc_pos.reshape(-1)
     flat = ((pos // Q) * G + gidx) * Q + pos % Q
+    if v3.numel() < 2 ** 31:
+        flat = flat.to(torch.int32)  # saved for backward: half the bytes of int64
     if group is not None and world > 1:
         gathered = [torch.empty_like(loc_vals) for _ in range(world)]
         dist.all_gather(gathered, loc_vals.contiguous(), group=group)
@@ -209,7 +211,7 @@ class StatNormFn(torch.autograd.Function):
             if keep is not None:
                 sgn = sgn * keep.to(sdt)
             sign_sum = _all_reduce(torch.zeros(G, dtype=sdt, device=x3.device).index_add_(0, gidx, sgn), group)
-            topk = (flat, gidx, sign_sum, keep)
+            topk = (flat, None, sign_sum, keep)  # flat is in (G, k) order: no group index needed
             d = cinf * s_k + eps
             batch_stat = cinf * s_k
             ctx.cinf = cinf
@@ -339,7 +341,7 @@ class StatNormFn(torch.autograd.Function):
         if need_sign:
             dx.addcmul_(sign, coef_sign.to(dt)[None, :, None])
         if topk_coef is not None:
-            sgn = torch.sign(v3.reshape(-1)[topk_flat]).to(sdt) * topk_coef[topk_g]
+            sgn = (torch.sign(v3.reshape(-1)[topk_flat]).to(sdt).view(G, -1) * topk_coef[:, None]).reshape(-1)
             if topk_keep is not None:
                 sgn = sgn * topk_keep.to(sdt)
             dx.view(-1).index_add_(0, topk_flat, sgn.to(dt))
