@@ -83,8 +83,9 @@ def test_no_graph_break_in_train_and_eval(make, shape, kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3)],
-                         ids=["L1BatchNorm2d", "TopKBatchNorm2d"])
+@pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3),
+                                  lambda: N.L1GroupNorm(2, 4)],
+                         ids=["L1BatchNorm2d", "TopKBatchNorm2d", "L1GroupNorm"])
 def test_compiled_matches_eager_forward_backward_and_running_stats(make):
     torch._dynamo.reset()
     eager = make()

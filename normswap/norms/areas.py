@@ -13,9 +13,11 @@ group          (1, N * G, C / G * L)        one example's group of C / G channel
 instance       (1, N * C, L)                one example's channel over the positions
 =============  ===========================  ======================================
 
-The per-channel recovery (gamma, beta) is fused into the normalization where the
-channel axis is the ``G`` axis (batch; instance with gamma repeated N times) and is
-applied to the output otherwise. ``batch_stats`` marks the areas whose statistics
+The recovery (gamma, beta) is fused into the normalization: on the ``G`` axis where
+the channels are that axis (batch; instance with gamma repeated N times), otherwise
+in place on a view of the output that exposes the parameters' axis (layer and
+channels: ``(1, B, D)``; group: ``(N, G, C / G, L)``), so that only ``v`` is saved for
+backward. ``batch_stats`` marks the areas whose statistics
 mix examples, the only ones that may keep running statistics (instance norm's
 optional ``track_running_stats`` follows torch: running statistics are the batch
 average of the per-example ones).
@@ -63,20 +65,14 @@ class Area:
         """gamma, beta laid out on the G axis (fused areas only)."""
         return weight, bias
 
+    def post_params(self, x, weight, bias):
+        """(gamma, beta, view shape): gamma and beta shaped to broadcast against
+        ``y3.view(view shape)`` (areas whose recovery is not on the G axis)."""
+        raise NotImplementedError
+
     def bshape(self, x: torch.Tensor) -> Tuple[int, ...]:
         """Broadcast shape of a per-channel vector against ``x``."""
         return (1, -1) + (1,) * (x.dim() - 2)
-
-    def recover(self, y: torch.Tensor, weight, bias) -> torch.Tensor:
-        """``y * gamma + beta`` with per-channel (or per-element) parameters."""
-        shape = self.bshape(y)
-        if weight is not None and bias is not None:
-            return torch.addcmul(bias.to(y.dtype).view(shape), y, weight.to(y.dtype).view(shape))
-        if weight is not None:
-            return y * weight.to(y.dtype).view(shape)
-        if bias is not None:
-            return y + bias.to(y.dtype).view(shape)
-        return y
 
     def per_channel(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A per-group statistic as the per-channel value a running statistic tracks."""
@@ -203,11 +199,13 @@ class LayerArea(Area):
     def to_pgq(self, x):
         return x.reshape(1, -1, self._size())
 
+    def post_params(self, x, weight, bias):
+        d = self._size()
+        return (weight.reshape(1, 1, d) if weight is not None else None,
+                bias.reshape(1, 1, d) if bias is not None else None, (1, x.numel() // d, d))
+
     def values_per_group(self, x):
         return self._size()
-
-    def bshape(self, x):
-        return self.normalized_shape
 
     def native_l2(self, x, weight, bias, eps, running_mean, running_var, momentum):
         return F.layer_norm(x, self.normalized_shape, weight, bias, eps)
@@ -230,6 +228,11 @@ class ChannelsArea(Area):
 
     def to_pgq(self, x):
         return x.movedim(1, -1).reshape(1, -1, x.shape[1])
+
+    def post_params(self, x, weight, bias):
+        c = x.shape[1]
+        return (weight.view(1, 1, c) if weight is not None else None,
+                bias.view(1, 1, c) if bias is not None else None, (1, x.numel() // c, c))
 
     def from_pgq(self, y3, x):
         return y3.view(x.movedim(1, -1).shape).movedim(-1, 1)
@@ -262,6 +265,12 @@ class GroupArea(Area):
 
     def to_pgq(self, x):
         return x.reshape(1, x.shape[0] * self.num_groups, -1)
+
+    def post_params(self, x, weight, bias):
+        g, cg = self.num_groups, self.num_channels // self.num_groups
+        shape = (1, g, cg, 1)
+        return (weight.view(shape) if weight is not None else None,
+                bias.view(shape) if bias is not None else None, (x.shape[0], g, cg, x[0, 0].numel()))
 
     def values_per_group(self, x):
         return x[0].numel() // self.num_groups

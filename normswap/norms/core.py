@@ -242,14 +242,15 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
                              f"{'channel' if area.kind == 'batch' else 'group'} of input shape "
                              f"{tuple(x.shape)}; lower k or use a larger input")
         weight, bias = self.weight, self.bias
-        fused = area.fused
-        gw, gb = area.group_params(x, weight, bias) if fused else (None, None)
+        gw = gb = qw = qb = post_shape = None
+        if area.fused:
+            gw, gb = area.group_params(x, weight, bias)
+        elif weight is not None or bias is not None:
+            qw, qb, post_shape = area.post_params(x, weight, bias)
         y3, mu, batch_stat, mad, count = stat_norm(
             area.to_pgq(x), gw, gb, op.stat, delta=self._delta(x), k=op.k, eps=self.eps,
-            group=group, need_mad=want_pen)
+            group=group, need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape)
         y = area.from_pgq(y3, x)
-        if not fused:
-            y = area.recover(y, weight, bias)
         if update:
             self._update_running(area.per_channel(mu, x),
                                  area.per_channel(batch_stat, x) if self._stat_buffer else None, count)

@@ -117,6 +117,8 @@ def _topk_select(v3: torch.Tensor, k: int, group, world: int):
     gidx = torch.arange(G, device=v3.device).repeat_interleave(k)
     pos = loc_pos.reshape(-1)
     flat = ((pos // Q) * G + gidx) * Q + pos % Q
+    if v3.numel() < 2 ** 31:
+        flat = flat.to(torch.int32)  # saved for backward: half the bytes of int64
     if group is not None and world > 1:
         gathered = [torch.empty_like(loc_vals) for _ in range(world)]
         dist.all_gather(gathered, loc_vals.contiguous(), group=group)
@@ -142,13 +144,18 @@ class _Meta:
     delta_grad: bool
     recompute: bool       # v is recomputed from the saved input (half precision)
     sdt: torch.dtype
+    has_qb: bool = False  # a recovery on the post_shape view
+    qdt: Optional[torch.dtype] = None
+    qb_shape: Optional[tuple] = None
+    post_shape: Optional[tuple] = None
 
 
 class StatNormFn(torch.autograd.Function):
     """Standardization of a ``(P, G, Q)`` tensor per group. See the module doc."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, delta, stat: str, k: int, eps: float, group, need_mad: bool):
+    def forward(ctx, x3, weight, bias, qweight, qbias, delta, stat: str, k: int, eps: float, group,
+                need_mad: bool, post_shape):
         ctx.set_materialize_grads(False)
         P, G, Q = x3.shape
         sdt = stat_dtype(x3.dtype)
@@ -163,7 +170,8 @@ class StatNormFn(torch.autograd.Function):
             m = P * Q
         mu = s1 / m
         empty = mu.new_zeros(0)
-        if stat == "mean" and not need_mad:
+        post = qweight is not None or qbias is not None
+        if stat == "mean" and not need_mad and not post:
             # y = x - mu + beta in one pass; backward needs only sum(dy)
             shift = bias.to(sdt) - mu if bias is not None else -mu
             y = x3 + shift.to(x3.dtype)[None, :, None]  # a fresh tensor, not a view
@@ -205,7 +213,7 @@ class StatNormFn(torch.autograd.Function):
             if keep is not None:
                 sgn = sgn * keep.to(sdt)
             sign_sum = _all_reduce(torch.zeros(G, dtype=sdt, device=x3.device).index_add_(0, gidx, sgn), group)
-            topk = (flat, gidx, sign_sum, keep)
+            topk = (flat, None, sign_sum, keep)  # flat is in (G, k) order: no group index needed
             d = cinf * s_k + eps
             batch_stat = cinf * s_k
             ctx.cinf = cinf
@@ -222,13 +230,22 @@ class StatNormFn(torch.autograd.Function):
             y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None])
         else:
             y = v3 * scale.to(ydt)[None, :, None]
+        if post:  # the recovery on the post_shape view, in place: y * w + b
+            yv = y.view(post_shape)
+            if qweight is not None:
+                yv.mul_(qweight.to(ydt))
+            if qbias is not None:
+                yv.add_(qbias.to(ydt))
         if recompute:
             y = y.to(x3.dtype)
 
         saved_topk = topk if topk is not None else (None,) * 4
-        ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, *saved_topk)
+        ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, qweight,
+                              *saved_topk)
         ctx.meta = _Meta(stat, k, group, x3.shape, weight is not None, bias is not None,
-                         delta is not None and delta.requires_grad, recompute, sdt)
+                         delta is not None and delta.requires_grad, recompute, sdt,
+                         qbias is not None, qbias.dtype if qbias is not None else None,
+                         tuple(qbias.shape) if qbias is not None else None, post_shape)
         ctx.m = m
         if delta is not None:
             ctx.delta_shape = delta.shape
@@ -256,7 +273,7 @@ class StatNormFn(torch.autograd.Function):
         stat, k, group, shape, sdt = meta.stat, meta.k, meta.group, meta.shape, meta.sdt
         if stat == "mean-lite":
             return StatNormFn._mean_only_backward(ctx, dy)
-        saved, mu, d, gamma, topk_flat, topk_g, topk_sign_sum, topk_keep = ctx.saved_tensors
+        saved, mu, d, gamma, qweight, topk_flat, topk_g, topk_sign_sum, topk_keep = ctx.saved_tensors
         if meta.recompute:
             v3 = saved.to(sdt) - mu[None, :, None]
         else:
@@ -266,6 +283,22 @@ class StatNormFn(torch.autograd.Function):
             dy = torch.zeros(shape, dtype=v3.dtype, device=v3.device)
         dy3 = dy.to(v3.dtype)
         G = v3.shape[1]
+        gqw = gqb = None
+        post_shape = meta.post_shape
+        if meta.has_qb and ctx.needs_input_grad[4]:
+            gqb = dy3.view(post_shape).sum_to_size(meta.qb_shape).to(meta.qdt)
+        if qweight is not None:
+            # dL/dw = sum of dy * v * gamma / d over the dims w is broadcast along; then
+            # dy becomes dy * w (in the same buffer in eager mode)
+            t = dy3 * v3
+            if ctx.needs_input_grad[3]:
+                gqw = t.mul_((gamma / d).to(t.dtype)[None, :, None]).view(post_shape) \
+                    .sum_to_size(qweight.shape).to(qweight.dtype)
+            w = qweight.to(dy3.dtype)
+            if torch.compiler.is_compiling():
+                dy3 = (dy3.view(post_shape) * w).view(v3.shape)
+            else:
+                dy3 = torch.mul(dy3.view(post_shape), w, out=t.view(post_shape)).view(v3.shape)
         sdyv_loc, sdy_loc = _group_sums(dy3, v3, sdt)
         has_gmad = gmad is not None and gmad.numel() > 0
         need_sign = stat == "l1" or has_gmad
@@ -310,7 +343,7 @@ class StatNormFn(torch.autograd.Function):
         if need_sign:
             dx.addcmul_(sign, coef_sign.to(dt)[None, :, None])
         if topk_coef is not None:
-            sgn = torch.sign(v3.reshape(-1)[topk_flat]).to(sdt) * topk_coef[topk_g]
+            sgn = (torch.sign(v3.reshape(-1)[topk_flat]).to(sdt).view(G, -1) * topk_coef[:, None]).reshape(-1)
             if topk_keep is not None:
                 sgn = sgn * topk_keep.to(sdt)
             dx.view(-1).index_add_(0, topk_flat, sgn.to(dt))
@@ -320,25 +353,30 @@ class StatNormFn(torch.autograd.Function):
         gdelta = None
         if meta.delta_grad:
             gdelta = (dldd / (2 * d)).sum().reshape(ctx.delta_shape)
-        return dx.to(out_dt), gw, gb, gdelta, None, None, None, None, None
+        return dx.to(out_dt), gw, gb, gqw, gqb, gdelta, None, None, None, None, None, None
 
     @staticmethod
     def _mean_only_backward(ctx, dy):
         """Mean-only: ``dx = dy - mean(dy)``, ``dbeta = sum(dy)``."""
         meta, m = ctx.meta, ctx.m
         if dy is None:
-            return (None,) * 9
+            return (None,) * 12
         sdy_loc = dy.sum(dim=(0, 2), dtype=meta.sdt)
         sdy = _all_reduce(sdy_loc.clone(), meta.group) if meta.group is not None else sdy_loc
         dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
         gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
-        return dx, None, gb, None, None, None, None, None, None
+        return dx, None, gb, None, None, None, None, None, None, None, None, None
 
 
 def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
-              group=None, need_mad: bool = False):
+              group=None, need_mad: bool = False, qweight: Optional[torch.Tensor] = None,
+              qbias: Optional[torch.Tensor] = None, post_shape: Optional[tuple] = None):
     """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
+
+    ``weight``, ``bias``: a recovery per group ``g`` (G,). ``qweight``, ``qbias``: a
+    recovery applied after it on the view ``y.view(post_shape)`` (default ``(P, G, Q)``),
+    shaped to broadcast against that view (e.g. ``(1, 1, Q)``: along Q).
 
     ``batch_stat`` is what a running statistic tracks: the biased variance ("l2"),
     ``mean|v|`` ("l1"), ``C_inf(n) * s_k`` ("topk"); empty for "mean". ``mad`` is
@@ -349,7 +387,10 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
     if stat == "topk" and group is None and k > x3.shape[0] * x3.shape[2]:
         raise ValueError(f"top-k: k={k} is larger than the {x3.shape[0] * x3.shape[2]} values per group")
-    y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, delta, stat, k, eps, group, need_mad)
+    if (qweight is not None or qbias is not None) and post_shape is None:
+        post_shape = tuple(x3.shape)
+    y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
+                                                     group, need_mad, post_shape)
     if group is None:
         count = x3.shape[0] * x3.shape[2]
     return y, mu, batch_stat, mad, count
