@@ -103,8 +103,8 @@ class BoundedWeightFn(torch.autograd.Function):
     def backward(ctx, g):
         v, n, k = ctx.saved_tensors
         p, dims = ctx.p, ctx.dims
-        if v.dim() == 2:  # batched dot products, no full-size temporary
-            dot = torch.bmm(g.unsqueeze(1), v.unsqueeze(2)).view(n.shape)
+        if v.dim() == 2:
+            dot = torch.linalg.vecdot(g, v, dim=1).unsqueeze(1)
         else:
             dot = (g * v).sum(dims, keepdim=True)
         gv = gs = None

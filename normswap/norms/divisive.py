@@ -40,10 +40,28 @@ def _pair(w: Union[int, Tuple[int, int]], layer: str, arg: str) -> Tuple[int, in
     return pair
 
 
+_SHIFT_SUM_MAX = 9  # windows up to this width are summed as shifted slices, wider ones pooled
+
+
+def _box_sum_along(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sum over ``k`` (odd) neighbours centred at each index of ``dim`` (-1 or -2), zeros outside."""
+    if k == 1:
+        return t
+    r = k // 2
+    if k > _SHIFT_SUM_MAX:
+        kernel, pad = ((1, k), (0, r)) if dim == -1 else ((k, 1), (r, 0))
+        return F.avg_pool2d(t, kernel, 1, pad, count_include_pad=True) * float(k)
+    n = t.shape[dim]
+    p = F.pad(t, (r, r) if dim == -1 else (0, 0, r, r))
+    out = p.narrow(dim, 0, n) + p.narrow(dim, 1, n)
+    for i in range(2, k):
+        out = out.add_(p.narrow(dim, i, n))
+    return out
+
+
 def box_sum_2d(t: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
-    """Sum over a ``window`` centred at each position (stride 1, zeros outside)."""
-    pad = (window[0] // 2, window[1] // 2)
-    return F.avg_pool2d(t, window, 1, pad, count_include_pad=True) * float(window[0] * window[1])
+    """Sum over a ``window`` centred at each position (stride 1, zeros outside); separable."""
+    return _box_sum_along(_box_sum_along(t, window[1], -1), window[0], -2)
 
 
 def box_count_2d(like: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
@@ -120,7 +138,8 @@ class DivisiveNormFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         s_dy = _chan_sum(dy)
-        dq = -0.5 * r * r * r * (_chan_dot(dy, x) - m * s_dy)
+        buf = torch.mul(dy, x)                 # dy * x, then reused for dx
+        dq = -0.5 * r * r * r * (_chan_sum(buf) - m * s_dy)
         c_v = box_mean_2d_adjoint(dq, sup_window) * (2.0 / C)
         s_dv = r * s_dy + c_v * (C * d)
         use_mad = ctx.need_mad and gmad is not None
@@ -129,7 +148,7 @@ class DivisiveNormFn(torch.autograd.Function):
             g = gmad / x.numel()
             s_dv = s_dv + g * _chan_sum(sign)
         t = box_mean_2d_adjoint(s_dv, sum_window) * (-1.0 / C) - c_v * m
-        dx = torch.addcmul(t, x, c_v).addcmul_(dy, r)
+        dx = torch.addcmul(t, x, c_v, out=buf).addcmul_(dy, r)
         if use_mad:
             dx.add_(sign * g)
         gsigma = None
