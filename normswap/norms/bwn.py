@@ -103,20 +103,19 @@ class BoundedWeightFn(torch.autograd.Function):
     def backward(ctx, g):
         v, n, k = ctx.saved_tensors
         p, dims = ctx.p, ctx.dims
-        if v.dim() == 2:
-            dot = torch.linalg.vecdot(g, v, dim=1).unsqueeze(1)
-        else:
-            dot = (g * v).sum(dims, keepdim=True)
+        buf = torch.mul(g, v)                  # g * v, then reused for dL/dv
+        dot = buf.sum(dims, keepdim=True)
         gv = gs = None
         if ctx.needs_input_grad[0]:
+            gv = torch.mul(g, k, out=buf)
             if p == 2.0:
-                gv = torch.mul(g, k).addcmul_(v, -k * dot / (n * n))
+                gv.addcmul_(v, -k * dot / (n * n))
             else:
                 dn = torch.sign(v)
                 if math.isinf(p):
                     at_max = v.abs() == n
                     dn = dn * at_max / at_max.sum(dims, keepdim=True)
-                gv = torch.mul(g, k).addcmul_(dn, -k * dot / n)
+                gv.addcmul_(dn, -k * dot / n)
         if ctx.needs_input_grad[1]:
             gs = dot / n
             if gs.shape != ctx.s_shape:  # one scalar scale for every channel
