@@ -124,7 +124,7 @@ class DivisiveNormFn(torch.autograd.Function):
         m = box_mean_2d(mbar, sum_window)
         v = x - m
         r = torch.rsqrt(box_mean_2d(_chan_dot(v, v) / C, sup_window) + (sigma * sigma + eps))
-        mad = v.abs().mean() if need_mad else x.new_zeros(())
+        mad = torch.linalg.vector_norm(v, 1) / v.numel() if need_mad else x.new_zeros(())
         y = v.mul_(r)
         ctx.save_for_backward(x, m, r, mbar - m, sigma if isinstance(sigma, torch.Tensor) else None)
         ctx.windows, ctx.need_mad = (sum_window, sup_window), need_mad
@@ -144,13 +144,13 @@ class DivisiveNormFn(torch.autograd.Function):
         s_dv = r * s_dy + c_v * (C * d)
         use_mad = ctx.need_mad and gmad is not None
         if use_mad:
-            sign = torch.sign(x - m)
+            sign = torch.sub(x, m).sign_()
             g = gmad / x.numel()
             s_dv = s_dv + g * _chan_sum(sign)
         t = box_mean_2d_adjoint(s_dv, sum_window) * (-1.0 / C) - c_v * m
         dx = torch.addcmul(t, x, c_v, out=buf).addcmul_(dy, r)
         if use_mad:
-            dx.add_(sign * g)
+            dx.addcmul_(sign, g)
         gsigma = None
         if sigma is not None and ctx.needs_input_grad[1]:
             gsigma = (2.0 * sigma * dq.sum()).reshape(sigma.shape)
