@@ -81,7 +81,7 @@ class BoundedWeightFn(torch.autograd.Function):
 
     Forward: one reduction for ``n`` and one multiply. Only ``v`` (the parameter
     itself), ``n`` and ``k = s / n`` are saved. Backward, with ``g = dL/dw`` and
-    ``dot_i = g_i . v_i``::
+    ``dot_i = g_i . v_i`` (from one ``g * v`` buffer, which then receives ``dL/dv``)::
 
         dL/dv_i = k_i * g_i - (k_i * dot_i / n_i) * dn_i/dv_i
         dL/ds_i = dot_i / n_i

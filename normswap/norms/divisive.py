@@ -90,7 +90,7 @@ def _chan_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chan_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_c a * b`` over dim 1 (kept) without a full-size temporary."""
+    """``sum_c a * b`` over dim 1, kept as a size-1 dim."""
     return a * b if a.shape[1] == 1 else torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
 
 
@@ -110,8 +110,9 @@ class DivisiveNormFn(torch.autograd.Function):
         dx  = dv - box_A^T(sum_c dv) / C         sum_c(dv) = r sum_c(dy) + c_v C d [+ ...]
         dL/dsigma = 2 sigma * sum(dq)
 
-    so backward reads ``dy`` and ``x`` in two channel reductions and one output pass
-    (``dx = x c_v + dy r + (t - m c_v)``, per-position ``t``). ``need_mad`` also
+    so backward needs two channel reductions of ``dy`` and ``dy * x`` and writes
+    ``dx = x c_v + dy r + (t - m c_v)`` (per-position ``t``) into the buffer of
+    ``dy * x``. ``need_mad`` also
     returns ``mean|v|`` (the L1 penalty's quantity) as a differentiable scalar.
     DivisiveNorm1d runs it on (B, 1, 1, H) with windows (1, w).
     """
