@@ -266,7 +266,7 @@ def replot(args) -> int:
         s = setups[0]
         plot(rows, args.plot, f"training step, {s['device']}{' ' + s['gpu'] if s.get('gpu') else ''}, "
                               f"{s['dtype']}, batch {s['batch']}, {s['size']}x{s['size']}, "
-                              f"{s['threads']} threads")
+                              f"threads={s['threads']}, {s.get('clock', 'wall')} clock")
     return 0
 
 
