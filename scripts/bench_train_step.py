@@ -16,7 +16,8 @@ runs the forward under ``torch.autocast`` (on CUDA, or bf16 on CPU).
     python scripts/bench_train_step.py --device cuda --dtype bf16 --json cuda_bf16.json \
         --plot docs/train_step_cuda_bf16.png
 
-``--plot`` needs matplotlib (``pip install normswap[bench]``).
+On a shared CPU machine, ``--threads 1 --clock cpu`` (CPU time of this process)
+is far less disturbed by other processes than elapsed time. ``--plot`` needs matplotlib (``pip install normswap[bench]``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ SPECIAL_SPECS = {  # presets that need arguments to apply everywhere
     "bwn-g": {"preset": "bwn-g", "kwargs": {"fallback": "l1bn"}},
 }
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Setup:
     size: int
     reps: int
     compile: bool
+    clock: str = "wall"
     threads: int = field(default_factory=torch.get_num_threads)
     torch_version: str = torch.__version__
     gpu: Optional[str] = None
@@ -103,17 +106,19 @@ def sync_fn(device: str) -> Callable[[], None]:
 class Stepper:
     """One model, its optimizer and a timed training step on a fixed batch."""
 
-    def __init__(self, model: nn.Module, x, target, dtype, compile_: bool, device: str):
+    def __init__(self, model: nn.Module, x, target, dtype, compile_: bool, device: str,
+                 clock: Callable[[], float] = time.perf_counter):
         self.model = model.to(device).train()
         self.uses_penalty = any(isinstance(m, NormalizerBase) and m.l1_alpha > 0 for m in model.modules())
         self.run = torch.compile(self.model) if compile_ else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.x, self.target, self.dtype, self.device = x, target, dtype, device
         self.sync = sync_fn(device)
+        self.clock = clock
 
     def step(self) -> float:
         self.sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype is not None):
             out = self.run(self.x)
@@ -123,7 +128,7 @@ class Stepper:
         loss.backward()
         self.opt.step()
         self.sync()
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def peak_memory(self) -> Optional[int]:
         if not self.device.startswith("cuda"):
@@ -174,14 +179,18 @@ def bench_model(name: str, presets: List[str], args, modes: List[str]) -> List[R
         compiled = mode == "compiled"
         if compiled:
             torch._dynamo.reset()
-        base = Stepper(copy.deepcopy(original), x, target, dtype, compiled, device)
+            # every converted copy recompiles the same forward code: keep them all compiled
+            for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+                if hasattr(torch._dynamo.config, limit):
+                    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+        base = Stepper(copy.deepcopy(original), x, target, dtype, compiled, device, CLOCKS[args.clock])
         t0 = time.perf_counter()
         base.step()                                 # compiles when compiled
         base_compile = time.perf_counter() - t0 if compiled else None
         base.step()
         base_mem = base.peak_memory()
         for preset, model in converted.items():
-            conv = Stepper(copy.deepcopy(model), x, target, dtype, compiled, device)
+            conv = Stepper(copy.deepcopy(model), x, target, dtype, compiled, device, CLOCKS[args.clock])
             t0 = time.perf_counter()
             try:
                 conv.step()
@@ -257,7 +266,7 @@ def replot(args) -> int:
         s = setups[0]
         plot(rows, args.plot, f"training step, {s['device']}{' ' + s['gpu'] if s.get('gpu') else ''}, "
                               f"{s['dtype']}, batch {s['batch']}, {s['size']}x{s['size']}, "
-                              f"{s['threads']} threads")
+                              f"threads={s['threads']}, {s.get('clock', 'wall')} clock")
     return 0
 
 
@@ -276,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     ap.add_argument("--compiled-only", action="store_true", help="torch.compile only")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="wall: elapsed time (default); cpu: CPU time of this process, which other "
+                         "processes on a shared machine disturb far less (CPU device; use with --threads 1)")
     ap.add_argument("--json", metavar="FILE", help="write setup and rows (absolute times too)")
     ap.add_argument("--plot", metavar="PNG", help="bar chart of the ratios (needs matplotlib)")
     ap.add_argument("--from-json", nargs="+", metavar="FILE",
@@ -295,14 +307,16 @@ def main(argv=None) -> int:
         ap.error("--dtype fp16: autocast to fp16 is for CUDA; use bf16 on CPU")
     if args.no_compile and args.compiled_only:
         ap.error("--no-compile and --compiled-only exclude each other")
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        ap.error("--clock cpu measures CPU time: it is for --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = ["compiled"] if args.compiled_only else ["eager"] if args.no_compile else ["eager", "compiled"]
     setup = Setup(device=args.device, dtype=args.dtype, batch=args.batch, size=args.size, reps=args.reps,
-                  compile=not args.no_compile,
+                  compile=not args.no_compile, clock=args.clock,
                   gpu=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None)
     print(f"torch {setup.torch_version}, {setup.device}{' ' + setup.gpu if setup.gpu else ''}, "
-          f"threads {setup.threads}, {args.dtype}, batch {args.batch}, {args.size}x{args.size}, "
+          f"threads {setup.threads}, {args.clock} clock, {args.dtype}, batch {args.batch}, {args.size}x{args.size}, "
           f"reps {args.reps}", flush=True)
     rows: List[Row] = []
     for name in args.models:

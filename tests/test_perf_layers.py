@@ -243,3 +243,20 @@ def test_dn_compiled_matches_eager(make, shape):
     gx_e, = torch.autograd.grad((y_e * g).sum() + normswap.penalty(layer), x)
     torch.testing.assert_close(y, y_e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, gx_e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: N.DivisiveNorm2d(5, 5, l1_alpha=0.1), (2, 4, 7, 7)),
+                                        (lambda: N.DivisiveNorm1d(radius=30), (2, 3, 70))], ids=["2d", "1d-wide"])
+def test_dn_backward_graph_has_no_pooling_backward(make, shape):
+    """inductor compiles avg_pool2d_backward very slowly (a resnet18 with dn* had not compiled
+    after 17 minutes): DN's box-mean adjoints must be forward box sums instead."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    layer = make().train()
+
+    def fwd_bwd(x):
+        y = layer(x)
+        return torch.autograd.grad((y * y).sum() + normswap.penalty(layer), x)[0]
+
+    gm = make_fx(fwd_bwd)(torch.randn(shape, requires_grad=True))
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not [o for o in ops if "pool" in o and "backward" in o], sorted(ops)

@@ -81,7 +81,7 @@ class BoundedWeightFn(torch.autograd.Function):
 
     Forward: one reduction for ``n`` and one multiply. Only ``v`` (the parameter
     itself), ``n`` and ``k = s / n`` are saved. Backward, with ``g = dL/dw`` and
-    ``dot_i = g_i . v_i``::
+    ``dot_i = g_i . v_i`` (from one ``g * v`` buffer, which then receives ``dL/dv``)::
 
         dL/dv_i = k_i * g_i - (k_i * dot_i / n_i) * dn_i/dv_i
         dL/ds_i = dot_i / n_i
@@ -103,20 +103,19 @@ class BoundedWeightFn(torch.autograd.Function):
     def backward(ctx, g):
         v, n, k = ctx.saved_tensors
         p, dims = ctx.p, ctx.dims
-        if v.dim() == 2:  # batched dot products, no full-size temporary
-            dot = torch.bmm(g.unsqueeze(1), v.unsqueeze(2)).view(n.shape)
-        else:
-            dot = (g * v).sum(dims, keepdim=True)
+        buf = torch.mul(g, v)                  # g * v, then reused for dL/dv
+        dot = buf.sum(dims, keepdim=True)
         gv = gs = None
         if ctx.needs_input_grad[0]:
+            gv = torch.mul(g, k, out=buf)
             if p == 2.0:
-                gv = torch.mul(g, k).addcmul_(v, -k * dot / (n * n))
+                gv.addcmul_(v, -k * dot / (n * n))
             else:
                 dn = torch.sign(v)
                 if math.isinf(p):
                     at_max = v.abs() == n
                     dn = dn * at_max / at_max.sum(dims, keepdim=True)
-                gv = torch.mul(g, k).addcmul_(dn, -k * dot / n)
+                gv.addcmul_(dn, -k * dot / n)
         if ctx.needs_input_grad[1]:
             gs = dot / n
             if gs.shape != ctx.s_shape:  # one scalar scale for every channel

@@ -40,10 +40,28 @@ def _pair(w: Union[int, Tuple[int, int]], layer: str, arg: str) -> Tuple[int, in
     return pair
 
 
+_SHIFT_SUM_MAX = 9  # windows up to this width are summed as shifted slices, wider ones pooled
+
+
+def _box_sum_along(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sum over ``k`` (odd) neighbours centred at each index of ``dim`` (-1 or -2), zeros outside."""
+    if k == 1:
+        return t
+    r = k // 2
+    if k > _SHIFT_SUM_MAX:
+        kernel, pad = ((1, k), (0, r)) if dim == -1 else ((k, 1), (r, 0))
+        return F.avg_pool2d(t, kernel, 1, pad, count_include_pad=True) * float(k)
+    n = t.shape[dim]
+    p = F.pad(t, (r, r) if dim == -1 else (0, 0, r, r))
+    out = p.narrow(dim, 0, n) + p.narrow(dim, 1, n)
+    for i in range(2, k):
+        out = out.add_(p.narrow(dim, i, n))
+    return out
+
+
 def box_sum_2d(t: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
-    """Sum over a ``window`` centred at each position (stride 1, zeros outside)."""
-    pad = (window[0] // 2, window[1] // 2)
-    return F.avg_pool2d(t, window, 1, pad, count_include_pad=True) * float(window[0] * window[1])
+    """Sum over a ``window`` centred at each position (stride 1, zeros outside); separable."""
+    return _box_sum_along(_box_sum_along(t, window[1], -1), window[0], -2)
 
 
 def box_count_2d(like: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
@@ -72,7 +90,7 @@ def _chan_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chan_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_c a * b`` over dim 1 (kept) without a full-size temporary."""
+    """``sum_c a * b`` over dim 1, kept as a size-1 dim."""
     return a * b if a.shape[1] == 1 else torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
 
 
@@ -92,8 +110,9 @@ class DivisiveNormFn(torch.autograd.Function):
         dx  = dv - box_A^T(sum_c dv) / C         sum_c(dv) = r sum_c(dy) + c_v C d [+ ...]
         dL/dsigma = 2 sigma * sum(dq)
 
-    so backward reads ``dy`` and ``x`` in two channel reductions and one output pass
-    (``dx = x c_v + dy r + (t - m c_v)``, per-position ``t``). ``need_mad`` also
+    so backward needs two channel reductions of ``dy`` and ``dy * x`` and writes
+    ``dx = x c_v + dy r + (t - m c_v)`` (per-position ``t``) into the buffer of
+    ``dy * x``. ``need_mad`` also
     returns ``mean|v|`` (the L1 penalty's quantity) as a differentiable scalar.
     DivisiveNorm1d runs it on (B, 1, 1, H) with windows (1, w).
     """
@@ -106,7 +125,7 @@ class DivisiveNormFn(torch.autograd.Function):
         m = box_mean_2d(mbar, sum_window)
         v = x - m
         r = torch.rsqrt(box_mean_2d(_chan_dot(v, v) / C, sup_window) + (sigma * sigma + eps))
-        mad = v.abs().mean() if need_mad else x.new_zeros(())
+        mad = torch.linalg.vector_norm(v, 1) / v.numel() if need_mad else x.new_zeros(())
         y = v.mul_(r)
         ctx.save_for_backward(x, m, r, mbar - m, sigma if isinstance(sigma, torch.Tensor) else None)
         ctx.windows, ctx.need_mad = (sum_window, sup_window), need_mad
@@ -120,18 +139,19 @@ class DivisiveNormFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         s_dy = _chan_sum(dy)
-        dq = -0.5 * r * r * r * (_chan_dot(dy, x) - m * s_dy)
+        buf = torch.mul(dy, x)                 # dy * x, then reused for dx
+        dq = -0.5 * r * r * r * (_chan_sum(buf) - m * s_dy)
         c_v = box_mean_2d_adjoint(dq, sup_window) * (2.0 / C)
         s_dv = r * s_dy + c_v * (C * d)
         use_mad = ctx.need_mad and gmad is not None
         if use_mad:
-            sign = torch.sign(x - m)
+            sign = torch.sub(x, m).sign_()
             g = gmad / x.numel()
             s_dv = s_dv + g * _chan_sum(sign)
         t = box_mean_2d_adjoint(s_dv, sum_window) * (-1.0 / C) - c_v * m
-        dx = torch.addcmul(t, x, c_v).addcmul_(dy, r)
+        dx = torch.addcmul(t, x, c_v, out=buf).addcmul_(dy, r)
         if use_mad:
-            dx.add_(sign * g)
+            dx.addcmul_(sign, g)
         gsigma = None
         if sigma is not None and ctx.needs_input_grad[1]:
             gsigma = (2.0 * sigma * dq.sum()).reshape(sigma.shape)
