@@ -76,8 +76,15 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(t, group=group)
+    """Sum over the processes of ``group``. Under torch.compile the functional
+    collective (returns a new tensor): inductor's handling of the in-place one on a
+    ``cat`` output gave wrong local sums (gamma gradients) in the compiled backward."""
+    if group is None:
+        return t
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+        return funcol.all_reduce(t, "sum", group)
+    dist.all_reduce(t, group=group)
     return t
 
 

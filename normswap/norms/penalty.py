@@ -45,17 +45,18 @@ def install_penalty_hook(model: nn.Module) -> None:
     root = unwrap_model(model)
     for m in _normalizers(root):
         m._penalty_accumulate = True
-    if getattr(root, _HOOK_ATTR, None) is not None:
+    if root.__dict__.get(_HOOK_ATTR, False):
         return
-    handle = root.register_forward_pre_hook(_clear_penalty_terms)
-    object.__setattr__(root, _HOOK_ATTR, handle)
+    root.register_forward_pre_hook(_clear_penalty_terms)
+    object.__setattr__(root, _HOOK_ATTR, True)   # a flag, not the handle: torch.compile reads it
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
     """Sum of ``l1_alpha * mean|v|`` over the normalizers of ``model`` from its last
     training forward; a zero tensor when there is none. Works on DDP-wrapped models."""
     root = unwrap_model(model)
-    install_penalty_hook(root)
+    if not root.__dict__.get(_HOOK_ATTR, False):
+        install_penalty_hook(root)
     total = None
     for m in _normalizers(root):
         t = m.penalty_term()
