@@ -192,9 +192,11 @@ def validate(ap, args) -> None:
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         ap.error(f"--output-dir {args.output_dir}: exists and is not a folder")
     import normswap
-    from normswap.cli import load_spec
+    from normswap.cli import UserError, load_spec
     try:
         args.spec_obj = load_spec(args.spec) if args.spec else normswap.Spec.from_dict(DEFAULT_SPEC)
+    except UserError as e:      # already names --spec
+        ap.error(str(e))
     except normswap.SpecError as e:
         ap.error(f"--spec: {e}")
     if args.lr_correction == "reference" and not (args.reference_norms and os.path.isfile(args.reference_norms)):
