@@ -24,7 +24,7 @@ from .graph.bwn import BoundedWeightNormVariant
 from .graph.functional import find_functional_sites, prepare_rewrite
 from .graph.producers import Producer, norm_producers
 from .graph.sites import Site, find_module_sites
-from .norms.penalty import install_penalty_hook, unwrap_model
+from .norms.penalty import install_penalty_hook, unwrap_model, wrapped_inner
 from .report import Decision, Report, SiteRecord
 from .spec import Spec, SpecError
 from .variants import PRESETS, VARIANTS, LayoutError, Original
@@ -72,17 +72,14 @@ def producers_of(model: nn.Module, leaf_modules: Sequence = ()) -> Dict[str, Pro
 
 
 # -- what a model must not be --------------------------------------------------------------
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "OptimizedModule")
-
-
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TransformError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise TransformError(f"model is a torch.jit.ScriptModule ({type(model).__name__}); scripted code "
                              f"cannot be rewritten: transform the nn.Module first, then torch.jit.script it")
-    if type(model).__name__ in _WRAPPERS:
-        inner = "model._orig_mod" if type(model).__name__ == "OptimizedModule" else "model.module"
+    if wrapped_inner(model) is not None:
+        inner = "model.module" if isinstance(getattr(model, "module", None), nn.Module) else "model._orig_mod"
         raise TransformError(
             f"model is wrapped in {type(model).__name__}; transform the inner model before wrapping it "
             f"(e.g. normswap.transform({inner}, spec), then wrap the result), so the wrapper sees the "

@@ -179,6 +179,8 @@ def test_wrappers_scripted_and_already_transformed_models_are_refused_with_the_f
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(TransformError, match=r"DataParallel.*normswap.transform\(model.module, spec\)"):
         normswap.transform(nn.DataParallel(model), "l1bn")
+    with pytest.raises(TransformError, match=r"OptimizedModule.*normswap.transform\(model._orig_mod, spec\)"):
+        normswap.transform(torch.compile(model), "l1bn")
     with pytest.raises(TransformError, match="ScriptModule.*transform the nn.Module first"):
         normswap.transform(torch.jit.script(model), "l1bn")
     out = normswap.transform(model, "l1bn")

@@ -15,16 +15,31 @@ from .base import NormalizerBase
 _HOOK_ATTR = "_normswap_penalty_hook"
 
 
+def _wrapper_types() -> tuple:
+    """Module classes that hold the user's model as ``.module`` (data parallel wrappers)."""
+    types = [nn.DataParallel, nn.parallel.DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        types.append(FullyShardedDataParallel)
+    except Exception:  # pragma: no cover - torch without distributed
+        pass
+    return tuple(types)
+
+
+def wrapped_inner(model: nn.Module):
+    """The module a DDP / DataParallel / FSDP1 / torch.compile wrapper holds, or None."""
+    if isinstance(model, _wrapper_types()):
+        return model.module
+    orig = getattr(model, "_orig_mod", None)   # torch.compile's OptimizedModule
+    return orig if isinstance(orig, nn.Module) else None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
-                "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    inner = wrapped_inner(model)
+    while inner is not None:
+        model, inner = inner, wrapped_inner(inner)
+    return model
 
 
 def _normalizers(model: nn.Module):
