@@ -26,6 +26,13 @@ class Decision:
     note: Optional[str] = None
     producer_rewrite: Any = None       # bwn: the change of the conv/linear feeding the site
 
+    @classmethod
+    def converted(cls, preset: str, variant: str, kwargs: Dict[str, Any], built: "Built",
+                  note: Optional[str], producer_rewrite: Any = None) -> "Decision":
+        return cls("converted", preset=preset, variant=variant, kwargs=kwargs, built=built,
+                   becomes=type(built.module).__name__, preserves_function=built.preserves_function,
+                   note=note, producer_rewrite=producer_rewrite)
+
 
 @dataclass
 class SiteRecord:

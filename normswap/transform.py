@@ -138,9 +138,7 @@ def _build(site: Site, preset: str, kwargs, note_prefix: Optional[str] = None) -
     note = built.note
     if note_prefix:
         note = f"{note_prefix}" + (f"; {note}" if note else "")
-    return Decision("converted", preset=preset, variant=variant.name, kwargs=kwargs, built=built,
-                    becomes=type(built.module).__name__, preserves_function=built.preserves_function,
-                    note=note)
+    return Decision.converted(preset, variant.name, kwargs, built, note)
 
 
 def _decide_producer_sites(model: nn.Module, sites: List[Site], decisions: Dict[str, Decision],
@@ -173,10 +171,8 @@ def _decide_producer_sites(model: nn.Module, sites: List[Site], decisions: Dict[
                 reason = str(e)
         if reason is None:
             used.add(prod.producer)
-            decisions[site.name] = Decision(
-                "converted", preset=d.preset, variant=d.variant, kwargs=d.kwargs, built=built,
-                becomes=type(built.module).__name__, preserves_function=built.preserves_function,
-                note=built.note, producer_rewrite=rewrite)
+            decisions[site.name] = Decision.converted(d.preset, d.variant, d.kwargs, built, built.note,
+                                                      producer_rewrite=rewrite)
             continue
         fallback = d.kwargs.get("fallback")
         if fallback is None:

@@ -155,7 +155,7 @@ class BoundedWeightNormVariant(Variant):
         def undo():
             if parametrize.is_parametrized(conv, "weight"):
                 parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
-            conv.weight = weight if isinstance(weight, nn.Parameter) else conv.weight
+            conv.weight = weight
             if old_bias is not None:
                 with torch.no_grad():
                     conv.bias.copy_(old_bias)

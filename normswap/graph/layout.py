@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .sites import act_and_drop
+
 _H, _W, _L = 3, 5, 7   # spatial sizes used by the probe (made distinct from C below)
 
 
@@ -39,10 +41,11 @@ def _cpu_state(m: nn.Module, gen: torch.Generator) -> Dict[str, torch.Tensor]:
 
 
 def _post(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
-    if isinstance(act, nn.Module):
-        return lambda y: act((drop or nn.Identity())(y)) if isinstance(drop, nn.Module) else act(y)
-    return lambda y: y
+    """What the module applies after normalizing: its drop then activation, if any."""
+    act, drop = act_and_drop(m)
+    if act is None:
+        return lambda y: y
+    return lambda y: act(drop(y)) if drop is not None else act(y)
 
 
 def _spatial(c: int, n: int) -> List[int]:

@@ -26,18 +26,19 @@ SITE_TYPES: List[Tuple[type, str]] = [
     (nn.LayerNorm, "layernorm"),
     (nn.GroupNorm, "groupnorm"),
 ]
+_frozen: List[type] = []   # batch norms whose statistics and affine are buffers
 try:
     from torchvision.ops.misc import FrozenBatchNorm2d as _TvFrozenBN
-    SITE_TYPES.append((_TvFrozenBN, "batchnorm"))
+    _frozen.append(_TvFrozenBN)
 except Exception:  # pragma: no cover - torchvision comes with timm
     pass
 try:
     from timm.layers import FrozenBatchNorm2d as _TimmFrozenBN
-    SITE_TYPES.append((_TimmFrozenBN, "batchnorm"))
+    _frozen.append(_TimmFrozenBN)
 except Exception:  # pragma: no cover
     pass
-
-FROZEN_TYPES = tuple(t for t, _ in SITE_TYPES[4:])
+FROZEN_TYPES = tuple(_frozen)
+SITE_TYPES += [(t, "batchnorm") for t in FROZEN_TYPES]
 
 
 def register_site_type(cls: type, family: str) -> None:
@@ -133,7 +134,7 @@ def _tensor(m: nn.Module, name: str) -> Optional[torch.Tensor]:
     return t if isinstance(t, torch.Tensor) else None
 
 
-def _act_and_drop(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+def act_and_drop(m: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
     """timm's norm+activation layers hold ``drop`` and ``act`` modules applied after the norm."""
     act, drop = getattr(m, "act", None), getattr(m, "drop", None)
     if isinstance(act, nn.Module):
@@ -146,7 +147,7 @@ def module_facts(m: nn.Module, family: str, layout: str) -> SiteFacts:
     ref = next((t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
                 if t is not None and t.is_floating_point()), None)
     w, b = _tensor(m, "weight"), _tensor(m, "bias")
-    act, drop = _act_and_drop(m)
+    act, drop = act_and_drop(m)
     common = dict(family=family, layout=layout, eps=float(getattr(m, "eps", 1e-5)), weight=w, bias=b,
                   device=ref.device if ref is not None else torch.device("cpu"),
                   dtype=ref.dtype if ref is not None else torch.get_default_dtype(),
