@@ -316,7 +316,13 @@ class StatNormFn(torch.autograd.Function):
                 parts.append(gmad.to(sdt))
             if need_sign:
                 parts.append(sign.sum(dim=(0, 2), dtype=sdt))
-            packed = _all_reduce(torch.cat(parts), group).split(G)
+            if torch.compiler.is_compiling():
+                # one all-reduce per part: inductor writes the parts of a cat straight into
+                # the cat's buffer and runs the all-reduce in place on it, so the local sums
+                # used for gw and gb below read the global ones (gamma gradients ~1% off)
+                packed = [_all_reduce(t, group) for t in parts]
+            else:
+                packed = _all_reduce(torch.cat(parts), group).split(G)
             sdyv, sdy = packed[0], packed[1]
             gmad_g = packed[2] if has_gmad else None
             ssign = packed[-1] if need_sign else None
