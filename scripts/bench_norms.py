@@ -12,6 +12,11 @@ Layers missing from the installed normswap are skipped (to measure older code).
 
     python scripts/bench_norms.py                 # CPU (and CUDA when present)
     python scripts/bench_norms.py --json out.json --reps 20 --device cpu --threads 1 --only L1,TopK
+    python scripts/bench_norms.py --compile --only L1LayerNorm,L1GroupNorm   # both sides torch.compile'd
+
+``--compile`` compiles each layer and its native counterpart (inductor, static shapes,
+forward and backward) and times the compiled modules: what a user of ``torch.compile``
+pays. Compilation happens in the warm-up steps and is not timed.
 """
 from __future__ import annotations
 
@@ -107,7 +112,7 @@ def time_fwd_bwd(module, x, grad, reps, sync, clock=time.perf_counter):
     return statistics.median(times)
 
 
-def run(device: str, reps: int, only=None):
+def run(device: str, reps: int, only=None, compile_layers: bool = False):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # CPU: processor time of this process, not wall time, so that other processes on a
     # shared machine do not enter the figures (with --threads 1 it is the work done)
@@ -121,13 +126,16 @@ def run(device: str, reps: int, only=None):
                 continue
             torch.manual_seed(0)
             m = make().to(device).train()
+            if compile_layers:
+                torch.compiler.reset()
+                m = torch.compile(m, dynamic=False)
             x = torch.randn(shape, device=device)
             if layout == "nhwc":
                 x = x.permute(0, 2, 3, 1).contiguous()
             x.requires_grad_()
             grad = torch.randn_like(x)
             t = time_fwd_bwd(m, x, grad, reps, sync, clock)
-            mem = saved_bytes(m, x)
+            mem = saved_bytes(m, x) if not compile_layers else 0
             res[name] = {"time_s": t, "saved_bytes": mem, "baseline": base}
         for name, r in res.items():
             if r["baseline"] is None and only:
@@ -136,7 +144,7 @@ def run(device: str, reps: int, only=None):
             rows.append({"device": device, "shape": list(shape), "layer": name,
                          "baseline": r["baseline"] or name, "time_s": r["time_s"],
                          "saved_bytes": r["saved_bytes"],
-                         "time_ratio": r["time_s"] / base["time_s"],
+                         "time_ratio": r["time_s"] / base["time_s"], "compiled": compile_layers,
                          "memory_ratio": r["saved_bytes"] / max(base["saved_bytes"], 1)})
     return rows
 
@@ -145,7 +153,7 @@ def print_table(rows):
     print(f"{'device':6} {'shape':18} {'layer':24} {'vs':18} {'time x':>7} {'mem x':>6}")
     for r in rows:
         print(f"{r['device']:6} {str(tuple(r['shape'])):18} {r['layer']:24} {r['baseline']:18} "
-              f"{r['time_ratio']:7.2f} {r['memory_ratio']:6.2f}")
+              f"{r['time_ratio']:7.2f} {'-' if r.get('compiled') else format(r['memory_ratio'], '6.2f'):>6}")
 
 
 def print_markdown(rows):
@@ -154,7 +162,43 @@ def print_markdown(rows):
     for r in rows:
         if r["baseline"] != r["layer"]:
             print(f"| {r['device']} | {tuple(r['shape'])} | {r['layer']} | {r['baseline']} | "
-                  f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
+                  f"{r['time_ratio']:.2f} | {'-' if r.get('compiled') else format(r['memory_ratio'], '.2f')} |")
+
+
+def plot(rows, path: str) -> None:
+    """Horizontal bars: time ratio to the native layer, one panel per (device, compiled),
+    one bar per layer and input shape; dashed line at the 1.5x target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["baseline"] != r["layer"]]
+    panels = list(dict.fromkeys((r["device"], bool(r.get("compiled"))) for r in rows))
+    layers_ = list(dict.fromkeys(r["layer"] for r in rows))
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.32 * len(layers_) + 1.2),
+                             squeeze=False, sharey=True)
+    h = 0.8 / max(1, len(shapes))
+    for ax, (dev, comp) in zip(axes[0], panels):
+        for j, shape in enumerate(shapes):
+            vals = {r["layer"]: r["time_ratio"] for r in rows
+                    if r["device"] == dev and bool(r.get("compiled")) == comp and tuple(r["shape"]) == shape}
+            ys = [i + (j - (len(shapes) - 1) / 2) * h for i, n in enumerate(layers_) if n in vals]
+            xs = [vals[n] for n in layers_ if n in vals]
+            ax.barh(ys, xs, h, label=str(shape))
+            for xx, yy in zip(xs, ys):
+                ax.text(xx, yy, f" {xx:.2f}", va="center", fontsize=6)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(1.5, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_title(f"{dev}, {'compiled' if comp else 'eager'}: fwd+bwd time / native", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_yticks(range(len(layers_)))
+    axes[0][0].set_yticklabels(layers_, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -165,6 +209,11 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated substrings of the layer names to measure")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--plot", metavar="PNG", help="bar chart of the time ratios (needs matplotlib)")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE",
+                    help="measure nothing: print and plot the rows of earlier --json files")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every layer and its native counterpart (memory not measured)")
     args = ap.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -172,13 +221,20 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     only = args.only.split(",") if args.only else None
     rows = []
+    if args.from_json:
+        for f in args.from_json:
+            with open(f) as fh:
+                rows += json.load(fh)
+        devices = []
     for d in devices:
-        rows += run(d, args.reps, only)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+        rows += run(d, args.reps, only, args.compile)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}" + (", compiled" if args.compile else ""))
     (print_markdown if args.markdown else print_table)(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 

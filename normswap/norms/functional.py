@@ -239,10 +239,13 @@ class StatNormFn(torch.autograd.Function):
             y = v3 * scale.to(ydt)[None, :, None]
         if post:  # the recovery on the post_shape view, in place: y * w + b
             yv = y.view(post_shape)
-            if qweight is not None:
-                yv.mul_(qweight.to(ydt))
-            if qbias is not None:
-                yv.add_(qbias.to(ydt))
+            if qweight is not None and qbias is not None and not torch.compiler.is_compiling():
+                torch.addcmul(qbias.to(ydt), yv, qweight.to(ydt), out=yv)  # one pass, not two
+            else:
+                if qweight is not None:
+                    yv.mul_(qweight.to(ydt))
+                if qbias is not None:
+                    yv.add_(qbias.to(ydt))
         if recompute:
             y = y.to(x3.dtype)
 
@@ -299,8 +302,14 @@ class StatNormFn(torch.autograd.Function):
             # dy becomes dy * w (in the same buffer in eager mode)
             t = dy3 * v3
             if ctx.needs_input_grad[3]:
-                gqw = t.mul_((gamma / d).to(t.dtype)[None, :, None]).view(post_shape) \
-                    .sum_to_size(qweight.shape).to(qweight.dtype)
+                k1g = (gamma / d).to(t.dtype)
+                if post_shape == tuple(v3.shape) and v3.shape[0] == 1 and qweight.numel() == v3.shape[2]:
+                    # recovery along Q of a (1, G, Q) layout (layer norm): sum_g k1_g t_gq is
+                    # one matrix-vector product (no scaled copy of t)
+                    gqw = torch.mv(t[0].t(), k1g).view(qweight.shape).to(qweight.dtype)
+                else:
+                    gqw = t.mul_(k1g[None, :, None]).view(post_shape) \
+                        .sum_to_size(qweight.shape).to(qweight.dtype)
             w = qweight.to(dy3.dtype)
             if torch.compiler.is_compiling():
                 dy3 = (dy3.view(post_shape) * w).view(v3.shape)

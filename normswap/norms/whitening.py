@@ -55,8 +55,11 @@ def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
     """``P_T / sqrt(tr(Sigma))`` for a batch of covariance matrices ``Sigma`` (..., d, d)."""
     tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     sig_n = cov / tr
-    p = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    for _ in range(T):
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    # P_1 = (3 I - I^3 Sigma_N) / 2 without its three products by I (a smaller graph to
+    # compile and differentiate); P_k = (3 P - P^3 Sigma_N) / 2 after that
+    p = 1.5 * eye - 0.5 * sig_n if T >= 1 else eye.expand_as(cov)
+    for _ in range(T - 1):
         p = 1.5 * p - 0.5 * torch.matmul(torch.matmul(torch.matmul(p, p), p), sig_n)
     return p / torch.sqrt(tr)
 
