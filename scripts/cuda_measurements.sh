@@ -5,15 +5,7 @@
 # with it. Also runs the timm zoo coverage on the machine's CPU cores (it needs no GPU).
 set -u
 OUT=${OUT:-cuda_out}
-mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-PY=${PY:-python3}
-step() {  # step NAME SECONDS CMD...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
-}
+source "$(dirname "$0")/measure_steps.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
   nproc; } > "$OUT/machine.txt" 2>&1
