@@ -131,6 +131,56 @@ def _eff_err(rows, setting, variant, key="eff_dev") -> List[float]:
             and j["variant"] == variant and key in r]
 
 
+def _paper_cell(c: int, comp) -> str:
+    a, b = C.PAPER_FIGURES.get((c, comp.setting, comp.a)), C.PAPER_FIGURES.get((c, comp.setting, comp.b))
+    if a is None or b is None:
+        return "direction only"
+    unit = " ppl" if c in C.LOWER_IS_BETTER else "%"
+    return f"{a:g} vs {b:g}{unit}"
+
+
+def summary(rows, claims) -> List[str]:
+    """The claims table: one row per comparison (paper figure, ours, verdict); claim 5 by
+    the first non-finite step of each float16 variant."""
+    md = ["### All claims at a glance\n",
+          "| claim | comparison | paper | ours (difference of means) | verdict |", "|---|---|---|---|---|"]
+    for c in claims:
+        lower = c in C.LOWER_IS_BETTER
+        runs = _metric_runs(rows, c)
+        for comp in C.PAPER[c][1]:
+            if (comp.setting, comp.a) not in runs or (comp.setting, comp.b) not in runs:
+                continue
+            (ma, sa), (mb, sb) = C.mean_std(runs[(comp.setting, comp.a)]), C.mean_std(runs[(comp.setting, comp.b)])
+            rel = "≈" if comp.kind == "close" else ("<" if lower else ">")
+            unit = " bits/char" if lower else " points"
+            ours = f"{ma - mb:+.3f}{unit}"
+            if c == 7 and _eff_err(rows, comp.setting, comp.a):
+                dev = _eff_err(rows, comp.setting, comp.a)
+                ours += f"; effective step {100 * sum(dev) / len(dev):.0f}% off per channel"
+            md.append(f"| {c} | {comp.setting}: {comp.a} {rel} {comp.b} | {_paper_cell(c, comp)} | "
+                      f"{ours} | {C.verdict(comp, runs, lower)} |")
+        if c == 5:
+            for setting, variants in C.CLAIM_VARIANTS[5].items():
+                cells = []
+                for v in variants:
+                    sel = [r for j, r in rows if j["claim"] == 5 and j["setting"] == setting
+                           and j["variant"] == v and "error" not in r]
+                    if sel:
+                        bad = sum(r["first_nonfinite_step"] is not None for r in sel)
+                        cells.append(f"{v}: {bad}/{len(sel)} seeds non-finite")
+                if cells:
+                    l2_bad = any(r["first_nonfinite_step"] is not None for j, r in rows if j["claim"] == 5
+                                 and j["setting"] == setting and j["variant"].startswith("L2") and "error" not in r)
+                    l1_bad = any(r["first_nonfinite_step"] is not None for j, r in rows if j["claim"] == 5
+                                 and j["setting"] == setting and j["variant"] == "L1 BN" and "error" not in r)
+                    verdict = "reproduces" if l2_bad and not l1_bad else "does not reproduce (L2 BN does not fail)" \
+                        if not l2_bad else "does not reproduce"
+                    md.append(f"| 5 | {setting}: pure float16, L1 BN trains where L2 BN fails | direction only | "
+                              f"{'; '.join(cells)} | {verdict} |")
+    md.append("")
+    return md
+
+
 def render(doc, out: Path, docs: Optional[Path] = None) -> str:
     """Markdown tables for every claim in ``doc``; plots into ``out``, linked relative to
     the markdown file ``docs`` (or to ``out``'s parent)."""
@@ -143,6 +193,7 @@ def render(doc, out: Path, docs: Optional[Path] = None) -> str:
         md.append(f"- `{meta['command']}`: {meta['wall_seconds']:.0f} s wall on {meta['machine']} "
                   f"({meta['date']}, torch {meta['torch']}, {meta['jobs']} processes, {meta['seeds']} seeds)")
     md.append("")
+    md += summary(rows, claims)
     for c in claims:
         paper, comps = C.PAPER[c]
         lower = c in C.LOWER_IS_BETTER

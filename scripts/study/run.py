@@ -2,7 +2,7 @@
 
 Each claim's runs are independent jobs (claim, setting, variant, seed), run in a process
 pool; the results go to ``<out>/results.json``, plots to ``<out>/*.png`` and the tables
-into ``docs/study.md`` between its result markers (``--docs``)."""
+into ``docs/study/README.md`` between its result markers (``--docs``)."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,9 @@ def parse_claims(text: str) -> List[int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true",
+                    help="every claim at the default scale (the committed run: about an hour on 2 CPU cores "
+                         "with --jobs 2); the same as --claims all")
     ap.add_argument("--claims", type=parse_claims, default="all", help="'all' or e.g. 1,2,7")
     ap.add_argument("--quick", action="store_true", help="smoke run on digits and 20k characters (no data package)")
     ap.add_argument("--seeds", type=int, default=3)
@@ -55,12 +58,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (claim 5 uses cuda when there is one)")
     ap.add_argument("--data", help="folder with the Fashion-MNIST idx files (default: the Debian package's)")
     ap.add_argument("--n-train", type=int, default=10000)
-    ap.add_argument("--n-val", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lm-steps", type=int, default=400)
-    ap.add_argument("--fp16-steps", type=int, default=150)
+    ap.add_argument("--n-val", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lm-steps", type=int, default=500)
+    ap.add_argument("--fp16-steps", type=int, default=200)
     ap.add_argument("--out", default="docs/study", help="folder for results.json and the plots")
-    ap.add_argument("--docs", help="markdown file whose result section is rewritten (e.g. docs/study.md)")
+    ap.add_argument("--docs", help="markdown file whose result section is rewritten (e.g. docs/study/README.md)")
     ap.add_argument("--merge", action="store_true", help="keep other claims' results already in results.json")
     ap.add_argument("--variants", help="run only these variants (comma list of exact row labels)")
     ap.add_argument("--settings", help="run only these settings (comma list, e.g. 'batch 64')")
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
             write_docs(Path(args.docs), md, args.section)
         return 0
     claims = args.claims if isinstance(args.claims, list) else parse_claims(args.claims)
+    if args.all:
+        claims = parse_claims("all")
     if args.seeds < 1:
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.quick:
