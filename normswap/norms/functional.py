@@ -190,12 +190,16 @@ class StatNormFn(torch.autograd.Function):
         recompute = sdt != x3.dtype
         v3 = (x3.to(sdt) if recompute else x3) - mu.to(sdt if recompute else x3.dtype)[None, :, None]
 
-        sq = None
+        sq = ybuf = None
         if stat == "l2":
             sq = torch.linalg.vector_norm(v3, 2, dim=(0, 2), dtype=sdt).square_()
         mad = None
         if stat == "l1" or need_mad:
-            mad = v3.abs().sum(dim=(0, 2), dtype=sdt)  # (vector_norm's ord=1 path is ~10x slower on CPU)
+            # (vector_norm's ord=1 path is ~10x slower on CPU); in eager mode |v| goes into
+            # the buffer that will hold y: one full-size allocation fewer
+            eager = not torch.compiler.is_compiling()
+            ybuf = torch.empty_like(v3) if eager else None
+            mad = (torch.abs(v3, out=ybuf) if eager else v3.abs()).sum(dim=(0, 2), dtype=sdt)
         red = [t for t in (sq, mad) if t is not None]
         if group is not None and red:
             parts = list(_all_reduce(torch.cat(red), group).split(G))
@@ -234,9 +238,10 @@ class StatNormFn(torch.autograd.Function):
         scale = gamma / d
         ydt = v3.dtype
         if bias is not None:
-            y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None])
+            y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None],
+                              **({"out": ybuf} if ybuf is not None else {}))
         else:
-            y = v3 * scale.to(ydt)[None, :, None]
+            y = torch.mul(v3, scale.to(ydt)[None, :, None], **({"out": ybuf} if ybuf is not None else {}))
         if post:  # the recovery on the post_shape view, in place: y * w + b
             yv = y.view(post_shape)
             if qweight is not None and qbias is not None and not torch.compiler.is_compiling():
@@ -359,7 +364,9 @@ class StatNormFn(torch.autograd.Function):
             c0 = c0 - topk_coef * topk_sign_sum / m
 
         dt = v3.dtype
-        dx = torch.addcmul(c0.to(dt)[None, :, None], dy3, k1.to(dt)[None, :, None])
+        # dy3 is a buffer of this backward's own when the post recovery made it: write dx there
+        own = qweight is not None and not torch.compiler.is_compiling()
+        dx = torch.addcmul(c0.to(dt)[None, :, None], dy3, k1.to(dt)[None, :, None], **({"out": dy3} if own else {}))
         if coef_v is not None:
             dx.addcmul_(v3, coef_v.to(dt)[None, :, None])
         if need_sign:
