@@ -100,6 +100,30 @@ def _group_sums(dy3: torch.Tensor, v3: torch.Tensor, sdt: torch.dtype):
     return sdyv.to(sdt), sdy.to(sdt)
 
 
+def _affine_g(t3: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor],
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``t3 * scale[g] + shift[g]`` for a ``(P, G, Q)`` tensor and per-group ``(G,)`` vectors.
+
+    In eager mode on CPU this is the native eval-mode batch-norm transform (mean 0, variance
+    1, eps 0: exactly ``t * scale + shift``), whose kernel runs each contiguous row with
+    scalar coefficients; ``addcmul`` with two broadcast operands falls back to an
+    unvectorized loop there (about 2x slower). Under torch.compile, and on other devices,
+    ``addcmul`` (inductor fuses it). ``out``: a buffer of the caller's to write into (may be
+    ``t3`` itself; eager CPU only), one full-size allocation fewer."""
+    G = t3.shape[1]
+    if shift is None:
+        shift = torch.zeros(G, dtype=t3.dtype, device=t3.device)
+    if t3.device.type != "cpu" or torch.compiler.is_compiling() or t3.dtype not in (torch.float32, torch.float64):
+        return torch.addcmul(shift[None, :, None], t3, scale[None, :, None])
+    zeros = torch.zeros(G, dtype=t3.dtype, device=t3.device)
+    ones = torch.ones(G, dtype=t3.dtype, device=t3.device)
+    if out is None:
+        return torch.batch_norm(t3, scale, shift, zeros, ones, False, 0.0, 0.0, False)
+    empty = t3.new_empty(0)
+    return torch.ops.aten.native_batch_norm.out(t3, scale, shift, zeros, ones, False, 0.0, 0.0,
+                                                 out=out, save_mean=empty, save_invstd=empty.clone())[0]
+
+
 def _rows(v3: torch.Tensor) -> torch.Tensor:
     """``|v|`` laid out as (G, P * Q): one contiguous row per group (fast topk on CPU)."""
     P, G, Q = v3.shape
@@ -195,11 +219,13 @@ class StatNormFn(torch.autograd.Function):
             sq = torch.linalg.vector_norm(v3, 2, dim=(0, 2), dtype=sdt).square_()
         mad = None
         if stat == "l1" or need_mad:
-            # (vector_norm's ord=1 path is ~10x slower on CPU); in eager mode |v| goes into
-            # the buffer that will hold y: one full-size allocation fewer
-            eager = not torch.compiler.is_compiling()
-            ybuf = torch.empty_like(v3) if eager else None
-            mad = (torch.abs(v3, out=ybuf) if eager else v3.abs()).sum(dim=(0, 2), dtype=sdt)
+            # (vector_norm's ord=1 path is ~10x slower on CPU)
+            # |v| into the buffer that will hold y (eager CPU): one full-size allocation fewer
+            if v3.device.type == "cpu" and not torch.compiler.is_compiling():
+                ybuf = torch.empty_like(v3)
+                mad = torch.abs(v3, out=ybuf).sum(dim=(0, 2), dtype=sdt)
+            else:
+                mad = v3.abs().sum(dim=(0, 2), dtype=sdt)
         red = [t for t in (sq, mad) if t is not None]
         if group is not None and red:
             parts = list(_all_reduce(torch.cat(red), group).split(G))
@@ -237,11 +263,7 @@ class StatNormFn(torch.autograd.Function):
         gamma = weight.to(sdt) if weight is not None else torch.ones(G, dtype=sdt, device=x3.device)
         scale = gamma / d
         ydt = v3.dtype
-        if bias is not None:
-            y = torch.addcmul(bias.to(ydt)[None, :, None], v3, scale.to(ydt)[None, :, None],
-                              **({"out": ybuf} if ybuf is not None else {}))
-        else:
-            y = torch.mul(v3, scale.to(ydt)[None, :, None], **({"out": ybuf} if ybuf is not None else {}))
+        y = _affine_g(v3, scale.to(ydt), bias.to(ydt) if bias is not None else None, out=ybuf)
         if post:  # the recovery on the post_shape view, in place: y * w + b
             yv = y.view(post_shape)
             if qweight is not None and qbias is not None and not torch.compiler.is_compiling():
@@ -364,9 +386,9 @@ class StatNormFn(torch.autograd.Function):
             c0 = c0 - topk_coef * topk_sign_sum / m
 
         dt = v3.dtype
-        # dy3 is a buffer of this backward's own when the post recovery made it: write dx there
-        own = qweight is not None and not torch.compiler.is_compiling()
-        dx = torch.addcmul(c0.to(dt)[None, :, None], dy3, k1.to(dt)[None, :, None], **({"out": dy3} if own else {}))
+        # dy3 is this backward's own buffer when the post recovery made it (eager): dx goes there
+        own = qweight is not None and not torch.compiler.is_compiling() and dy3.device.type == "cpu"
+        dx = _affine_g(dy3, k1.to(dt), c0.to(dt), out=dy3 if own else None)
         if coef_v is not None:
             dx.addcmul_(v3, coef_v.to(dt)[None, :, None])
         if need_sign:
