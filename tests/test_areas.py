@@ -226,6 +226,30 @@ def test_iter_norm_gradcheck(shape, g, T, mode):
     assert torch.autograd.gradcheck(lambda x, *p: (m(x) * w).sum(), (x,) + tuple(m.parameters()))
 
 
+@pytest.mark.parametrize("T", [0, 1, 2, 5, 7])
+def test_newton_whitening_operator_backward_equals_autograd_of_the_iteration(T):
+    """IterNorm's whitening is one operator with a hand-written backward (a small graph for
+    torch.compile); its gradient must be autograd's through P_k = (3 P - P^3 S) / 2."""
+    from normswap.norms.whitening import newton_whitening
+
+    def iteration(cov):  # PAPERS.md: S = cov / tr, P_0 = I, ..., P_T / sqrt(tr)
+        tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        p = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
+        for _ in range(T):
+            p = (3 * p - p @ p @ p @ (cov / tr)) / 2
+        return p / tr.sqrt()
+
+    g = torch.Generator().manual_seed(T)
+    v = torch.randn(3, 5, 40, generator=g, dtype=torch.float64)
+    cov = (v @ v.mT / 40 + 1e-3 * torch.eye(5, dtype=torch.float64)).requires_grad_()
+    up = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    want, = torch.autograd.grad(iteration(cov), cov, up)
+    for f in (newton_whitening, torch.ops.normswap.newton_whitening):  # eager path, compiled path
+        torch.testing.assert_close(f(cov, T), iteration(cov), rtol=1e-12, atol=1e-12)
+        got, = torch.autograd.grad(f(cov, T), cov, up)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_iter_norm_momentum_none_penalty_and_state_dict():
     m = _iter(6, 4, 5, (8, 6, 2, 2), momentum=None, l1_alpha=0.5)
     xs = [_input((8, 6, 2, 2), seed=s) for s in range(3)]
