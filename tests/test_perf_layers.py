@@ -260,3 +260,31 @@ def test_dn_backward_graph_has_no_pooling_backward(make, shape):
     gm = make_fx(fwd_bwd)(torch.randn(shape, requires_grad=True))
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert not [o for o in ops if "pool" in o and "backward" in o], sorted(ops)
+
+
+# -- the standardizing layers' outputs: tensors of their own -----------------------------
+@pytest.mark.parametrize("make", [
+    lambda: N.L1BatchNorm2d(6), lambda: N.TopKBatchNorm2d(6, k=3), lambda: N.BatchNormStar2d(6, l1_alpha=0.1),
+    lambda: N.MeanOnlyBatchNorm2d(6), lambda: N.L1LayerNorm(5), lambda: N.L1GroupNorm(2, 6),
+    lambda: N.L1InstanceNorm2d(6, affine=True)], ids=["l1bn", "topkbn", "bn*", "meanonly", "l1ln", "l1gn", "l1in"])
+def test_output_is_not_a_view_and_inplace_relu_after_it_keeps_gradients(make):
+    """A norm followed by ``ReLU(inplace=True)`` (most CNNs): when the layer returned a view
+    of its Function's output, autograd cloned and copied every such gradient in backward
+    (about 2% of a resnet18 step on CPU). The output must be a tensor of its own, and the
+    in-place activation must give the gradients of the out-of-place one."""
+    torch.manual_seed(0)
+    layer = make().double()
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y._base is None
+    grads = []
+    for inplace in (True, False):
+        x.grad = None
+        layer.zero_grad()
+        out = layer(x)
+        out = out.relu_() if inplace else out.relu()
+        (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin()).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    assert "CopySlices" not in type(layer(x).relu_().grad_fn).__name__
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

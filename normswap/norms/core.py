@@ -37,7 +37,7 @@ from torch import nn
 from .areas import Area, BatchArea
 from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
-from .functional import C_L1, STATS, stat_dtype, stat_norm
+from .functional import C_L1, STATS, reshape_source, stat_dtype, stat_norm
 
 STAT_BUFFERS = {"l2": "running_var", "l1": "running_mad", "topk": "running_std", "mean": None}
 """Name of the running scale statistic of each operation (what eval mode divides by)."""
@@ -247,10 +247,12 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
             gw, gb = area.group_params(x, weight, bias)
         elif weight is not None or bias is not None:
             qw, qb, post_shape = area.post_params(x, weight, bias)
+        x3 = area.to_pgq(x)
+        out_shape = reshape_source(x, x3)
         y3, mu, batch_stat, mad, count = stat_norm(
-            area.to_pgq(x), gw, gb, op.stat, delta=self._delta(x), k=op.k, eps=self.eps,
-            group=group, need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape)
-        y = area.from_pgq(y3, x)
+            x3, gw, gb, op.stat, delta=self._delta(x), k=op.k, eps=self.eps, group=group,
+            need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape, out_shape=out_shape)
+        y = y3 if out_shape is not None and y3.shape == x.shape else area.from_pgq(y3, x)
         if update:
             self._update_running(area.per_channel(mu, x),
                                  area.per_channel(batch_stat, x) if self._stat_buffer else None, count)

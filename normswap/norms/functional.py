@@ -114,6 +114,8 @@ def _affine_g(t3: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tenso
     if shift is None:
         shift = torch.zeros(G, dtype=t3.dtype, device=t3.device)
     if t3.device.type != "cpu" or torch.compiler.is_compiling() or t3.dtype not in (torch.float32, torch.float64):
+        if out is not None and not torch.compiler.is_compiling():
+            return torch.addcmul(shift[None, :, None], t3, scale[None, :, None], out=out)
         return torch.addcmul(shift[None, :, None], t3, scale[None, :, None])
     zeros = torch.zeros(G, dtype=t3.dtype, device=t3.device)
     ones = torch.ones(G, dtype=t3.dtype, device=t3.device)
@@ -186,9 +188,16 @@ class StatNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, weight, bias, qweight, qbias, delta, stat: str, k: int, eps: float, group,
-                need_mad: bool, post_shape):
+                need_mad: bool, post_shape, out_shape=None):
         ctx.set_materialize_grads(False)
         P, G, Q = x3.shape
+        # out_shape: x3 is a reshape of the caller's tensor of that shape, and y is returned in
+        # it as a tensor of its own, not as a view: an in-place op on a view of a Function's
+        # output (the usual ReLU(inplace=True) after a norm) makes autograd clone and copy
+        # the gradient in backward. Eager only (under compile views cost nothing).
+        if out_shape is not None and torch.compiler.is_compiling():
+            out_shape = None
+        ybase = torch.empty(out_shape, dtype=x3.dtype, device=x3.device) if out_shape is not None else None
         sdt = stat_dtype(x3.dtype)
         world = dist.get_world_size(group) if group is not None else 1
 
@@ -205,7 +214,9 @@ class StatNormFn(torch.autograd.Function):
         if stat == "mean" and not need_mad and not post:
             # y = x - mu + beta in one pass; backward needs only sum(dy)
             shift = bias.to(sdt) - mu if bias is not None else -mu
-            y = x3 + shift.to(x3.dtype)[None, :, None]  # a fresh tensor, not a view
+            y = torch.add(x3, shift.to(x3.dtype)[None, :, None],  # a fresh tensor, not a view
+                          **({"out": ybase.view(x3.shape)} if ybase is not None else {}))
+            y = ybase if ybase is not None else y
             ctx.meta = _Meta("mean-lite", k, group, x3.shape, False, bias is not None, False, False, sdt)
             ctx.m = m
             outs = (y, mu, empty, mu.new_zeros(0), m if group is not None else mu.new_zeros(0))
@@ -221,8 +232,8 @@ class StatNormFn(torch.autograd.Function):
         if stat == "l1" or need_mad:
             # (vector_norm's ord=1 path is ~10x slower on CPU)
             # |v| into the buffer that will hold y (eager CPU): one full-size allocation fewer
-            if v3.device.type == "cpu" and not torch.compiler.is_compiling():
-                ybuf = torch.empty_like(v3)
+            if not torch.compiler.is_compiling():
+                ybuf = ybase.view(v3.shape) if ybase is not None and not recompute else torch.empty_like(v3)
                 mad = torch.abs(v3, out=ybuf).sum(dim=(0, 2), dtype=sdt)
             else:
                 mad = v3.abs().sum(dim=(0, 2), dtype=sdt)
@@ -263,6 +274,8 @@ class StatNormFn(torch.autograd.Function):
         gamma = weight.to(sdt) if weight is not None else torch.ones(G, dtype=sdt, device=x3.device)
         scale = gamma / d
         ydt = v3.dtype
+        if ybuf is None and ybase is not None and not recompute:
+            ybuf = ybase.view(v3.shape)
         y = _affine_g(v3, scale.to(ydt), bias.to(ydt) if bias is not None else None, out=ybuf)
         if post:  # the recovery on the post_shape view, in place: y * w + b
             yv = y.view(post_shape)
@@ -274,7 +287,9 @@ class StatNormFn(torch.autograd.Function):
                 if qbias is not None:
                     yv.add_(qbias.to(ydt))
         if recompute:
-            y = y.to(x3.dtype)
+            y = ybase.view(x3.shape).copy_(y) if ybase is not None else y.to(x3.dtype)
+        if ybase is not None:
+            y = ybase
 
         saved_topk = topk if topk is not None else (None,) * 4
         ctx.save_for_backward(x3 if recompute else v3, mu if recompute else None, d, gamma, qweight,
@@ -316,6 +331,8 @@ class StatNormFn(torch.autograd.Function):
         else:
             v3 = saved
         out_dt = saved.dtype
+        if dy is not None and dy.shape != shape:  # the output was returned in the caller's shape
+            dy = dy.reshape(shape)
         if dy is None:
             dy = torch.zeros(shape, dtype=v3.dtype, device=v3.device)
         dy3 = dy.to(v3.dtype)
@@ -404,25 +421,27 @@ class StatNormFn(torch.autograd.Function):
         gdelta = None
         if meta.delta_grad:
             gdelta = (dldd / (2 * d)).sum().reshape(ctx.delta_shape)
-        return dx.to(out_dt), gw, gb, gqw, gqb, gdelta, None, None, None, None, None, None
+        return dx.to(out_dt), gw, gb, gqw, gqb, gdelta, None, None, None, None, None, None, None
 
     @staticmethod
     def _mean_only_backward(ctx, dy):
         """Mean-only: ``dx = dy - mean(dy)``, ``dbeta = sum(dy)``."""
         meta, m = ctx.meta, ctx.m
         if dy is None:
-            return (None,) * 12
+            return (None,) * 13
+        dy = dy.reshape(meta.shape)
         sdy_loc = dy.sum(dim=(0, 2), dtype=meta.sdt)
         sdy = _all_reduce(sdy_loc.clone(), meta.group) if meta.group is not None else sdy_loc
         dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
         gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
-        return dx, None, gb, None, None, None, None, None, None, None, None, None
+        return dx, None, gb, None, None, None, None, None, None, None, None, None, None
 
 
 def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
               group=None, need_mad: bool = False, qweight: Optional[torch.Tensor] = None,
-              qbias: Optional[torch.Tensor] = None, post_shape: Optional[tuple] = None):
+              qbias: Optional[torch.Tensor] = None, post_shape: Optional[tuple] = None,
+              out_shape: Optional[tuple] = None):
     """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
 
     ``weight``, ``bias``: a recovery per group ``g`` (G,). ``qweight``, ``qbias``: a
@@ -433,6 +452,9 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     ``mean|v|`` ("l1"), ``C_inf(n) * s_k`` ("topk"); empty for "mean". ``mad`` is
     ``mean|v|`` per group (differentiable) when ``need_mad`` or ``stat == "l1"``, else
     empty. ``count`` is ``n`` (a Python int; a tensor when summed over ``group``).
+
+    ``out_shape``: ``x3`` is a reshape of the caller's contiguous tensor of this shape (see
+    :func:`reshape_source`); ``y`` then comes back in that shape, as a tensor of its own.
     """
     if stat == "l2" and delta is None:
         delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
@@ -441,10 +463,22 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if (qweight is not None or qbias is not None) and post_shape is None:
         post_shape = tuple(x3.shape)
     y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
-                                                     group, need_mad, post_shape)
+                                                     group, need_mad, post_shape, out_shape)
     if group is None:
         count = x3.shape[0] * x3.shape[2]
     return y, mu, batch_stat, mad, count
+
+
+def reshape_source(x: torch.Tensor, x3: torch.Tensor) -> Optional[tuple]:
+    """``x``'s shape when ``x3`` is nothing but a reshape of the contiguous ``x`` (same memory,
+    same order), else None: then :func:`stat_norm` can return ``y`` in ``x``'s shape.
+    Always None under torch.compile (no data pointers there, and views cost nothing)."""
+    if torch.compiler.is_compiling():
+        return None
+    if x.is_contiguous() and x3.is_contiguous() and x3.numel() == x.numel() and \
+            (x.numel() == 0 or x3.data_ptr() == x.data_ptr()):
+        return tuple(x.shape)
+    return None
 
 
 def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -453,6 +487,7 @@ def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     """Training-mode batch normalization of ``(N, C, *)``: statistics per channel over
     ``(N, *)``. Returns (y, mu, batch_stat, mad, count) as :func:`stat_norm` does."""
     N, C = x.shape[0], x.shape[1]
-    y3, mu, batch_stat, mad, count = stat_norm(x.reshape(N, C, -1), weight, bias, stat, delta=delta,
-                                               k=k, eps=eps, group=group, need_mad=need_mad)
-    return y3.view(x.shape), mu, batch_stat, mad, count
+    x3 = x.reshape(N, C, -1)
+    y, mu, batch_stat, mad, count = stat_norm(x3, weight, bias, stat, delta=delta, k=k, eps=eps, group=group,
+                                              need_mad=need_mad, out_shape=reshape_source(x, x3))
+    return y.view(x.shape) if y.shape != x.shape else y, mu, batch_stat, mad, count
