@@ -13,7 +13,9 @@ per channel and centered values ``V = x - mu`` (``d x m``)::
 Eval mode uses ``running_mean`` and ``running_wm`` (the whitening matrix
 ``P_T / sqrt(tr(Sigma))`` per group), kept with PyTorch's momentum convention
 ``running = (1 - momentum) * running + momentum * batch_value``. Gradients flow
-through the iterations by autograd. Computed in float32 for half-precision inputs.
+through the iterations by autograd in eager mode; under torch.compile the iteration is
+one custom operator whose backward is the same chain rule written out (a small graph to
+compile). Computed in float32 for half-precision inputs.
 Under ``sync=True`` the mean and covariance are taken over every process.
 """
 from __future__ import annotations
