@@ -288,3 +288,26 @@ def test_output_is_not_a_view_and_inplace_relu_after_it_keeps_gradients(make):
     assert "CopySlices" not in type(layer(x).relu_().grad_fn).__name__
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(6), lambda: N.TopKBatchNorm2d(6, k=3),
+                                  lambda: N.L1LayerNorm2d(6), lambda: N.L1GroupNorm(2, 6)],
+                         ids=["l1bn", "topkbn", "l1ln2d", "l1gn"])
+def test_channels_last_and_sliced_inputs_give_the_contiguous_results(make):
+    """The output-in-the-input's-shape path is taken only for a plain reshape of a
+    contiguous input; channels-last and strided inputs take the general path, same values."""
+    torch.manual_seed(0)
+    layer = make().double()
+    base = torch.randn(4, 6, 3, 5, dtype=torch.float64)
+    up = torch.randn(4, 6, 3, 5, dtype=torch.float64)
+    results = []
+    for x in (base.clone(), base.to(memory_format=torch.channels_last),
+              torch.cat([base, base], dim=3)[..., :5]):   # a strided (non-contiguous) view
+        x = x.detach().requires_grad_()
+        layer.zero_grad()
+        y = layer(x)
+        (y * up).sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
