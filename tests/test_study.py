@@ -108,7 +108,7 @@ def test_quick_mode_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT))
     docs = tmp_path / "study.md"
     docs.write_text("# Study\n\nnarrative kept\n")
-    r = subprocess.run([sys.executable, "-m", "scripts.study.run", "--quick", "--seeds", "1", "--out",
+    r = subprocess.run([sys.executable, os.path.join("scripts", "study.py"), "--quick", "--seeds", "1", "--out",
                         str(tmp_path / "out"), "--docs", str(docs)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
