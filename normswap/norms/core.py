@@ -252,7 +252,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         y3, mu, batch_stat, mad, count = stat_norm(
             x3, gw, gb, op.stat, delta=self._delta(x), k=op.k, eps=self.eps, group=group,
             need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape, out_shape=out_shape)
-        y = y3 if out_shape is not None and y3.shape == x.shape else area.from_pgq(y3, x)
+        y = y3 if out_shape is not None else area.from_pgq(y3, x)
         if update:
             self._update_running(area.per_channel(mu, x),
                                  area.per_channel(batch_stat, x) if self._stat_buffer else None, count)

@@ -225,15 +225,18 @@ class StatNormFn(torch.autograd.Function):
         recompute = sdt != x3.dtype
         v3 = (x3.to(sdt) if recompute else x3) - mu.to(sdt if recompute else x3.dtype)[None, :, None]
 
-        sq = ybuf = None
+        # the buffer y is written into (eager): the caller's-shape output when there is one
+        eager = not torch.compiler.is_compiling()
+        ybuf = ybase.view(v3.shape) if ybase is not None and not recompute else None
+        sq = None
         if stat == "l2":
             sq = torch.linalg.vector_norm(v3, 2, dim=(0, 2), dtype=sdt).square_()
         mad = None
         if stat == "l1" or need_mad:
             # (vector_norm's ord=1 path is ~10x slower on CPU)
-            # |v| into the buffer that will hold y (eager CPU): one full-size allocation fewer
-            if not torch.compiler.is_compiling():
-                ybuf = ybase.view(v3.shape) if ybase is not None and not recompute else torch.empty_like(v3)
+            # |v| into the buffer that will hold y (eager): one full-size allocation fewer
+            if eager:
+                ybuf = ybuf if ybuf is not None else torch.empty_like(v3)
                 mad = torch.abs(v3, out=ybuf).sum(dim=(0, 2), dtype=sdt)
             else:
                 mad = v3.abs().sum(dim=(0, 2), dtype=sdt)
@@ -274,12 +277,10 @@ class StatNormFn(torch.autograd.Function):
         gamma = weight.to(sdt) if weight is not None else torch.ones(G, dtype=sdt, device=x3.device)
         scale = gamma / d
         ydt = v3.dtype
-        if ybuf is None and ybase is not None and not recompute:
-            ybuf = ybase.view(v3.shape)
         y = _affine_g(v3, scale.to(ydt), bias.to(ydt) if bias is not None else None, out=ybuf)
         if post:  # the recovery on the post_shape view, in place: y * w + b
             yv = y.view(post_shape)
-            if qweight is not None and qbias is not None and not torch.compiler.is_compiling():
+            if qweight is not None and qbias is not None and eager:
                 torch.addcmul(qbias.to(ydt), yv, qweight.to(ydt), out=yv)  # one pass, not two
             else:
                 if qweight is not None:
@@ -404,7 +405,7 @@ class StatNormFn(torch.autograd.Function):
 
         dt = v3.dtype
         # dy3 is this backward's own buffer when the post recovery made it (eager): dx goes there
-        own = qweight is not None and not torch.compiler.is_compiling() and dy3.device.type == "cpu"
+        own = qweight is not None and not torch.compiler.is_compiling()
         dx = _affine_g(dy3, k1.to(dt), c0.to(dt), out=dy3 if own else None)
         if coef_v is not None:
             dx.addcmul_(v3, coef_v.to(dt)[None, :, None])
@@ -488,6 +489,7 @@ def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     ``(N, *)``. Returns (y, mu, batch_stat, mad, count) as :func:`stat_norm` does."""
     N, C = x.shape[0], x.shape[1]
     x3 = x.reshape(N, C, -1)
+    out_shape = reshape_source(x, x3)
     y, mu, batch_stat, mad, count = stat_norm(x3, weight, bias, stat, delta=delta, k=k, eps=eps, group=group,
-                                              need_mad=need_mad, out_shape=reshape_source(x, x3))
-    return y.view(x.shape) if y.shape != x.shape else y, mu, batch_stat, mad, count
+                                              need_mad=need_mad, out_shape=out_shape)
+    return y if out_shape is not None else y.view(x.shape), mu, batch_stat, mad, count

@@ -53,16 +53,28 @@ def _sizes(num_features: int, group_size: int) -> List[int]:
     return [d] * full + ([rest] if rest else [])
 
 
-def _newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
-    """``P_T / sqrt(tr(Sigma))`` for a batch of covariance matrices ``Sigma`` (..., d, d)."""
+def _newton_steps(cov: torch.Tensor, T: int):
+    """The iteration for a batch of covariance matrices ``Sigma`` (..., d, d): returns
+    ``tr(Sigma)``, ``Sigma_N``, ``I``, the ``(P_{k-1}, P_{k-1}^2, P_{k-1}^3)`` of steps
+    ``k = 2..T`` (what the written-out backward needs) and ``P_T``."""
     tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     sig_n = cov / tr
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     # P_1 = (3 I - I^3 Sigma_N) / 2 without its three products by I (a smaller graph to
     # compile and differentiate); P_k = (3 P - P^3 Sigma_N) / 2 after that
     p = 1.5 * eye - 0.5 * sig_n if T >= 1 else eye.expand_as(cov)
+    steps = []
     for _ in range(T - 1):
-        p = 1.5 * p - 0.5 * torch.matmul(torch.matmul(torch.matmul(p, p), p), sig_n)
+        pp = torch.matmul(p, p)
+        ppp = torch.matmul(pp, p)
+        steps.append((p, pp, ppp))
+        p = 1.5 * p - 0.5 * torch.matmul(ppp, sig_n)
+    return tr, sig_n, eye, steps, p
+
+
+def _newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
+    """``P_T / sqrt(tr(Sigma))`` for a batch of covariance matrices ``Sigma`` (..., d, d)."""
+    tr, _, _, _, p = _newton_steps(cov, T)
     return p / torch.sqrt(tr)
 
 
@@ -84,17 +96,7 @@ def _(cov: torch.Tensor, T: int) -> torch.Tensor:
 
 @torch.library.custom_op("normswap::newton_whitening_backward", mutates_args=())
 def _newton_whitening_backward(cov: torch.Tensor, grad: torch.Tensor, T: int) -> torch.Tensor:
-    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    s_n = cov / tr
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    # the forward again, keeping P_{k-1}, P_{k-1}^2 and P_{k-1}^3 of steps k = 2..T
-    p = 1.5 * eye - 0.5 * s_n if T >= 1 else eye.expand_as(cov)
-    steps = []
-    for _ in range(T - 1):
-        pp = torch.matmul(p, p)
-        ppp = torch.matmul(pp, p)
-        steps.append((p, pp, ppp))
-        p = 1.5 * p - 0.5 * torch.matmul(ppp, s_n)
+    tr, s_n, eye, steps, p = _newton_steps(cov, T)   # the forward again, with its products
     rs = torch.rsqrt(tr)
     g_p = grad * rs                                                     # dL/dP_T
     g_tr = -0.5 * (grad * p).sum(dim=(-2, -1), keepdim=True) * rs / tr

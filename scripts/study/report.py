@@ -154,29 +154,29 @@ def summary(rows, claims) -> List[str]:
             rel = "≈" if comp.kind == "close" else ("<" if lower else ">")
             unit = " bits/char" if lower else " points"
             ours = f"{ma - mb:+.3f}{unit}"
-            if c == 7 and _eff_err(rows, comp.setting, comp.a):
-                dev = _eff_err(rows, comp.setting, comp.a)
+            dev = _eff_err(rows, comp.setting, comp.a) if c == 7 else []
+            if dev:
                 ours += f"; effective step {100 * sum(dev) / len(dev):.0f}% off per channel"
             md.append(f"| {c} | {comp.setting}: {comp.a} {rel} {comp.b} | {_paper_cell(c, comp)} | "
                       f"{ours} | {C.verdict(comp, runs, lower)} |")
         if c == 5:
             for setting, variants in C.CLAIM_VARIANTS[5].items():
-                cells = []
-                for v in variants:
-                    sel = [r for j, r in rows if j["claim"] == 5 and j["setting"] == setting
-                           and j["variant"] == v and "error" not in r]
-                    if sel:
-                        bad = sum(r["first_nonfinite_step"] is not None for r in sel)
-                        cells.append(f"{v}: {bad}/{len(sel)} seeds non-finite")
-                if cells:
-                    l2_bad = any(r["first_nonfinite_step"] is not None for j, r in rows if j["claim"] == 5
-                                 and j["setting"] == setting and j["variant"].startswith("L2") and "error" not in r)
-                    l1_bad = any(r["first_nonfinite_step"] is not None for j, r in rows if j["claim"] == 5
-                                 and j["setting"] == setting and j["variant"] == "L1 BN" and "error" not in r)
-                    verdict = "reproduces" if l2_bad and not l1_bad else "does not reproduce (L2 BN does not fail)" \
-                        if not l2_bad else "does not reproduce"
-                    md.append(f"| 5 | {setting}: pure float16, L1 BN trains where L2 BN fails | direction only | "
-                              f"{'; '.join(cells)} | {verdict} |")
+                nonfinite: Dict[str, List[bool]] = {}   # variant -> per seed: went non-finite
+                for j, r in rows:
+                    if j["claim"] == 5 and j["setting"] == setting and "error" not in r:
+                        nonfinite.setdefault(j["variant"], []).append(r["first_nonfinite_step"] is not None)
+                if not nonfinite:
+                    continue
+                cells = [f"{v}: {sum(nonfinite[v])}/{len(nonfinite[v])} seeds non-finite"
+                         for v in variants if v in nonfinite]
+                l2_fails = any(any(b) for v, b in nonfinite.items() if v.startswith("L2"))
+                l1_fails = any(nonfinite.get("L1 BN", []))
+                if not l2_fails:
+                    verdict = "does not reproduce (L2 BN does not fail)"
+                else:
+                    verdict = "does not reproduce" if l1_fails else "reproduces"
+                md.append(f"| 5 | {setting}: pure float16, L1 BN trains where L2 BN fails | direction only | "
+                          f"{'; '.join(cells)} | {verdict} |")
     md.append("")
     return md
 
