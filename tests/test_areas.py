@@ -42,6 +42,19 @@ AREA_LAYERS = [
 IDS = [f"{i}-{a}-{o}" for i, (_, a, o, _, _) in enumerate(AREA_LAYERS)]
 
 
+@pytest.fixture(params=["kernels", "pytorch"])
+def path(request):
+    """Both implementations of the row areas: the compiled CPU kernels (normswap.kernels)
+    and the PyTorch formulation (used under torch.compile, on other devices, in half)."""
+    import normswap.kernels as kernels
+    if request.param == "pytorch":
+        with kernels.disabled():
+            yield request.param
+    else:
+        assert kernels.available(), "the compiled CPU kernels did not build (is a C compiler installed?)"
+        yield request.param
+
+
 def _make(factory, dtype=torch.float64):
     torch.manual_seed(0)
     m = factory().to(dtype)
@@ -74,7 +87,7 @@ def _reference(m, x, area, op, kw):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("factory,area,op,shape,kw", AREA_LAYERS, ids=IDS)
-def test_forward_matches_reference(factory, area, op, shape, kw, mode):
+def test_forward_matches_reference(factory, area, op, shape, kw, mode, path):
     m = getattr(_make(factory), mode)()
     x = _input(shape)
     y = m(x)
@@ -84,7 +97,7 @@ def test_forward_matches_reference(factory, area, op, shape, kw, mode):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("factory,area,op,shape,kw", AREA_LAYERS, ids=IDS)
-def test_gradcheck(factory, area, op, shape, kw, mode):
+def test_gradcheck(factory, area, op, shape, kw, mode, path):
     m = getattr(_make(factory), mode)()
     x = _input(shape).requires_grad_()
     w = _input(shape, seed=7)
@@ -92,7 +105,7 @@ def test_gradcheck(factory, area, op, shape, kw, mode):
 
 
 @pytest.mark.parametrize("factory,area,op,shape,kw", AREA_LAYERS, ids=IDS)
-def test_penalty_is_mean_abs_centered_over_own_area(factory, area, op, shape, kw):
+def test_penalty_is_mean_abs_centered_over_own_area(factory, area, op, shape, kw, path):
     m = _make(factory).train()
     m.l1_alpha = 0.25
     x = _input(shape).requires_grad_()

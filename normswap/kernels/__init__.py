@@ -1,0 +1,154 @@
+"""Compiled CPU kernels: standardization of contiguous rows in one pass each way.
+
+The layer, channels, group and instance areas lay their input out as rows (one row per
+group of values that share statistics). PyTorch has fused kernels for the L2 case of
+these areas (``layer_norm``, ``group_norm``); the L1 and top-k operations written with
+PyTorch operations take about eight passes over the data each step. ``rows.c`` does a
+row's statistics, output and gradient while the row is in cache, with the same formulas
+as :class:`normswap.norms.functional.StatNormFn` (see its docstring), and selects a row's
+k largest ``|v|`` with a heap instead of ``torch.topk``.
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``;
+about a second) into a cache directory (``$NORMSWAP_CACHE_DIR``, else
+``$XDG_CACHE_HOME/normswap`` or ``~/.cache/normswap``), keyed by the source, the flags,
+the compiler and the processor, and loaded with ctypes. It is used in eager mode on
+CPU for float32 / float64 inputs; under ``torch.compile`` inductor generates its own
+kernels from the PyTorch formulation. Without a compiler, or with
+``NORMSWAP_KERNELS=0`` in the environment, everything runs the PyTorch formulation
+(same results within rounding)::
+
+    >>> import normswap.kernels as kernels
+    >>> with kernels.disabled():          # the PyTorch formulation, e.g. to compare
+    ...     pass
+    >>> isinstance(kernels.available(), bool)
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["available", "disabled", "library", "cache_dir"]
+
+_SOURCE = Path(__file__).with_name("rows.c")
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
+_OPENMP = ("-fopenmp",)
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+_off = 0   # depth of `disabled()` blocks
+
+
+def cache_dir() -> Path:
+    """Where the compiled library is kept."""
+    if os.environ.get("NORMSWAP_CACHE_DIR"):
+        return Path(os.environ["NORMSWAP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "normswap"
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def _processor() -> str:
+    """What -march=native depends on: the machine and its instruction-set flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build(cc: str) -> Path:
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
+                                    (source, " ".join(_FLAGS + _OPENMP), version, _processor()))).hexdigest()[:16]
+    target = cache_dir() / f"rows-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for extra in (_OPENMP, ()):   # without OpenMP (one thread) if the compiler has none
+            done = subprocess.run([cc, *_FLAGS, *extra, str(_SOURCE), "-o", tmp, "-lm"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(done.stderr.strip()[-2000:])
+        os.replace(tmp, target)   # atomic: another process never sees a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I32, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suf in ("f32", "f64"):
+        fwd = getattr(lib, f"ns_forward_{suf}")
+        fwd.argtypes = [P, I64, I64, I32, I64, D, D, D, P, P, I64, I64, I32, P, P, P, P, P, P, I32]
+        fwd.restype = I32
+        bwd = getattr(lib, f"ns_backward_{suf}")
+        bwd.argtypes = [P, P, I64, I64, I32, I64, D, P, P, P, I64, I64, P, P, P, P, P, P, I32]
+        bwd.restype = I32
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels (compiled on the first call), or None where they cannot be
+    built or are switched off."""
+    global _lib, _tried
+    if _off or os.environ.get("NORMSWAP_KERNELS", "1") == "0":
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                cc = _compiler()
+                if cc is None:
+                    raise RuntimeError("no C compiler found (set $CC)")
+                lib = ctypes.CDLL(str(_build(cc)))
+                _declare(lib)
+                _lib = lib
+            except Exception as err:  # noqa: BLE001 - any failure means: use the PyTorch path
+                warnings.warn(f"normswap: the compiled CPU kernels are unavailable ({err}); "
+                              f"using the PyTorch formulation (slower, same results)", RuntimeWarning)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use (compiles them on the first call)."""
+    return library() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the PyTorch formulation inside the block (for comparisons and benchmarks)."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1

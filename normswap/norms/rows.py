@@ -1,0 +1,162 @@
+"""The row layout through the compiled CPU kernels (:mod:`normswap.kernels`).
+
+A ``(1, G, Q)`` layout (layer, channels, group and instance areas) is ``G`` contiguous
+rows of ``n = Q`` values, each row one set of values sharing statistics. The formulas
+are those of :class:`~normswap.norms.functional.StatNormFn` (its docstring has them);
+:func:`row_plan` decides whether a call can take this path, :class:`RowNormFn` runs it.
+
+The recovery is one ``gamma``, ``beta`` pair indexed by ``c = ((r * n + i) // S) % Cq``
+for value ``i`` of row ``r``: along the row (``S = 1``, ``Cq = n``: layer norm), per
+segment of ``S`` values (group norm: ``S`` = positions per channel), per row
+(``S = n``: instance norm).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import kernels
+from .functional import c_inf
+
+_STAT_CODE = {"l2": 0, "l1": 1, "topk": 2}
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SMALL = 1 << 15   # below this many values one thread (OpenMP's start-up costs more)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How a call maps onto the row kernels: the recovery vectors and their indexing."""
+    gamma: Optional[torch.Tensor]   # flat (Cq,) view of the caller's parameter
+    beta: Optional[torch.Tensor]
+    seg: int                        # S
+    channels: int                   # Cq
+
+
+def _post_index(post_shape: tuple, pshape: tuple, n: int) -> Optional[tuple]:
+    """(S, Cq) for parameters of shape ``pshape`` broadcast against ``post_shape``, or None
+    when the dims they vary along are not one contiguous block."""
+    pshape = (1,) * (len(post_shape) - len(pshape)) + tuple(pshape)
+    varying = [i for i, s in enumerate(pshape) if s != 1]
+    if not varying or varying != list(range(varying[0], varying[-1] + 1)):
+        return None
+    if any(pshape[i] != post_shape[i] for i in varying):
+        return None
+    seg = math.prod(post_shape[varying[-1] + 1:])
+    cq = math.prod(post_shape[i] for i in varying)
+    if seg == 1:
+        return (1, cq) if cq == n else None
+    return (seg, cq) if n % seg == 0 else None
+
+
+def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: str,
+             group, delta) -> Optional[RowPlan]:
+    """A :class:`RowPlan` when the compiled kernels can run this call, else None."""
+    if group is not None or stat not in _STAT_CODE or torch.compiler.is_compiling():
+        return None
+    if x3.device.type != "cpu" or x3.dtype not in _DTYPE_SUFFIX or x3.shape[0] != 1 \
+            or not x3.is_contiguous() or x3.numel() == 0 or x3.shape[2] >= 2 ** 31:
+        return None
+    params = [t for t in (weight, bias, qweight, qbias) if t is not None]
+    if any(t.dtype != x3.dtype or t.device != x3.device for t in params):
+        return None
+    if delta is not None and delta.dtype != x3.dtype:
+        return None
+    G, n = x3.shape[1], x3.shape[2]
+    if qweight is not None or qbias is not None:
+        if weight is not None or bias is not None:
+            return None
+        shapes = {tuple(t.shape) for t in (qweight, qbias) if t is not None}
+        if len(shapes) != 1:
+            return None
+        index = _post_index(tuple(post_shape), shapes.pop(), n)
+        if index is None:
+            return None
+        seg, cq = index
+        gamma, beta = qweight, qbias
+    else:
+        seg, cq = n, G
+        gamma, beta = weight, bias
+    if kernels.library() is None:
+        return None
+    flat = [t.reshape(-1) if t is not None else None for t in (gamma, beta)]
+    if any(t is not None and not t.is_contiguous() for t in flat):
+        return None
+    return RowPlan(flat[0], flat[1], seg, cq)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return t.data_ptr() if t is not None else None
+
+
+def _threads(numel: int) -> int:
+    return 1 if numel < _SMALL else max(torch.get_num_threads(), 1)
+
+
+class RowNormFn(torch.autograd.Function):
+    """Standardization of the rows of a contiguous ``(1, G, n)`` tensor by the kernels.
+
+    Returns ``(y, mu, batch_stat, mad)`` as :func:`~normswap.norms.functional.stat_norm`
+    does (``mad`` empty unless ``need_mad`` or "l1")."""
+
+    @staticmethod
+    def forward(ctx, x3, gamma, beta, delta, stat: str, k: int, eps: float, need_mad: bool,
+                seg: int, channels: int, out_shape):
+        ctx.set_materialize_grads(False)
+        lib = kernels.library()
+        _, G, n = x3.shape
+        dt = x3.dtype
+        y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
+        mu, d, bstat = (torch.empty(G, dtype=dt) for _ in range(3))
+        want_mad = need_mad or stat == "l1"
+        mad = torch.empty(G, dtype=dt) if want_mad else None
+        idx = torch.empty((G, k), dtype=torch.int32) if stat == "topk" else None
+        cinf = c_inf(n) if stat == "topk" else 0.0
+        dval = float(delta) if delta is not None else 0.0
+        fwd = getattr(lib, f"ns_forward_{_DTYPE_SUFFIX[dt]}")
+        failed = fwd(x3.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
+                     seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
+                     _ptr(mad), bstat.data_ptr(), _ptr(idx), _threads(x3.numel()))
+        if failed:
+            raise MemoryError("normswap row kernel: out of memory")
+        ctx.save_for_backward(x3, mu, d, gamma, idx)
+        ctx.setup = (stat, k, cinf, seg, channels, beta is not None,
+                     delta is not None and delta.requires_grad, delta.shape if delta is not None else None)
+        ctx.mark_non_differentiable(mu, bstat)
+        return y, mu, bstat, mad if mad is not None else mu.new_zeros(0)
+
+    @staticmethod
+    def backward(ctx, dy, _gmu, _gstat, gmad):
+        stat, k, cinf, seg, channels, has_beta, delta_grad, delta_shape = ctx.setup
+        x3, mu, d, gamma, idx = ctx.saved_tensors
+        if gmad is not None and gmad.numel() == 0:
+            gmad = None
+        if dy is None and gmad is None:
+            return (None,) * 11
+        _, G, n = x3.shape
+        dt = x3.dtype
+        dy = torch.zeros_like(x3) if dy is None else dy.reshape(x3.shape).to(dt).contiguous()
+        gmad = gmad.to(dt).contiguous() if gmad is not None else None
+        dx = torch.empty_like(x3)
+        want_g = gamma is not None and ctx.needs_input_grad[1]
+        want_b = has_beta and ctx.needs_input_grad[2]
+        dgamma = torch.zeros(channels, dtype=torch.float64) if want_g else None
+        dbeta = torch.zeros(channels, dtype=torch.float64) if want_b else None
+        dldd = torch.empty(G, dtype=dt) if delta_grad else None
+        bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
+        failed = bwd(x3.data_ptr(), dy.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
+                     d.data_ptr(), _ptr(gamma), seg, channels, _ptr(idx), _ptr(gmad), dx.data_ptr(),
+                     _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
+        if failed:
+            raise MemoryError("normswap row kernel: out of memory")
+        gdelta = (dldd / (2 * d)).sum().reshape(delta_shape) if delta_grad else None
+        return (dx, dgamma.to(dt) if want_g else None, dbeta.to(dt) if want_b else None, gdelta,
+                None, None, None, None, None, None, None)
+
+
+def row_norm(x3, plan: RowPlan, stat: str, delta, k: int, eps: float, need_mad: bool, out_shape):
+    """Run :class:`RowNormFn`: returns ``(y, mu, batch_stat, mad)``."""
+    return RowNormFn.apply(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
+                           plan.seg, plan.channels, out_shape)

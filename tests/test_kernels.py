@@ -1,0 +1,169 @@
+"""The compiled CPU row kernels (normswap.kernels): which layers take them, that they give
+the PyTorch formulation's values and gradients on inputs large enough to split between
+threads, and how they are built, cached and switched off.
+
+The formulas themselves are checked against the float64 re-computations of PAPERS.md in
+tests/test_areas.py, on both paths (its ``path`` fixture)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import normswap
+import normswap.kernels as kernels
+import normswap.norms as N
+from normswap.norms import rows
+
+ROW_LAYERS = [
+    ("L1LayerNorm", lambda: N.L1LayerNorm(96), (16, 40, 96)),
+    ("TopKLayerNorm", lambda: N.TopKLayerNorm(96, k=7), (16, 40, 96)),
+    ("LayerNormStar-learned", lambda: N.LayerNormStar(96, learn_sigma=True, elementwise_affine=True), (16, 40, 96)),
+    ("L1LayerNorm2d", lambda: N.L1LayerNorm2d(24), (8, 24, 12, 16)),
+    ("TopKLayerNorm2d", lambda: N.TopKLayerNorm2d(24, k=3), (8, 24, 12, 16)),
+    ("L1GroupNorm", lambda: N.L1GroupNorm(4, 24), (8, 24, 12, 16)),
+    ("TopKGroupNorm", lambda: N.TopKGroupNorm(6, 24, k=9, affine=False), (8, 24, 12, 16)),
+    ("GroupNormStar-learned", lambda: N.GroupNormStar(4, 24, learn_sigma=True), (8, 24, 12, 16)),
+    ("L1InstanceNorm2d", lambda: N.L1InstanceNorm2d(24, affine=True), (8, 24, 12, 16)),
+    ("TopKInstanceNorm1d", lambda: N.TopKInstanceNorm1d(24, k=5, affine=True), (8, 24, 180)),
+    ("InstanceNormStar2d-learned", lambda: N.InstanceNormStar2d(24, affine=True, learn_sigma=True), (8, 24, 12, 16)),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    assert kernels.available(), "the compiled CPU kernels did not build (is a C compiler installed?)"
+
+
+def _layer(factory, dtype):
+    torch.manual_seed(0)
+    m = factory().to(dtype).train()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name != "sigma":
+                p.uniform_(0.5, 1.5)
+    m.l1_alpha = 0.01
+    return m
+
+
+def _step(m, x, dy):
+    """Output, penalty and every gradient of ``(y * dy).sum() + penalty``."""
+    x = x.clone().requires_grad_()
+    m.zero_grad()
+    y = m(x)
+    pen = normswap.penalty(m)
+    ((y * dy).sum() + pen).backward()
+    return [y.detach(), pen.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = rows.row_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rows, "row_norm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])
+def test_row_layers_take_the_kernels_and_half_inputs_do_not(name, factory, shape, spy):
+    m = _layer(factory, torch.float32)
+    m(torch.randn(shape))
+    assert len(spy) == 1
+    m.to(torch.bfloat16)(torch.randn(shape, dtype=torch.bfloat16))
+    assert len(spy) == 1, "bfloat16 takes the PyTorch formulation (statistics in float32)"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])
+def test_kernels_give_the_pytorch_formulations_values_and_gradients(name, factory, shape, dtype, threads):
+    assert torch.tensor(shape).prod() >= rows._SMALL, "large enough for the threaded path"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m = _layer(factory, dtype)
+        g = torch.Generator().manual_seed(3)
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        fast = _step(m, x, dy)
+        with kernels.disabled():
+            slow = _step(m, x, dy)
+    finally:
+        torch.set_num_threads(before)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_top_k_picks_the_k_largest_deviations_of_each_row():
+    """One row whose k largest |x - mu| are known: only they get the top-k gradient."""
+    x = torch.tensor([[0.0, 10.0, -9.0, 1.0, 2.0, -8.0, 0.5, 3.0]], dtype=torch.float64)
+    m = N.TopKLayerNorm(8, k=3, elementwise_affine=False).double()
+    xs = x.clone().requires_grad_()
+    y = m(xs)
+    # the loss sum(y * v) makes dL/dd nonzero; the top-k term adds only at positions 1, 2, 5
+    v = x - x.mean()
+    (y * v).sum().backward()
+    with kernels.disabled():
+        xr = x.clone().requires_grad_()
+        (m(xr) * v).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    a = v.abs()[0]
+    d = normswap.norms.functional.c_inf(8) * a.topk(3).values.mean() + m.eps
+    torch.testing.assert_close(y, v / d, rtol=1e-12, atol=1e-12)
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full, timeout=300)
+
+
+_PROBE = """
+    import json, warnings, torch
+    warnings.simplefilter("always")
+    import normswap.kernels as kernels, normswap.norms as N
+    torch.manual_seed(0)
+    m = N.L1GroupNorm(4, 16)
+    x = torch.randn(4, 16, 9, 9, requires_grad=True)
+    y = m(x)
+    y.pow(2).sum().backward()
+    print(json.dumps({"available": kernels.available(), "y": y.flatten()[:50].tolist(),
+                      "g": x.grad.flatten()[:50].tolist()}))
+"""
+
+
+def test_built_once_into_the_cache_then_reused_and_two_processes_agree(tmp_path):
+    env = {"NORMSWAP_CACHE_DIR": str(tmp_path / "cache")}
+    first = _run(_PROBE, env)
+    assert first.returncode == 0, first.stderr
+    built = sorted((tmp_path / "cache").iterdir())
+    assert [p.suffix for p in built] == [".so"], "one library and no temporary file left"
+    stamp = built[0].stat().st_mtime_ns
+    second = _run(_PROBE, env)
+    assert second.returncode == 0, second.stderr
+    assert sorted((tmp_path / "cache").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["available"] and a == b
+
+
+def test_without_a_compiler_or_switched_off_the_pytorch_formulation_runs(tmp_path):
+    want = json.loads(_run(_PROBE, {"NORMSWAP_CACHE_DIR": str(tmp_path / "ok")}).stdout)
+    broken = _run(_PROBE, {"NORMSWAP_CACHE_DIR": str(tmp_path / "cc"), "CC": "false"})
+    assert broken.returncode == 0, broken.stderr
+    assert "compiled CPU kernels are unavailable" in broken.stderr
+    assert not (tmp_path / "cc").exists() or not list((tmp_path / "cc").iterdir()), "no half-built file"
+    off = _run(_PROBE, {"NORMSWAP_CACHE_DIR": str(tmp_path / "off"), "NORMSWAP_KERNELS": "0"})
+    for run in (json.loads(broken.stdout), json.loads(off.stdout)):
+        assert not run["available"]
+        torch.testing.assert_close(torch.tensor(run["y"]), torch.tensor(want["y"]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(run["g"]), torch.tensor(want["g"]), rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "off").exists()
