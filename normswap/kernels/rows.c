@@ -69,15 +69,70 @@ static void sift_down_##SUF(T *hv, int32_t *hi, int64_t k, int64_t p) {         
     }                                                                                       \
 }                                                                                           \
                                                                                             \
-/* the k largest |x - m| of a row: their sum, their positions into idx */                   \
-static T topk_row_##SUF(const T *xr, int64_t n, T m, int64_t k, T *hv, int32_t *idx) {       \
-    for (int64_t i = 0; i < k; i++) { hv[i] = ABS(xr[i] - m); idx[i] = (int32_t)i; }     \
-    for (int64_t p = k / 2 - 1; p >= 0; p--) sift_down_##SUF(hv, idx, k, p);                \
-    for (int64_t i = k; i < n; i++) {                                                       \
-        T a = ABS(xr[i] - m);                                                           \
-        if (a > hv[0]) { hv[0] = a; idx[0] = (int32_t)i; sift_down_##SUF(hv, idx, k, 0); }  \
+/* the k largest a[i] = |x[i] - m| of a row: their sum, their positions into idx.         \
+ * tau = the smallest of the maxima of k disjoint (strided) blocks is at most the k-th     \
+ * largest value (the k maxima are k values >= tau), so the top k are among the values     \
+ * >= tau, a short list for rows much longer than k: the k largest of that list are found  \
+ * by counting, for each, the values above it (ties: the earlier position wins), or by a   \
+ * heap when the list is long. a, cv: n values of scratch; cand: n positions; hv: k. */     \
+static T topk_row_##SUF(const T *xr, int64_t n, T m, int64_t k, T *a, T *cv, int32_t *cand, \
+                        T *hv, int32_t *idx) {                                              \
+    _Pragma("omp simd")                                                                     \
+    for (int64_t i = 0; i < n; i++) a[i] = ABS(xr[i] - m);                                  \
+    for (int64_t j = 0; j < k; j++) {                                                       \
+        int64_t lo = n * j / k, hi = n * (j + 1) / k;                                       \
+        T mx = a[lo];                                                                       \
+        if (hi - lo < 64) {   /* short blocks: the vector loop's set-up costs more */       \
+            for (int64_t i = lo + 1; i < hi; i++) mx = a[i] > mx ? a[i] : mx;               \
+        } else {                                                                            \
+            _Pragma("omp simd reduction(max:mx)")                                           \
+            for (int64_t i = lo + 1; i < hi; i++) mx = a[i] > mx ? a[i] : mx;               \
+        }                                                                                   \
+        hv[j] = mx;                                                                         \
+    }                                                                                       \
+    T tau = hv[0];                                                                          \
+    for (int64_t j = 1; j < k; j++) tau = hv[j] < tau ? hv[j] : tau;                        \
+    int64_t c = 0;                                                                          \
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {                                                \
+        int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                             \
+        int any = 0;                                                                        \
+        _Pragma("omp simd reduction(|:any)")                                                \
+        for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;                               \
+        if (!any) continue;                                                                 \
+        for (int64_t i = i0; i < i1; i++) { cand[c] = (int32_t)i; cv[c] = a[i]; c += a[i] >= tau; } \
     }                                                                                       \
     T s = 0;                                                                                \
+    if (c > 2 * k) {   /* the same bound again on the (shorter) list: fewer to rank */     \
+        T tau2 = 0;                                                                         \
+        for (int64_t j = 0; j < k; j++) {                                                   \
+            int64_t lo = c * j / k, hi = c * (j + 1) / k;                                   \
+            T mx = cv[lo];                                                                  \
+            for (int64_t i = lo + 1; i < hi; i++) mx = cv[i] > mx ? cv[i] : mx;             \
+            tau2 = j == 0 || mx < tau2 ? mx : tau2;                                         \
+        }                                                                                   \
+        int64_t c2 = 0;                                                                     \
+        for (int64_t i = 0; i < c; i++) { cand[c2] = cand[i]; cv[c2] = cv[i]; c2 += cv[i] >= tau2; } \
+        c = c2;                                                                             \
+    }                                                                                       \
+    if (c <= 256) {   /* above[p] = #{q : cv[q] > cv[p], or equal and q < p} */            \
+        int32_t above[256];                                                                 \
+        for (int64_t p = 0; p < c; p++) above[p] = 0;                                       \
+        for (int64_t q = 0; q < c; q++) {                                                   \
+            T aq = cv[q];                                                                   \
+            _Pragma("omp simd")                                                             \
+            for (int64_t p = 0; p < c; p++)                                                 \
+                above[p] += (aq > cv[p]) | ((aq == cv[p]) & (q < p));                       \
+        }                                                                                   \
+        int64_t out = 0;                                                                    \
+        for (int64_t p = 0; p < c; p++)                                                     \
+            if (above[p] < k) { idx[out++] = cand[p]; s += cv[p]; }                         \
+        return s;                                                                           \
+    }                                                                                       \
+    for (int64_t i = 0; i < k; i++) { hv[i] = cv[i]; idx[i] = cand[i]; }                    \
+    for (int64_t p = k / 2 - 1; p >= 0; p--) sift_down_##SUF(hv, idx, k, p);                \
+    for (int64_t i = k; i < c; i++) {                                                       \
+        if (cv[i] > hv[0]) { hv[0] = cv[i]; idx[0] = cand[i]; sift_down_##SUF(hv, idx, k, 0); } \
+    }                                                                                       \
     for (int64_t i = 0; i < k; i++) s += hv[i];                                             \
     return s;                                                                               \
 }                                                                                           \
@@ -90,8 +145,8 @@ int ns_forward_##SUF(const T *x, int64_t R, int64_t n, int stat, int64_t k, doub
     _Pragma("omp parallel num_threads(nthreads)")                                           \
     {                                                                                       \
         T *hv = NULL;                                                                       \
-        if (stat == STAT_TOPK) {                                                            \
-            hv = (T *)malloc(sizeof(T) * (size_t)k);                                        \
+        if (stat == STAT_TOPK) {   /* scratch: a, cv (n each), hv (k), cand (n) */         \
+            hv = (T *)malloc(sizeof(T) * (size_t)(2 * n + k) + sizeof(int32_t) * (size_t)n); \
             if (!hv) failed = 1;                                                            \
         }                                                                                   \
         int t = thread_id(), nt = thread_count();                                           \
@@ -117,7 +172,7 @@ int ns_forward_##SUF(const T *x, int64_t R, int64_t n, int stat, int64_t k, doub
                 bs = sa / (T)n;                                                             \
                 dd = (T)(C_L1 * (double)bs + eps);                                          \
             } else {                                                                        \
-                T sk = topk_row_##SUF(xr, n, m, k, hv, idx + r * k) / (T)k;                 \
+                T sk = topk_row_##SUF(xr, n, m, k, hv + k, hv + k + n, (int32_t *)(hv + k + 2 * n), hv, idx + r * k) / (T)k;                 \
                 bs = (T)(cinf * (double)sk);                                                \
                 dd = (T)(cinf * (double)sk + eps);                                          \
             }                                                                               \
