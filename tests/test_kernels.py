@@ -167,3 +167,29 @@ def test_without_a_compiler_or_switched_off_the_pytorch_formulation_runs(tmp_pat
         torch.testing.assert_close(torch.tensor(run["y"]), torch.tensor(want["y"]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.tensor(run["g"]), torch.tensor(want["g"]), rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("name,factory,shape", [ROW_LAYERS[i] for i in (1, 3, 5, 7, 8)],
+                         ids=[ROW_LAYERS[i][0] for i in (1, 3, 5, 7, 8)])
+def test_compiled_model_calls_the_same_kernels_as_eager(name, factory, shape):
+    """Under torch.compile the kernels are the normswap::row_norm operator: no graph break,
+    and the compiled layer's values and gradients are the eager layer's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._inductor.compile(gm, example_inputs)
+
+    torch._dynamo.reset()
+    m = _layer(factory, torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    eager = _step(m, x, dy)
+    compiled = torch.compile(m, backend=backend, fullgraph=True)
+    got = _step(compiled, x, dy)
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.normswap.row_norm.default in ops
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["available", "disabled", "library", "cache_dir"]
+__all__ = ["available", "ready", "disabled", "library", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
@@ -48,6 +48,7 @@ _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
 _off = 0   # depth of `disabled()` blocks
+_ENV_OFF = os.environ.get("NORMSWAP_KERNELS", "1") == "0"
 
 
 def cache_dir() -> Path:
@@ -118,7 +119,7 @@ def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels (compiled on the first call), or None where they cannot be
     built or are switched off."""
     global _lib, _tried
-    if _off or os.environ.get("NORMSWAP_KERNELS", "1") == "0":
+    if _off or _ENV_OFF:
         return None
     if _tried:
         return _lib
@@ -136,6 +137,12 @@ def library() -> Optional[ctypes.CDLL]:
                               f"using the PyTorch formulation (slower, same results)", RuntimeWarning)
             _tried = True
     return _lib
+
+
+def ready() -> bool:
+    """Whether the kernels are loaded and switched on, without building them (what
+    torch.compile can ask while tracing)."""
+    return _lib is not None and not _off and not _ENV_OFF
 
 
 def available() -> bool:

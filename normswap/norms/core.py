@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import kernels
 from .areas import Area, BatchArea
 from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
@@ -151,6 +152,8 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
                 self.register_buffer(stat_buffer, None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+        if not area.batch_stats or not isinstance(area, BatchArea):
+            kernels.library()  # build the row kernels now: torch.compile cannot while tracing
 
     # -- what the rest of the package reads ---------------------------------------------
     @property

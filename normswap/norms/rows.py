@@ -12,9 +12,8 @@ segment of ``S`` values (group norm: ``S`` = positions per channel), per row
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -44,8 +43,11 @@ def _post_index(post_shape: tuple, pshape: tuple, n: int) -> Optional[tuple]:
         return None
     if any(pshape[i] != post_shape[i] for i in varying):
         return None
-    seg = math.prod(post_shape[varying[-1] + 1:])
-    cq = math.prod(post_shape[i] for i in varying)
+    seg = cq = 1
+    for size in post_shape[varying[-1] + 1:]:
+        seg *= size
+    for i in varying:
+        cq *= post_shape[i]
     if seg == 1:
         return (1, cq) if cq == n else None
     return (seg, cq) if n % seg == 0 else None
@@ -54,10 +56,12 @@ def _post_index(post_shape: tuple, pshape: tuple, n: int) -> Optional[tuple]:
 def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: str,
              group, delta) -> Optional[RowPlan]:
     """A :class:`RowPlan` when the compiled kernels can run this call, else None."""
-    if group is not None or stat not in _STAT_CODE or torch.compiler.is_compiling():
+    if group is not None or stat not in _STAT_CODE:
         return None
     if x3.device.type != "cpu" or x3.dtype not in _DTYPE_SUFFIX or x3.shape[0] != 1 \
-            or not x3.is_contiguous() or x3.numel() == 0 or x3.shape[2] >= 2 ** 31:
+            or x3.numel() == 0 or x3.shape[2] >= 2 ** 31:
+        return None
+    if not torch.compiler.is_compiling() and not x3.is_contiguous():
         return None
     params = [t for t in (weight, bias, qweight, qbias) if t is not None]
     if any(t.dtype != x3.dtype or t.device != x3.device for t in params):
@@ -79,10 +83,13 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     else:
         seg, cq = n, G
         gamma, beta = weight, bias
-    if kernels.library() is None:
+    if torch.compiler.is_compiling():
+        if not kernels.ready():   # (nothing is built while tracing; layers build them at __init__)
+            return None
+    elif kernels.library() is None:
         return None
     flat = [t.reshape(-1) if t is not None else None for t in (gamma, beta)]
-    if any(t is not None and not t.is_contiguous() for t in flat):
+    if not torch.compiler.is_compiling() and any(t is not None and not t.is_contiguous() for t in flat):
         return None
     return RowPlan(flat[0], flat[1], seg, cq)
 
@@ -105,58 +112,148 @@ class RowNormFn(torch.autograd.Function):
     def forward(ctx, x3, gamma, beta, delta, stat: str, k: int, eps: float, need_mad: bool,
                 seg: int, channels: int, out_shape):
         ctx.set_materialize_grads(False)
-        lib = kernels.library()
-        _, G, n = x3.shape
-        dt = x3.dtype
-        y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
-        mu, d, bstat = (torch.empty(G, dtype=dt) for _ in range(3))
-        want_mad = need_mad or stat == "l1"
-        mad = torch.empty(G, dtype=dt) if want_mad else None
-        idx = torch.empty((G, k), dtype=torch.int32) if stat == "topk" else None
-        cinf = c_inf(n) if stat == "topk" else 0.0
-        dval = float(delta) if delta is not None else 0.0
-        fwd = getattr(lib, f"ns_forward_{_DTYPE_SUFFIX[dt]}")
-        failed = fwd(x3.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
-                     seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
-                     _ptr(mad), bstat.data_ptr(), _ptr(idx), _threads(x3.numel()))
-        if failed:
-            raise MemoryError("normswap row kernel: out of memory")
+        y, mu, d, bstat, mad, idx = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg,
+                                                    channels, out_shape)
         ctx.save_for_backward(x3, mu, d, gamma, idx)
-        ctx.setup = (stat, k, cinf, seg, channels, beta is not None,
+        ctx.setup = (stat, k, seg, channels, beta is not None,
                      delta is not None and delta.requires_grad, delta.shape if delta is not None else None)
         ctx.mark_non_differentiable(mu, bstat)
         return y, mu, bstat, mad if mad is not None else mu.new_zeros(0)
 
     @staticmethod
     def backward(ctx, dy, _gmu, _gstat, gmad):
-        stat, k, cinf, seg, channels, has_beta, delta_grad, delta_shape = ctx.setup
+        stat, k, seg, channels, has_beta, delta_grad, delta_shape = ctx.setup
         x3, mu, d, gamma, idx = ctx.saved_tensors
         if gmad is not None and gmad.numel() == 0:
             gmad = None
         if dy is None and gmad is None:
             return (None,) * 11
-        _, G, n = x3.shape
-        dt = x3.dtype
-        dy = torch.zeros_like(x3) if dy is None else dy.reshape(x3.shape).to(dt).contiguous()
-        gmad = gmad.to(dt).contiguous() if gmad is not None else None
-        dx = torch.empty_like(x3)
+        dy = torch.zeros_like(x3) if dy is None else dy.reshape(x3.shape)
         want_g = gamma is not None and ctx.needs_input_grad[1]
         want_b = has_beta and ctx.needs_input_grad[2]
-        dgamma = torch.zeros(channels, dtype=torch.float64) if want_g else None
-        dbeta = torch.zeros(channels, dtype=torch.float64) if want_b else None
-        dldd = torch.empty(G, dtype=dt) if delta_grad else None
-        bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
-        failed = bwd(x3.data_ptr(), dy.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
-                     d.data_ptr(), _ptr(gamma), seg, channels, _ptr(idx), _ptr(gmad), dx.data_ptr(),
-                     _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
-        if failed:
-            raise MemoryError("normswap row kernel: out of memory")
+        dx, dgamma, dbeta, dldd = _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels,
+                                                   want_g, want_b, delta_grad)
         gdelta = (dldd / (2 * d)).sum().reshape(delta_shape) if delta_grad else None
-        return (dx, dgamma.to(dt) if want_g else None, dbeta.to(dt) if want_b else None, gdelta,
-                None, None, None, None, None, None, None)
+        return (dx, dgamma, dbeta, gdelta, None, None, None, None, None, None, None)
+
+
+def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels, out_shape):
+    """(y, mu, d, batch_stat, mad or None, top-k positions or None) of a contiguous x3."""
+    lib = kernels.library()
+    _, G, n = x3.shape
+    dt = x3.dtype
+    y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
+    mu, d, bstat = (torch.empty(G, dtype=dt) for _ in range(3))
+    mad = torch.empty(G, dtype=dt) if need_mad or stat == "l1" else None
+    idx = torch.empty((G, k), dtype=torch.int32) if stat == "topk" else None
+    cinf = c_inf(n) if stat == "topk" else 0.0
+    dval = float(delta) if delta is not None else 0.0
+    fwd = getattr(lib, f"ns_forward_{_DTYPE_SUFFIX[dt]}")
+    failed = fwd(x3.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
+                 seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
+                 _ptr(mad), bstat.data_ptr(), _ptr(idx), _threads(x3.numel()))
+    if failed:
+        raise MemoryError("normswap row kernel: out of memory")
+    return y, mu, d, bstat, mad, idx
+
+
+def _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
+    """(dx, dgamma, dbeta, dL/dd per row): each None where not wanted."""
+    _, G, n = x3.shape
+    dt = x3.dtype
+    dy = dy.to(dt).contiguous()
+    gmad = gmad.to(dt).contiguous() if gmad is not None else None
+    dx = torch.empty_like(x3)
+    dgamma = torch.zeros(channels, dtype=torch.float64) if want_g else None
+    dbeta = torch.zeros(channels, dtype=torch.float64) if want_b else None
+    dldd = torch.empty(G, dtype=dt) if want_dldd else None
+    cinf = c_inf(n) if stat == "topk" else 0.0
+    bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
+    failed = bwd(x3.data_ptr(), dy.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
+                 d.data_ptr(), _ptr(gamma), seg, channels, _ptr(idx), _ptr(gmad), dx.data_ptr(),
+                 _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
+    if failed:
+        raise MemoryError("normswap row kernel: out of memory")
+    return (dx, dgamma.to(dt) if dgamma is not None else None, dbeta.to(dt) if dbeta is not None else None,
+            dldd)
+
+
+# -- the same kernels as operators, for torch.compile ----------------------------------------
+# Under torch.compile the row kernels are one opaque operator each way (inductor calls them
+# as it calls an ATen kernel), so a compiled model computes what the eager one does.
+@torch.library.custom_op("normswap::row_norm", mutates_args=(), device_types="cpu")
+def _row_norm_op(x3: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+                 delta: Optional[torch.Tensor], stat: str, k: int, eps: float, need_mad: bool,
+                 seg: int, channels: int) -> List[torch.Tensor]:
+    x3 = x3.contiguous()
+    y, mu, d, bstat, mad, idx = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels,
+                                                None)
+    return [y, mu, d, bstat, mad if mad is not None else mu.new_zeros(0),
+            idx if idx is not None else torch.zeros(0, dtype=torch.int32)]
+
+
+@_row_norm_op.register_fake
+def _(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels):
+    G = x3.shape[1]
+    vec = x3.new_empty(G)
+    mad = x3.new_empty(G) if need_mad or stat == "l1" else x3.new_empty(0)
+    idx = x3.new_empty((G, k), dtype=torch.int32) if stat == "topk" else x3.new_empty(0, dtype=torch.int32)
+    return [x3.new_empty(x3.shape), vec, x3.new_empty(G), x3.new_empty(G), mad, idx]
+
+
+@torch.library.custom_op("normswap::row_norm_backward", mutates_args=(), device_types="cpu")
+def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, d: torch.Tensor,
+                          gamma: Optional[torch.Tensor], idx: torch.Tensor, gmad: Optional[torch.Tensor],
+                          stat: str, k: int, seg: int, channels: int, want_g: bool, want_b: bool,
+                          want_dldd: bool) -> List[torch.Tensor]:
+    dx, dgamma, dbeta, dldd = _backward_kernel(x3.contiguous(), dy, mu, d, gamma, idx if idx.numel() else None,
+                                               gmad, stat, k, seg, channels, want_g, want_b, want_dldd)
+    empty = x3.new_zeros(0)
+    return [dx, dgamma if dgamma is not None else empty, dbeta if dbeta is not None else empty,
+            dldd if dldd is not None else empty]
+
+
+@_row_norm_backward_op.register_fake
+def _(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
+    G = x3.shape[1]
+    return [x3.new_empty(x3.shape), x3.new_empty(channels if want_g else 0),
+            x3.new_empty(channels if want_b else 0), x3.new_empty(G if want_dldd else 0)]
+
+
+def _op_setup(ctx, inputs, output):
+    x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels = inputs
+    y, mu, d, bstat, mad, idx = output
+    ctx.save_for_backward(x3, mu, d, gamma, idx, delta)
+    ctx.setup = (stat, k, seg, channels, beta is not None)
+
+
+def _op_backward(ctx, grads):
+    dy, _gmu, _gd, _gstat, gmad, _gidx = grads
+    x3, mu, d, gamma, idx, delta = ctx.saved_tensors
+    stat, k, seg, channels, has_beta = ctx.setup
+    if dy is None:
+        dy = torch.zeros_like(x3)
+    want_g = gamma is not None and ctx.needs_input_grad[1]
+    want_b = has_beta and ctx.needs_input_grad[2]
+    want_dldd = delta is not None and ctx.needs_input_grad[3]
+    gmad = gmad if gmad is not None and gmad.numel() else None
+    dx, dgamma, dbeta, dldd = _row_norm_backward_op(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels,
+                                                    want_g, want_b, want_dldd)
+    gdelta = (dldd / (2 * d)).sum().reshape(delta.shape) if want_dldd else None
+    return (dx, dgamma if want_g else None, dbeta if want_b else None, gdelta,
+            None, None, None, None, None, None)
+
+
+_row_norm_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def row_norm(x3, plan: RowPlan, stat: str, delta, k: int, eps: float, need_mad: bool, out_shape):
-    """Run :class:`RowNormFn`: returns ``(y, mu, batch_stat, mad)``."""
+    """Run the row kernels: returns ``(y, mu, batch_stat, mad)``. Eager: :class:`RowNormFn`
+    (ctypes, output in the caller's shape); under torch.compile: the ``normswap::row_norm``
+    operator."""
+    if torch.compiler.is_compiling():
+        y, mu, _d, bstat, mad, _idx = _row_norm_op(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
+                                                   plan.seg, plan.channels)
+        return y, mu, bstat, mad
     return RowNormFn.apply(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
                            plan.seg, plan.channels, out_shape)
