@@ -1,4 +1,4 @@
-"""The compiled CPU row kernels (normswap.kernels): which layers take them, that they give
+"""The compiled CPU kernels (normswap.kernels): which layers take them, that they give
 the PyTorch formulation's values and gradients on inputs large enough to split between
 threads, and how they are built, cached and switched off.
 
@@ -30,6 +30,10 @@ ROW_LAYERS = [
     ("L1InstanceNorm2d", lambda: N.L1InstanceNorm2d(24, affine=True), (8, 24, 12, 16)),
     ("TopKInstanceNorm1d", lambda: N.TopKInstanceNorm1d(24, k=5, affine=True), (8, 24, 180)),
     ("InstanceNormStar2d-learned", lambda: N.InstanceNormStar2d(24, affine=True, learn_sigma=True), (8, 24, 12, 16)),
+    ("L1BatchNorm2d", lambda: N.L1BatchNorm2d(24), (8, 24, 12, 16)),
+    ("TopKBatchNorm2d", lambda: N.TopKBatchNorm2d(24, k=11), (8, 24, 12, 16)),
+    ("BatchNormStar2d-learned", lambda: N.BatchNormStar2d(24, learn_sigma=True), (8, 24, 12, 16)),
+    ("L1BatchNorm1d-tokens", lambda: N.L1BatchNorm1d(24), (64, 24, 30)),
 ]
 
 
@@ -88,13 +92,13 @@ def test_kernels_give_the_pytorch_formulations_values_and_gradients(name, factor
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        m = _layer(factory, dtype)
         g = torch.Generator().manual_seed(3)
         x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
         dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-        fast = _step(m, x, dy)
+        m_fast, m_slow = _layer(factory, dtype), _layer(factory, dtype)
+        fast = _step(m_fast, x, dy) + list(m_fast.buffers())   # running statistics too
         with kernels.disabled():
-            slow = _step(m, x, dy)
+            slow = _step(m_slow, x, dy) + list(m_slow.buffers())
     finally:
         torch.set_num_threads(before)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)

@@ -1,12 +1,12 @@
-"""Compiled CPU kernels: standardization of contiguous rows in one pass each way.
+"""Compiled CPU kernels: the standardizing normalizers in one pass each way per group.
 
-The layer, channels, group and instance areas lay their input out as rows (one row per
-group of values that share statistics). PyTorch has fused kernels for the L2 case of
-these areas (``layer_norm``, ``group_norm``); the L1 and top-k operations written with
-PyTorch operations take about eight passes over the data each step. ``rows.c`` does a
-row's statistics, output and gradient while the row is in cache, with the same formulas
-as :class:`normswap.norms.functional.StatNormFn` (see its docstring), and selects a row's
-k largest ``|v|`` with a heap instead of ``torch.topk``.
+Every area lays its input out as ``(P, G, Q)`` (normswap/norms/areas.py); the values of
+one group ``g`` share statistics. PyTorch has fused kernels for the L2 case of some areas
+(``batch_norm``, ``layer_norm``, ``group_norm``); the L1 and top-k operations written
+with PyTorch operations take about eight passes over the data each step. ``rows.c`` does
+a group's statistics, output and gradient while its values are in cache, with the same
+formulas as :class:`normswap.norms.functional.StatNormFn` (see its docstring), and finds
+a group's k largest ``|v|`` by a bound and a count instead of ``torch.topk``.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``;
 about a second) into a cache directory (``$NORMSWAP_CACHE_DIR``, else
@@ -41,6 +41,7 @@ from typing import Optional
 __all__ = ["available", "ready", "disabled", "library", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
+_HEADERS = (Path(__file__).with_name("rows_impl.h"),)
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
 _OPENMP = ("-fopenmp",)
 
@@ -79,7 +80,7 @@ def _processor() -> str:
 
 
 def _build(cc: str) -> Path:
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
                                     (source, " ".join(_FLAGS + _OPENMP), version, _processor()))).hexdigest()[:16]
@@ -108,10 +109,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I32, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for suf in ("f32", "f64"):
         fwd = getattr(lib, f"ns_forward_{suf}")
-        fwd.argtypes = [P, I64, I64, I32, I64, D, D, D, P, P, I64, I64, I32, P, P, P, P, P, P, I32]
+        fwd.argtypes = [P, I64, I64, I64, I32, I64, D, D, D, P, P, I64, I64, I32, P, P, P, P, P, P, I32]
         fwd.restype = I32
         bwd = getattr(lib, f"ns_backward_{suf}")
-        bwd.argtypes = [P, P, I64, I64, I32, I64, D, P, P, P, I64, I64, P, P, P, P, P, P, I32]
+        bwd.argtypes = [P, P, I64, I64, I64, I32, I64, D, P, P, P, I64, I64, P, P, P, P, P, P, I32]
         bwd.restype = I32
 
 

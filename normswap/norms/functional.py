@@ -467,7 +467,7 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     plan = row_plan(x3, weight, bias, qweight, qbias, post_shape, stat, group, delta)
     if plan is not None:  # the compiled CPU kernels (eager, contiguous rows)
         y, mu, batch_stat, mad = row_norm(x3, plan, stat, delta, k, eps, need_mad, out_shape)
-        return y, mu, batch_stat, mad, x3.shape[2]
+        return y, mu, batch_stat, mad, x3.shape[0] * x3.shape[2]
     y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
                                                      group, need_mad, post_shape, out_shape)
     if group is None:

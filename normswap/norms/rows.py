@@ -58,8 +58,8 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     """A :class:`RowPlan` when the compiled kernels can run this call, else None."""
     if group is not None or stat not in _STAT_CODE:
         return None
-    if x3.device.type != "cpu" or x3.dtype not in _DTYPE_SUFFIX or x3.shape[0] != 1 \
-            or x3.numel() == 0 or x3.shape[2] >= 2 ** 31:
+    P, G, n = x3.shape
+    if x3.device.type != "cpu" or x3.dtype not in _DTYPE_SUFFIX or x3.numel() == 0 or P * n >= 2 ** 31:
         return None
     if not torch.compiler.is_compiling() and not x3.is_contiguous():
         return None
@@ -68,9 +68,8 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
         return None
     if delta is not None and delta.dtype != x3.dtype:
         return None
-    G, n = x3.shape[1], x3.shape[2]
     if qweight is not None or qbias is not None:
-        if weight is not None or bias is not None:
+        if weight is not None or bias is not None or P != 1:
             return None
         shapes = {tuple(t.shape) for t in (qweight, qbias) if t is not None}
         if len(shapes) != 1:
@@ -83,6 +82,8 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     else:
         seg, cq = n, G
         gamma, beta = weight, bias
+        if P == 1 and n == 1 and G != 1:
+            return None   # (one value per row: seg = 1 would read gamma along the row)
     if torch.compiler.is_compiling():
         if not kernels.ready():   # (nothing is built while tracing; layers build them at __init__)
             return None
@@ -140,7 +141,8 @@ class RowNormFn(torch.autograd.Function):
 def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels, out_shape):
     """(y, mu, d, batch_stat, mad or None, top-k positions or None) of a contiguous x3."""
     lib = kernels.library()
-    _, G, n = x3.shape
+    P, G, Q = x3.shape
+    n = P * Q
     dt = x3.dtype
     y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
     mu, d, bstat = (torch.empty(G, dtype=dt) for _ in range(3))
@@ -149,7 +151,7 @@ def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channel
     cinf = c_inf(n) if stat == "topk" else 0.0
     dval = float(delta) if delta is not None else 0.0
     fwd = getattr(lib, f"ns_forward_{_DTYPE_SUFFIX[dt]}")
-    failed = fwd(x3.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
+    failed = fwd(x3.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
                  seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
                  _ptr(mad), bstat.data_ptr(), _ptr(idx), _threads(x3.numel()))
     if failed:
@@ -159,7 +161,8 @@ def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channel
 
 def _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
     """(dx, dgamma, dbeta, dL/dd per row): each None where not wanted."""
-    _, G, n = x3.shape
+    P, G, Q = x3.shape
+    n = P * Q
     dt = x3.dtype
     dy = dy.to(dt).contiguous()
     gmad = gmad.to(dt).contiguous() if gmad is not None else None
@@ -169,7 +172,7 @@ def _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, wa
     dldd = torch.empty(G, dtype=dt) if want_dldd else None
     cinf = c_inf(n) if stat == "topk" else 0.0
     bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
-    failed = bwd(x3.data_ptr(), dy.data_ptr(), G, n, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
+    failed = bwd(x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
                  d.data_ptr(), _ptr(gamma), seg, channels, _ptr(idx), _ptr(gmad), dx.data_ptr(),
                  _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
     if failed:

@@ -1,0 +1,320 @@
+/* The kernels of rows.c for one element type: included once per type with
+ *   T    the element type          SUF  the name suffix        ABS  |.| for T
+ * defined (see the end of rows.c). Layout and formulas: rows.c.
+ */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUF)
+
+/* min-heap of (value, index) on value */
+static void FN(sift_down_)(T *hv, int32_t *hi, int64_t k, int64_t p) {
+    for (;;) {
+        int64_t l = 2 * p + 1, s = p;
+        if (l < k && hv[l] < hv[s]) s = l;
+        if (l + 1 < k && hv[l + 1] < hv[s]) s = l + 1;
+        if (s == p) return;
+        T tv = hv[p]; hv[p] = hv[s]; hv[s] = tv;
+        int32_t ti = hi[p]; hi[p] = hi[s]; hi[s] = ti;
+        p = s;
+    }
+}
+
+/* Smallest of the maxima of k blocks of a[0..n) (k <= n): at most the k-th largest
+ * value, since the k block maxima are k values that are all >= it. */
+static T FN(block_bound_)(const T *a, int64_t n, int64_t k) {
+    int64_t bq = n / k, br = n % k, lo = 0;   /* br blocks of bq + 1 values, then bq */
+    T tau = 0;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t hi = lo + bq + (j < br);
+        T mx = a[lo];
+        if (hi - lo < 64) {   /* short blocks: the vector loop's set-up costs more */
+            for (int64_t i = lo + 1; i < hi; i++) mx = a[i] > mx ? a[i] : mx;
+        } else {
+#pragma omp simd reduction(max:mx)
+            for (int64_t i = lo + 1; i < hi; i++) mx = a[i] > mx ? a[i] : mx;
+        }
+        tau = j == 0 || mx < tau ? mx : tau;
+        lo = hi;
+    }
+    return tau;
+}
+
+/* The k largest of a[0..n): their sum, their positions (into a) in idx. The bound above
+ * leaves a short list of candidates (about 1.4 k for long rows after a few rounds); they
+ * are ranked by counting the values above each (ties: the earlier position wins), or
+ * by a heap when the list is long. cv: n values and cand: n positions of scratch; hv: k. */
+static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, int32_t *cand, T *hv, int32_t *idx) {
+    T tau = FN(block_bound_)(a, n, k);
+    int64_t c = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+        int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
+        int any = 0;
+#pragma omp simd reduction(|:any)
+        for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;
+        if (!any) continue;
+        for (int64_t i = i0; i < i1; i++) { cand[c] = (int32_t)i; cv[c] = a[i]; c += a[i] >= tau; }
+    }
+    for (int round = 0; round < 4 && c > k + k / 4 + 1; round++) {   /* the bound again on the list */
+        int64_t before = c, c2 = 0;
+        T tau2 = FN(block_bound_)(cv, c, k);
+        for (int64_t i = 0; i < c; i++) { cand[c2] = cand[i]; cv[c2] = cv[i]; c2 += cv[i] >= tau2; }
+        c = c2;
+        if (c == before) break;
+    }
+    T s = 0;
+    if (c <= 256) {   /* above[p] = #{q : cv[q] > cv[p], or equal and q < p} */
+        int32_t above[256];
+        for (int64_t p = 0; p < c; p++) above[p] = 0;
+        for (int64_t q = 0; q < c; q++) {
+            T aq = cv[q];
+#pragma omp simd
+            for (int64_t p = 0; p < c; p++) above[p] += (aq > cv[p]) | ((aq == cv[p]) & (q < p));
+        }
+        int64_t out = 0;
+        for (int64_t p = 0; p < c; p++)
+            if (above[p] < k) { idx[out++] = cand[p]; s += cv[p]; }
+        return s;
+    }
+    for (int64_t i = 0; i < k; i++) { hv[i] = cv[i]; idx[i] = cand[i]; }
+    for (int64_t p = k / 2 - 1; p >= 0; p--) FN(sift_down_)(hv, idx, k, p);
+    for (int64_t i = k; i < c; i++)
+        if (cv[i] > hv[0]) { hv[0] = cv[i]; idx[0] = cand[i]; FN(sift_down_)(hv, idx, k, 0); }
+    for (int64_t i = 0; i < k; i++) s += hv[i];
+    return s;
+}
+
+/* channel of the recovery for values [j, j + S) of slice p of row r (segment recovery) */
+static inline int64_t FN(channel_)(int64_t P, int64_t r, int64_t n, int64_t j, int64_t S, int64_t Cq) {
+    return P == 1 ? ((r * n + j) / S) % Cq : r % Cq;
+}
+
+int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64_t k, double cinf,
+                    double eps, double delta, const T *gamma, const T *beta, int64_t S, int64_t Cq,
+                    int need_mad, T *y, T *mu, T *dout, T *mad, T *bstat, int32_t *idx, int nthreads) {
+    const int64_t n = P * Q;
+    int failed = 0;
+    if (P > 1) S = Q;   /* several slices per row: the recovery is per row (batch area) */
+#pragma omp parallel num_threads(nthreads)
+    {
+        T *a = NULL;
+        if (stat == STAT_TOPK) {   /* scratch: a, cv (n each), hv (k), cand (n) */
+            a = (T *)malloc(sizeof(T) * (size_t)(2 * n + k) + sizeof(int32_t) * (size_t)n);
+            if (!a) failed = 1;
+        }
+        int t = thread_id(), nt = thread_count();
+        int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
+        for (int64_t r = r0; r < r1 && !(stat == STAT_TOPK && !a); r++) {
+            /* slice p of row r: x + (p * R + r) * Q, Q contiguous values */
+            double s1 = 0;
+            for (int64_t p = 0; p < P; p++) {
+                const T *xs = x + (p * R + r) * Q;
+                T ps = 0;
+#pragma omp simd reduction(+:ps)
+                for (int64_t i = 0; i < Q; i++) ps += xs[i];
+                s1 += ps;
+            }
+            T m = (T)(s1 / (double)n);
+            double sa = 0, sq = 0;
+            T dd, bs;
+            if (stat == STAT_L1 || need_mad) {
+                for (int64_t p = 0; p < P; p++) {
+                    const T *xs = x + (p * R + r) * Q;
+                    T ps = 0;
+#pragma omp simd reduction(+:ps)
+                    for (int64_t i = 0; i < Q; i++) ps += ABS(xs[i] - m);
+                    sa += ps;
+                }
+            }
+            if (stat == STAT_L2) {
+                for (int64_t p = 0; p < P; p++) {
+                    const T *xs = x + (p * R + r) * Q;
+                    T ps = 0;
+#pragma omp simd reduction(+:ps)
+                    for (int64_t i = 0; i < Q; i++) { T v = xs[i] - m; ps += v * v; }
+                    sq += ps;
+                }
+                bs = (T)(sq / (double)n);
+                dd = (T)sqrt((double)bs + delta);
+            } else if (stat == STAT_L1) {
+                bs = (T)(sa / (double)n);
+                dd = (T)(C_L1 * (double)bs + eps);
+            } else {
+                for (int64_t p = 0; p < P; p++) {
+                    const T *xs = x + (p * R + r) * Q;
+                    T *as = a + p * Q;
+#pragma omp simd
+                    for (int64_t i = 0; i < Q; i++) as[i] = ABS(xs[i] - m);
+                }
+                T sk = FN(topk_)(a, n, k, a + n, (int32_t *)(a + 2 * n + k), a + 2 * n, idx + r * k) / (T)k;
+                bs = (T)(cinf * (double)sk);
+                dd = (T)(cinf * (double)sk + eps);
+            }
+            mu[r] = m; dout[r] = dd; bstat[r] = bs;
+            if (mad) mad[r] = (T)(sa / (double)n);
+            T inv = (T)1 / dd;
+            if (P == 1 && S == 1) {   /* gamma along the row */
+                const T *xr = x + r * n;
+                T *yr = y + r * n;
+                if (gamma && beta) {
+#pragma omp simd
+                    for (int64_t i = 0; i < n; i++) yr[i] = (xr[i] - m) * inv * gamma[i] + beta[i];
+                } else if (gamma) {
+#pragma omp simd
+                    for (int64_t i = 0; i < n; i++) yr[i] = (xr[i] - m) * inv * gamma[i];
+                } else if (beta) {
+#pragma omp simd
+                    for (int64_t i = 0; i < n; i++) yr[i] = (xr[i] - m) * inv + beta[i];
+                } else {
+#pragma omp simd
+                    for (int64_t i = 0; i < n; i++) yr[i] = (xr[i] - m) * inv;
+                }
+            } else {
+                for (int64_t p = 0; p < P; p++) {
+                    const T *xs = x + (p * R + r) * Q;
+                    T *ys = y + (p * R + r) * Q;
+                    for (int64_t j = 0; j < Q; j += S) {
+                        int64_t c = FN(channel_)(P, r, n, j, S, Cq);
+                        T sc = gamma ? inv * gamma[c] : inv;
+                        T sh = beta ? beta[c] : (T)0;
+#pragma omp simd
+                        for (int64_t i = j; i < j + S; i++) ys[i] = (xs[i] - m) * sc + sh;
+                    }
+                }
+            }
+        }
+        free(a);
+    }
+    return failed;
+}
+
+/* Gradients. With g = dy * gamma[c], S_g = sum(g), S_gv = sum(g * v), dL/dd = -S_gv / d^2:
+ *   dx = g / d - S_g / (n d) + dL/dd * (dd/dv - mean(dd/dv))
+ *        + gmad / n * (sign(v) - mean(sign(v)))
+ * dd/dv: L2 v / (n d); L1 C_L1 sign(v) / n; TOPK cinf sign(v) / k at the top-k positions.
+ * dgamma[c] += sum(dy * v) / d and dbeta[c] += sum(dy) over the values of channel c;
+ * dldd[r] = dL/dd (for the gradient of delta). */
+int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, int stat, int64_t k,
+                     double cinf, const T *mu, const T *dd_, const T *gamma, int64_t S, int64_t Cq,
+                     const int32_t *idx, const T *gmad, T *dx, double *dgamma, double *dbeta, T *dldd,
+                     int nthreads) {
+    const int64_t n = P * Q;
+    int want_cols = dgamma != NULL || dbeta != NULL;
+    double *parts = NULL;
+    int np = nthreads > 0 ? nthreads : 1;
+    if (P > 1) S = Q;
+    if (want_cols) {
+        parts = (double *)calloc((size_t)np * 2 * (size_t)Cq, sizeof(double));
+        if (!parts) return 1;
+    }
+    int used = 1;
+#pragma omp parallel num_threads(np)
+    {
+        int t = thread_id(), nt = thread_count();
+        if (t == 0) used = nt;
+        double *pg = parts ? parts + (size_t)t * 2 * (size_t)Cq : NULL;
+        double *pb = parts ? pg + Cq : NULL;
+        int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
+        int need_sign = stat == STAT_L1 || gmad != NULL;
+        for (int64_t r = r0; r < r1; r++) {
+            T m = mu[r], d = dd_[r], inv = (T)1 / d;
+            double sg = 0, sgv = 0, ss = 0;
+            if (P == 1 && S == 1) {
+                const T *xr = x + r * n, *dyr = dy + r * n;
+                T a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+:a1,a2,a3)
+                for (int64_t i = 0; i < n; i++) {
+                    T v = xr[i] - m;
+                    T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                    a1 += g; a2 += g * v; a3 += SIGN(v);
+                }
+                sg = a1; sgv = a2; ss = a3;
+                if (pg) {
+#pragma omp simd
+                    for (int64_t i = 0; i < n; i++) {
+                        pg[i] += (double)(dyr[i] * (xr[i] - m) * inv);
+                        pb[i] += (double)dyr[i];
+                    }
+                }
+            } else {
+                for (int64_t p = 0; p < P; p++) {
+                    const T *xs = x + (p * R + r) * Q, *dys = dy + (p * R + r) * Q;
+                    for (int64_t j = 0; j < Q; j += S) {
+                        int64_t c = FN(channel_)(P, r, n, j, S, Cq);
+                        T rdy = 0, rdyv = 0, rs = 0;
+#pragma omp simd reduction(+:rdy,rdyv,rs)
+                        for (int64_t i = j; i < j + S; i++) {
+                            T v = xs[i] - m;
+                            rdy += dys[i]; rdyv += dys[i] * v; rs += SIGN(v);
+                        }
+                        T gc = gamma ? gamma[c] : (T)1;
+                        sg += (double)(gc * rdy); sgv += (double)(gc * rdyv); ss += rs;
+                        if (pg) { pg[c] += (double)(rdyv * inv); pb[c] += (double)rdy; }
+                    }
+                }
+            }
+            T c0 = (T)(-sg / (double)n) * inv;
+            T dl = (T)(-sgv) / (d * d);
+            T cv = 0, cs = 0, tc = 0;
+            if (stat == STAT_L2) cv = dl / ((T)n * d);
+            if (stat == STAT_L1) cs = dl * (T)C_L1 / (T)n;
+            if (gmad) cs += gmad[r] / (T)n;
+            if (need_sign) c0 -= cs * (T)(ss / (double)n);
+            const int32_t *ir = idx ? idx + r * k : NULL;
+            if (stat == STAT_TOPK) {   /* positions are into the row's n values: slice pos / Q */
+                T ts = 0;
+                tc = dl * (T)cinf / (T)k;
+                for (int64_t j = 0; j < k; j++) {
+                    int64_t pos = ir[j], off = P == 1 ? r * n + pos : (pos / Q * R + r) * Q + pos % Q;
+                    ts += SIGN(x[off] - m);
+                }
+                c0 -= tc * ts / (T)n;
+            }
+            if (dldd) dldd[r] = dl;
+            if (P == 1 && S == 1) {
+                const T *xr = x + r * n, *dyr = dy + r * n;
+                T *dxr = dx + r * n;
+#pragma omp simd
+                for (int64_t i = 0; i < n; i++) {
+                    T v = xr[i] - m;
+                    T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                    dxr[i] = g * inv + c0 + cv * v + (need_sign ? cs * SIGN(v) : (T)0);
+                }
+            } else {
+                for (int64_t p = 0; p < P; p++) {
+                    const T *xs = x + (p * R + r) * Q, *dys = dy + (p * R + r) * Q;
+                    T *dxs = dx + (p * R + r) * Q;
+                    for (int64_t j = 0; j < Q; j += S) {
+                        int64_t c = FN(channel_)(P, r, n, j, S, Cq);
+                        T gi = gamma ? gamma[c] * inv : inv;
+#pragma omp simd
+                        for (int64_t i = j; i < j + S; i++) {
+                            T v = xs[i] - m;
+                            dxs[i] = dys[i] * gi + c0 + cv * v + (need_sign ? cs * SIGN(v) : (T)0);
+                        }
+                    }
+                }
+            }
+            if (stat == STAT_TOPK) {
+                for (int64_t j = 0; j < k; j++) {
+                    int64_t pos = ir[j], off = P == 1 ? r * n + pos : (pos / Q * R + r) * Q + pos % Q;
+                    dx[off] += tc * SIGN(x[off] - m);
+                }
+            }
+        }
+    }
+    if (parts) {
+        for (int t = 0; t < used; t++) {
+            const double *pg = parts + (size_t)t * 2 * (size_t)Cq, *pb = pg + Cq;
+            for (int64_t c = 0; c < Cq; c++) {
+                if (dgamma) dgamma[c] += pg[c];
+                if (dbeta) dbeta[c] += pb[c];
+            }
+        }
+        free(parts);
+    }
+    return 0;
+}
+
+#undef FN
+#undef CAT
+#undef CAT_
