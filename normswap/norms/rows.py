@@ -1,14 +1,16 @@
-"""The row layout through the compiled CPU kernels (:mod:`normswap.kernels`).
+"""Every area through the compiled CPU kernels (:mod:`normswap.kernels`).
 
-A ``(1, G, Q)`` layout (layer, channels, group and instance areas) is ``G`` contiguous
-rows of ``n = Q`` values, each row one set of values sharing statistics. The formulas
+An area's ``(P, G, Q)`` layout is ``G`` groups ("rows") of ``n = P * Q`` values, each the
+values that share statistics: ``P`` slices of ``Q`` contiguous values (``P = 1`` for the
+layer, channels, group and instance areas; ``P = N`` for the batch area). The formulas
 are those of :class:`~normswap.norms.functional.StatNormFn` (its docstring has them);
-:func:`row_plan` decides whether a call can take this path, :class:`RowNormFn` runs it.
+:func:`row_plan` decides whether a call can take this path, :class:`RowNormFn` runs it
+eagerly and the ``normswap::row_norm`` operator under torch.compile.
 
-The recovery is one ``gamma``, ``beta`` pair indexed by ``c = ((r * n + i) // S) % Cq``
-for value ``i`` of row ``r``: along the row (``S = 1``, ``Cq = n``: layer norm), per
-segment of ``S`` values (group norm: ``S`` = positions per channel), per row
-(``S = n``: instance norm).
+The recovery is one ``gamma``, ``beta`` pair indexed, for value ``i`` of row ``r`` when
+``P = 1``, by ``c = ((r * n + i) // S) % Cq``: along the row (``S = 1``, ``Cq = n``: layer
+norm), per segment of ``S`` values (group norm: ``S`` = positions per channel), per row
+(``S = n``: instance norm); when ``P > 1`` per row (batch norm).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def _threads(numel: int) -> int:
 
 
 class RowNormFn(torch.autograd.Function):
-    """Standardization of the rows of a contiguous ``(1, G, n)`` tensor by the kernels.
+    """Standardization of the rows of a contiguous ``(P, G, Q)`` tensor by the kernels.
 
     Returns ``(y, mu, batch_stat, mad)`` as :func:`~normswap.norms.functional.stat_norm`
     does (``mad`` empty unless ``need_mad`` or "l1")."""
