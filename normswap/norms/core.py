@@ -152,8 +152,8 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
                 self.register_buffer(stat_buffer, None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
-        if not area.batch_stats or not isinstance(area, BatchArea):
-            kernels.library()  # build the row kernels now: torch.compile cannot while tracing
+        if operation.stat != "mean":
+            kernels.library()  # build the CPU kernels now: torch.compile cannot while tracing
 
     # -- what the rest of the package reads ---------------------------------------------
     @property
@@ -254,7 +254,8 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         out_shape = reshape_source(x, x3)
         y3, mu, batch_stat, mad, count = stat_norm(
             x3, gw, gb, op.stat, delta=self._delta(x), k=op.k, eps=self.eps, group=group,
-            need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape, out_shape=out_shape)
+            need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape, out_shape=out_shape,
+            kernel_when_compiled=area.kernel_when_compiled)
         y = y3 if out_shape is not None else area.from_pgq(y3, x)
         if update:
             self._update_running(area.per_channel(mu, x),

@@ -38,6 +38,8 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from .areas import BatchArea
+
 C_L1 = math.sqrt(math.pi / 2.0)
 """Makes ``C_L1 * mean|v|`` equal the standard deviation for Gaussian ``v``."""
 
@@ -442,7 +444,7 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
               stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
               group=None, need_mad: bool = False, qweight: Optional[torch.Tensor] = None,
               qbias: Optional[torch.Tensor] = None, post_shape: Optional[tuple] = None,
-              out_shape: Optional[tuple] = None):
+              out_shape: Optional[tuple] = None, kernel_when_compiled: bool = True):
     """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
 
     ``weight``, ``bias``: a recovery per group ``g`` (G,). ``qweight``, ``qbias``: a
@@ -456,6 +458,10 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
     ``out_shape``: ``x3`` is a reshape of the caller's contiguous tensor of this shape (see
     :func:`reshape_source`); ``y`` then comes back in that shape, as a tensor of its own.
+
+    On CPU, in float32 / float64, the compiled kernels of :mod:`normswap.kernels` run the
+    call (:mod:`normswap.norms.rows`); under torch.compile only if ``kernel_when_compiled``
+    (the area's choice, :class:`~normswap.norms.areas.Area`).
     """
     if stat == "l2" and delta is None:
         delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
@@ -464,7 +470,9 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if (qweight is not None or qbias is not None) and post_shape is None:
         post_shape = tuple(x3.shape)
     from .rows import row_norm, row_plan  # (rows imports this module)
-    plan = row_plan(x3, weight, bias, qweight, qbias, post_shape, stat, group, delta)
+    plan = None
+    if kernel_when_compiled or not torch.compiler.is_compiling():
+        plan = row_plan(x3, weight, bias, qweight, qbias, post_shape, stat, group, delta)
     if plan is not None:  # the compiled CPU kernels (eager, contiguous rows)
         y, mu, batch_stat, mad = row_norm(x3, plan, stat, delta, k, eps, need_mad, out_shape)
         return y, mu, batch_stat, mad, x3.shape[0] * x3.shape[2]
@@ -496,5 +504,6 @@ def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     x3 = x.reshape(N, C, -1)
     out_shape = reshape_source(x, x3)
     y, mu, batch_stat, mad, count = stat_norm(x3, weight, bias, stat, delta=delta, k=k, eps=eps, group=group,
-                                              need_mad=need_mad, out_shape=out_shape)
+                                              need_mad=need_mad, out_shape=out_shape,
+                                              kernel_when_compiled=BatchArea.kernel_when_compiled)
     return y if out_shape is not None else y.view(x.shape), mu, batch_stat, mad, count
