@@ -96,56 +96,65 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def time_fwd_bwd(module, x, grad, reps, sync, clock=time.perf_counter):
-    times = []
-    for i in range(reps + 2):
-        x.grad = None
-        sync()
-        t0 = clock()
-        y = module(x)
-        if getattr(module, "l1_alpha", 0):
-            y = y + 0 * N.penalty(module)
-        y.backward(grad)
-        sync()
-        if i >= 2:
-            times.append(clock() - t0)
-    return statistics.median(times)
+def time_fwd_bwd(module, x, grad, sync, clock=time.perf_counter):
+    """One forward + backward step's time."""
+    x.grad = None
+    sync()
+    t0 = clock()
+    y = module(x)
+    if getattr(module, "l1_alpha", 0):
+        y = y + 0 * N.penalty(module)
+    y.backward(grad)
+    sync()
+    return clock() - t0
 
 
 def run(device: str, reps: int, only=None, compile_layers: bool = False):
+    """Every layer of each shape, round-robin: repetition i times each layer once, so that a
+    change of load hits a layer and its native counterpart alike; a layer's ratio is the
+    median over repetitions of t(layer, i) / t(native, i)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # CPU: processor time of this process, not wall time, so that other processes on a
     # shared machine do not enter the figures (with --threads 1 it is the work done)
     clock = time.perf_counter if device == "cuda" else time.process_time
+    if compile_layers:   # every layer stays compiled at once: one graph per module
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
     rows = []
     for shape in SHAPES:
         n, c, h, w = shape
-        res = {}
+        cases = {}
         for name, make, base, layout in layers(c):
             if make is None or (only and base and not any(o in name for o in only)):
                 continue
             torch.manual_seed(0)
             m = make().to(device).train()
             if compile_layers:
-                torch.compiler.reset()
                 m = torch.compile(m, dynamic=False)
             x = torch.randn(shape, device=device)
             if layout == "nhwc":
                 x = x.permute(0, 2, 3, 1).contiguous()
             x.requires_grad_()
             grad = torch.randn_like(x)
-            t = time_fwd_bwd(m, x, grad, reps, sync, clock)
+            for _ in range(2):   # warm-up (and compilation)
+                time_fwd_bwd(m, x, grad, sync, clock)
             mem = saved_bytes(m, x) if not compile_layers else 0
-            res[name] = {"time_s": t, "saved_bytes": mem, "baseline": base}
-        for name, r in res.items():
+            cases[name] = {"module": m, "x": x, "grad": grad, "times": [], "saved_bytes": mem, "baseline": base}
+        for _ in range(reps):
+            for case in cases.values():
+                case["times"].append(time_fwd_bwd(case["module"], case["x"], case["grad"], sync, clock))
+        for name, r in cases.items():
             if r["baseline"] is None and only:
                 continue
-            base = res[r["baseline"]] if r["baseline"] else r
+            base = cases[r["baseline"]] if r["baseline"] else r
+            ratio = statistics.median(a / b for a, b in zip(r["times"], base["times"]))
             rows.append({"device": device, "shape": list(shape), "layer": name,
-                         "baseline": r["baseline"] or name, "time_s": r["time_s"],
+                         "baseline": r["baseline"] or name, "time_s": statistics.median(r["times"]),
                          "saved_bytes": r["saved_bytes"],
-                         "time_ratio": r["time_s"] / base["time_s"], "compiled": compile_layers,
+                         "time_ratio": ratio, "compiled": compile_layers,
                          "memory_ratio": r["saved_bytes"] / max(base["saved_bytes"], 1)})
+        del cases
     return rows
 
 
@@ -157,12 +166,27 @@ def print_table(rows):
 
 
 def print_markdown(rows):
+    if any(r.get("compiled") for r in rows) and not all(r.get("compiled") for r in rows):
+        return print_merged_markdown(rows)
     print("| device | shape | layer | vs | time x | memory x |")
     print("|---|---|---|---|---:|---:|")
     for r in rows:
         if r["baseline"] != r["layer"]:
             print(f"| {r['device']} | {tuple(r['shape'])} | {r['layer']} | {r['baseline']} | "
                   f"{r['time_ratio']:.2f} | {'-' if r.get('compiled') else format(r['memory_ratio'], '.2f')} |")
+
+
+def print_merged_markdown(rows):
+    """Eager and compiled rows of the same layers as one table (docs/performance.md's)."""
+    compiled = {(r["device"], tuple(r["shape"]), r["layer"]): r["time_ratio"] for r in rows if r.get("compiled")}
+    print("| input (N, C, H, W) | layer | against | eager time x | compiled time x | saved memory x |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        if r.get("compiled") or r["baseline"] == r["layer"]:
+            continue
+        c = compiled.get((r["device"], tuple(r["shape"]), r["layer"]))
+        print(f"| {tuple(r['shape'])} | {r['layer']} | {r['baseline']} | {r['time_ratio']:.2f} | "
+              f"{'-' if c is None else format(c, '.2f')} | {r['memory_ratio']:.2f} |")
 
 
 def plot(rows, path: str) -> None:

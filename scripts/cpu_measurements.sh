@@ -10,12 +10,12 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 { uname -m; nproc; uptime
   $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } > "$OUT/machine.txt" 2>&1
 LAYER_AREAS=L1LayerNorm,TopKLayerNorm,L1GroupNorm,TopKGroupNorm,L1InstanceNorm2d,TopKInstanceNorm2d,L1BatchNorm2d,TopKBatchNorm2d
-step norms_eager ${NORMS_S:-900} $PY scripts/bench_norms.py --device cpu --threads 1 --reps 10 \
+step norms_eager ${NORMS_S:-900} $PY scripts/bench_norms.py --device cpu --threads 1 --reps 20 \
   --json "$OUT/norms_cpu_eager.json" --markdown
-step norms_compiled ${NORMS_COMPILED_S:-1500} $PY scripts/bench_norms.py --device cpu --threads 1 --reps 10 \
+step norms_compiled ${NORMS_COMPILED_S:-1500} $PY scripts/bench_norms.py --device cpu --threads 1 --reps 20 \
   --compile --only "$LAYER_AREAS" --json "$OUT/norms_cpu_compiled.json" --markdown
 $PY scripts/bench_norms.py --from-json "$OUT/norms_cpu_eager.json" "$OUT/norms_cpu_compiled.json" \
-  --plot "$OUT/norms_cpu.png" > /dev/null
+  --markdown --plot "$OUT/norms_cpu.png" > "$OUT/norms_table.md"
 step step_r18 ${STEP_S:-900} $PY scripts/bench_train_step.py --models resnet18 --no-compile --reps 6 \
   --threads 1 --clock cpu --json "$OUT/step_cpu_resnet18.json"
 step step_r50 ${STEP_S:-900} $PY scripts/bench_train_step.py --models resnet50 --no-compile --reps 4 \

@@ -138,6 +138,62 @@ def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
     return _newton_whitening(cov, T)   # eager: autograd through the steps (no recomputation)
 
 
+class _GroupWhitenFn(torch.autograd.Function):
+    """Training-mode IterNorm of ``(N, C, L)`` with equal groups (``C = G d``), in that
+    layout (no transposed copies), with its backward written out. With ``V = x - mu`` per
+    group ``(N, d, L)``, ``Sigma = sum_n V_n V_n^T / m + eps I``, ``W = newton(Sigma)``,
+    ``W' = diag(gamma) W`` and ``y = W' V + beta``::
+
+        dbeta = sum(dy)        dW' = sum_n dy_n V_n^T        dgamma = rowsum(dW' * W)
+        dSigma = newton_backward(Sigma, diag(gamma) dW')     S = (dSigma + dSigma^T) / m
+        dV = W'^T dy + S V     dx = dV - mean(dV)
+
+    Saves ``V`` (in the statistics' dtype), ``Sigma``, ``W``: one full-size tensor, as
+    nn.BatchNorm2d saves its input. Returns ``(y, mu, W)``."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, d: int, T: int, eps: float):
+        N, C, L = x3.shape
+        G, m = C // d, N * L
+        cdt = stat_dtype(x3.dtype)
+        xs = x3.to(cdt)
+        mu = xs.sum(dim=(0, 2)) / m
+        V = (xs - mu[None, :, None]).view(N, G, d, L)
+        cov = torch.matmul(V, V.transpose(-1, -2)).sum(0) / m
+        cov.diagonal(dim1=-2, dim2=-1).add_(eps)
+        W = _newton_whitening(cov, T)
+        Wg = W * weight.to(cdt).view(G, d, 1) if weight is not None else W
+        y = torch.matmul(Wg, V)
+        if bias is not None:
+            y.add_(bias.to(cdt).view(1, G, d, 1))
+        ctx.save_for_backward(V, cov, W, Wg, weight)
+        ctx.setup = (T, m, bias is not None, x3.dtype)
+        ctx.mark_non_differentiable(mu, W)
+        return y.view(N, C, L).to(x3.dtype), mu, W
+
+    @staticmethod
+    def backward(ctx, dy, _gmu, _gw):
+        V, cov, W, Wg, weight = ctx.saved_tensors
+        T, m, has_bias, xdt = ctx.setup
+        N, G, d, L = V.shape
+        dy4 = dy.to(V.dtype).reshape(N, G, d, L)
+        gb = dy4.sum(dim=(0, 3)).reshape(G * d).to(xdt) if has_bias and ctx.needs_input_grad[2] else None
+        dWg = torch.matmul(dy4, V.transpose(-1, -2)).sum(0)
+        gw = None
+        if weight is not None:
+            if ctx.needs_input_grad[1]:
+                gw = (dWg * W).sum(-1).reshape(G * d).to(weight.dtype)
+            dW = dWg * weight.to(V.dtype).view(G, d, 1)
+        else:
+            dW = dWg
+        dcov = _newton_whitening_backward(cov, dW.contiguous(), T)
+        S = (dcov + dcov.mT) / m
+        dV = torch.matmul(Wg.mT, dy4)
+        dV.view(N * G, d, L).baddbmm_(S.expand(N, G, d, d).reshape(N * G, d, d), V.view(N * G, d, L))
+        dV.sub_(dV.mean(dim=(0, 3), keepdim=True))
+        return dV.view(N, G * d, L).to(xdt), gw, gb, None, None, None
+
+
 def _all_reduce_grad(t: torch.Tensor, group) -> torch.Tensor:
     """Sum over processes, differentiable (the gradient is summed back)."""
     from torch.distributed.nn.functional import all_reduce
@@ -224,8 +280,14 @@ class _IterNorm(NormalizerBase):
         check_channels(self, x, self._dims, self.num_features)
         N, C = x.shape[0], x.shape[1]
         cdt = stat_dtype(x.dtype)
-        xc = x.to(cdt).transpose(0, 1).reshape(C, -1)                    # (C, m)
         d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
+        if self.training and full == len(self._sizes) and not torch.compiler.is_compiling() \
+                and self._sync_group() is None and not self._wants_penalty() and x[0, 0].numel() * N > 1:
+            # equal groups, one process, no penalty: the written-out Function
+            y, mu, wm = _GroupWhitenFn.apply(x.reshape(N, C, -1), self.weight, self.bias, d, self.T, self.eps)
+            self._update_running(mu, [wm])
+            return y.view(x.shape)
+        xc = x.to(cdt).transpose(0, 1).reshape(C, -1)                    # (C, m)
         if self.training:
             group = self._sync_group()
             if group is None and xc.shape[1] <= 1:
