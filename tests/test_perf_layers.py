@@ -266,7 +266,8 @@ def test_dn_backward_graph_has_no_pooling_backward(make, shape):
 @pytest.mark.parametrize("make", [
     lambda: N.L1BatchNorm2d(6), lambda: N.TopKBatchNorm2d(6, k=3), lambda: N.BatchNormStar2d(6, l1_alpha=0.1),
     lambda: N.MeanOnlyBatchNorm2d(6), lambda: N.L1LayerNorm(5), lambda: N.L1GroupNorm(2, 6),
-    lambda: N.L1InstanceNorm2d(6, affine=True)], ids=["l1bn", "topkbn", "bn*", "meanonly", "l1ln", "l1gn", "l1in"])
+    lambda: N.L1InstanceNorm2d(6, affine=True), lambda: N.IterNorm2d(6, group_size=3)],
+    ids=["l1bn", "topkbn", "bn*", "meanonly", "l1ln", "l1gn", "l1in", "iternorm"])
 def test_output_is_not_a_view_and_inplace_relu_after_it_keeps_gradients(make):
     """A norm followed by ``ReLU(inplace=True)`` (most CNNs): when the layer returned a view
     of its Function's output, autograd cloned and copied every such gradient in backward

@@ -139,7 +139,7 @@ def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
 
 
 class _GroupWhitenFn(torch.autograd.Function):
-    """Training-mode IterNorm of ``(N, C, L)`` with equal groups (``C = G d``), in that
+    """Training-mode IterNorm of ``(N, C, *)`` with equal groups (``C = G d``), in that
     layout (no transposed copies), with its backward written out. With ``V = x - mu`` per
     group ``(N, d, L)``, ``Sigma = sum_n V_n V_n^T / m + eps I``, ``W = newton(Sigma)``,
     ``W' = diag(gamma) W`` and ``y = W' V + beta``::
@@ -152,29 +152,33 @@ class _GroupWhitenFn(torch.autograd.Function):
     nn.BatchNorm2d saves its input. Returns ``(y, mu, W)``."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, d: int, T: int, eps: float):
-        N, C, L = x3.shape
+    def forward(ctx, x, weight, bias, d: int, T: int, eps: float):
+        N, C = x.shape[0], x.shape[1]
+        L = x[0, 0].numel()
         G, m = C // d, N * L
-        cdt = stat_dtype(x3.dtype)
-        xs = x3.to(cdt)
+        cdt = stat_dtype(x.dtype)
+        xs = x.to(cdt).reshape(N, C, L)
         mu = xs.sum(dim=(0, 2)) / m
         V = (xs - mu[None, :, None]).view(N, G, d, L)
         cov = torch.matmul(V, V.transpose(-1, -2)).sum(0) / m
         cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         W = _newton_whitening(cov, T)
         Wg = W * weight.to(cdt).view(G, d, 1) if weight is not None else W
-        y = torch.matmul(Wg, V)
+        # the output is a tensor of its own, not a view (an in-place activation after the
+        # layer may modify it)
+        y = torch.empty(x.shape, dtype=cdt, device=x.device)
+        y4 = torch.matmul(Wg, V, out=y.view(N, G, d, L))
         if bias is not None:
-            y.add_(bias.to(cdt).view(1, G, d, 1))
+            y4.add_(bias.to(cdt).view(1, G, d, 1))
         ctx.save_for_backward(V, cov, W, Wg, weight)
-        ctx.setup = (T, m, bias is not None, x3.dtype)
+        ctx.setup = (T, m, bias is not None, x.dtype, x.shape)
         ctx.mark_non_differentiable(mu, W)
-        return y.view(N, C, L).to(x3.dtype), mu, W
+        return (y if cdt == x.dtype else y.to(x.dtype)), mu, W
 
     @staticmethod
     def backward(ctx, dy, _gmu, _gw):
         V, cov, W, Wg, weight = ctx.saved_tensors
-        T, m, has_bias, xdt = ctx.setup
+        T, m, has_bias, xdt, shape = ctx.setup
         N, G, d, L = V.shape
         dy4 = dy.to(V.dtype).reshape(N, G, d, L)
         gb = dy4.sum(dim=(0, 3)).reshape(G * d).to(xdt) if has_bias and ctx.needs_input_grad[2] else None
@@ -191,7 +195,7 @@ class _GroupWhitenFn(torch.autograd.Function):
         dV = torch.matmul(Wg.mT, dy4)
         dV.view(N * G, d, L).baddbmm_(S.expand(N, G, d, d).reshape(N * G, d, d), V.view(N * G, d, L))
         dV.sub_(dV.mean(dim=(0, 3), keepdim=True))
-        return dV.view(N, G * d, L).to(xdt), gw, gb, None, None, None
+        return dV.view(shape).to(xdt), gw, gb, None, None, None
 
 
 def _all_reduce_grad(t: torch.Tensor, group) -> torch.Tensor:
@@ -284,9 +288,9 @@ class _IterNorm(NormalizerBase):
         if self.training and full == len(self._sizes) and not torch.compiler.is_compiling() \
                 and self._sync_group() is None and not self._wants_penalty() and x[0, 0].numel() * N > 1:
             # equal groups, one process, no penalty: the written-out Function
-            y, mu, wm = _GroupWhitenFn.apply(x.reshape(N, C, -1), self.weight, self.bias, d, self.T, self.eps)
+            y, mu, wm = _GroupWhitenFn.apply(x, self.weight, self.bias, d, self.T, self.eps)
             self._update_running(mu, [wm])
-            return y.view(x.shape)
+            return y
         xc = x.to(cdt).transpose(0, 1).reshape(C, -1)                    # (C, m)
         if self.training:
             group = self._sync_group()
