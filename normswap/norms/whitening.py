@@ -161,8 +161,8 @@ class _GroupWhitenFn(torch.autograd.Function):
         mu = xs.sum(dim=(0, 2)) / m
         V = (xs - mu[None, :, None]).view(N, G, d, L)
         cov = torch.matmul(V, V.transpose(-1, -2)).sum(0) / m
-        cov.diagonal(dim1=-2, dim2=-1).add_(eps)
-        W = _newton_whitening(cov, T)
+        cov = cov + eps * torch.eye(d, dtype=cdt, device=x.device)
+        W = newton_whitening(cov, T)   # (one operator under torch.compile)
         Wg = W * weight.to(cdt).view(G, d, 1) if weight is not None else W
         # the output is a tensor of its own, not a view (an in-place activation after the
         # layer may modify it)
@@ -287,7 +287,9 @@ class _IterNorm(NormalizerBase):
         d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
         if self.training and full == len(self._sizes) and not torch.compiler.is_compiling() \
                 and self._sync_group() is None and not self._wants_penalty() and x[0, 0].numel() * N > 1:
-            # equal groups, one process, no penalty: the written-out Function
+            # equal groups, one process, no penalty, eager: the written-out Function (under
+            # torch.compile the form below measured faster: compiled resnet18 step 1.17-1.20x
+            # the original against 1.26x with the Function)
             y, mu, wm = _GroupWhitenFn.apply(x, self.weight, self.bias, d, self.T, self.eps)
             self._update_running(mu, [wm])
             return y
