@@ -214,3 +214,29 @@ def test_one_value_per_row_keeps_each_rows_own_recovery():
         m.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
     y = m(torch.randn(2, 3, 1, 1))
     torch.testing.assert_close(y.flatten(), torch.tensor([1.0, 2.0, 3.0]).repeat(2))
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: N.TopKLayerNorm(64, k=10), (40, 64)),            # rows selected side by side
+    (lambda: N.TopKLayerNorm(600, k=10), (40, 600)),          # one row at a time
+    (lambda: N.TopKBatchNorm2d(8, k=5), (4, 8, 6, 6)),        # the batch area
+    (lambda: N.L1GroupNorm(2, 8), (4, 8, 6, 6))], ids=["topk-lanes", "topk-rows", "topk-batch", "l1-group"])
+def test_non_finite_values_give_non_finite_rows_and_no_out_of_range_access(make, shape):
+    """A row holding NaN or inf has no order; the kernels must still write only valid
+    top-k positions (the backward indexes with them) and give NaN / inf there, and the
+    other rows their normal values."""
+    m = make()
+    x = torch.randn(shape)
+    x.view(-1)[7] = float("nan")
+    x.view(-1)[-3] = float("inf")
+    xs = x.clone().requires_grad_()
+    y = m(xs)
+    y.sum().backward()
+    with kernels.disabled():
+        want = m(x)
+    bad = ~torch.isfinite(want)
+    assert bad.any() and torch.equal(bad, ~torch.isfinite(y))
+    torch.testing.assert_close(y[~bad], want[~bad], rtol=1e-4, atol=1e-4)
+    if isinstance(m.area, N.BatchArea):
+        m.eval()   # the running statistics skipped the non-finite batch
+        assert torch.isfinite(m.running_mean).all()
