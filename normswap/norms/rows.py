@@ -191,6 +191,7 @@ def _row_norm_op(x3: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional
                  delta: Optional[torch.Tensor], stat: str, k: int, eps: float, need_mad: bool,
                  seg: int, channels: int) -> List[torch.Tensor]:
     x3 = x3.contiguous()
+    gamma, beta = (t.contiguous() if t is not None else None for t in (gamma, beta))
     y, mu, d, bstat, mad, idx = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels,
                                                 None)
     return [y, mu, d, bstat, mad if mad is not None else mu.new_zeros(0),
@@ -211,6 +212,7 @@ def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, 
                           gamma: Optional[torch.Tensor], idx: torch.Tensor, gmad: Optional[torch.Tensor],
                           stat: str, k: int, seg: int, channels: int, want_g: bool, want_b: bool,
                           want_dldd: bool) -> List[torch.Tensor]:
+    gamma = gamma.contiguous() if gamma is not None else None
     dx, dgamma, dbeta, dldd = _backward_kernel(x3.contiguous(), dy, mu, d, gamma, idx if idx.numel() else None,
                                                gmad, stat, k, seg, channels, want_g, want_b, want_dldd)
     empty = x3.new_zeros(0)
