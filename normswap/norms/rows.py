@@ -56,8 +56,9 @@ def _post_index(post_shape: tuple, pshape: tuple, n: int) -> Optional[tuple]:
 
 
 def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: str,
-             group, delta) -> Optional[RowPlan]:
-    """A :class:`RowPlan` when the compiled kernels can run this call, else None."""
+             group, delta, kernel_when_compiled: bool = True) -> Optional[RowPlan]:
+    """A :class:`RowPlan` when the compiled kernels can run this call, else None (under
+    torch.compile only if ``kernel_when_compiled``, the area's choice)."""
     if group is not None or stat not in _STAT_CODE:
         return None
     P, G, n = x3.shape
@@ -87,7 +88,8 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
         if P == 1 and n == 1 and G != 1:
             return None   # (one value per row: seg = 1 would read gamma along the row)
     if torch.compiler.is_compiling():
-        if not kernels.ready():   # (nothing is built while tracing; layers build them at __init__)
+        # (nothing is built while tracing; layers build the kernels at __init__)
+        if not (kernel_when_compiled and kernels.ready()):
             return None
     elif kernels.library() is None:
         return None

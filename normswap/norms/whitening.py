@@ -162,7 +162,7 @@ class _GroupWhitenFn(torch.autograd.Function):
         V = (xs - mu[None, :, None]).view(N, G, d, L)
         cov = torch.matmul(V, V.transpose(-1, -2)).sum(0) / m
         cov = cov + eps * torch.eye(d, dtype=cdt, device=x.device)
-        W = newton_whitening(cov, T)   # (one operator under torch.compile)
+        W = _newton_whitening(cov, T)   # (eager only: see IterNorm.forward)
         Wg = W * weight.to(cdt).view(G, d, 1) if weight is not None else W
         # the output is a tensor of its own, not a view (an in-place activation after the
         # layer may modify it)
