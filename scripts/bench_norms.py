@@ -13,6 +13,15 @@ Layers missing from the installed normswap are skipped (to measure older code).
     python scripts/bench_norms.py                 # CPU (and CUDA when present)
     python scripts/bench_norms.py --json out.json --reps 20 --device cpu --threads 1 --only L1,TopK
     python scripts/bench_norms.py --compile --only L1LayerNorm,L1GroupNorm   # both sides torch.compile'd
+    python scripts/bench_norms.py --device cuda --dtype bf16                  # bf16 input under autocast
+
+``--dtype fp16|bf16`` feeds half-precision input to fp32 layers under ``torch.autocast``,
+as a mixed-precision network does (fp16 is CUDA only). On CUDA the script also measures
+the device's copy bandwidth and, for the batch-statistics layers, prints each one's time
+against the memory-bandwidth limit of a training step: a forward and backward of a batch
+normalization must at least read x for the statistics, read x and write y, read x and dy
+for the reductions of the backward, and read x and dy and write dx again, 8 passes over
+the tensor (``BYTES_PASSES``), so the limit is ``8 * numel * element size / bandwidth``.
 
 ``--compile`` compiles each layer and its native counterpart (inductor, static shapes,
 forward and backward) and times the compiled modules: what a user of ``torch.compile``
@@ -32,6 +41,22 @@ from torch import nn
 import normswap.norms as N
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14)]
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+BYTES_PASSES = 8   # tensor-sized reads and writes of a batch norm's forward + backward (see above)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes read plus written per second by a device-to-device copy of ``nbytes``."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
 def _n(name):
@@ -78,7 +103,7 @@ def layers(c: int):
     ]
 
 
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+def saved_bytes(module: nn.Module, x: torch.Tensor, dtype=None) -> int:
     """Bytes of distinct storages autograd keeps for backward (input counted)."""
     seen = {}
 
@@ -90,26 +115,31 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
             pass
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         y = module(x)
     del y
     return sum(seen.values())
 
 
-def time_fwd_bwd(module, x, grad, sync, clock=time.perf_counter):
-    """One forward + backward step's time."""
+def time_fwd_bwd(module, x, grad, sync, clock=time.perf_counter, dtype=None, inner: int = 1):
+    """The time of one forward + backward step (forward under autocast to ``dtype`` if
+    given), averaged over ``inner`` steps queued between two synchronizations (on CUDA,
+    so that the synchronization's own latency does not enter a microsecond figure)."""
     x.grad = None
     sync()
     t0 = clock()
-    y = module(x)
-    if getattr(module, "l1_alpha", 0):
-        y = y + 0 * N.penalty(module)
-    y.backward(grad)
+    for _ in range(inner):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            y = module(x)
+        if getattr(module, "l1_alpha", 0):
+            y = y + 0 * N.penalty(module)
+        y.backward(grad)
     sync()
-    return clock() - t0
+    return (clock() - t0) / inner
 
 
-def run(device: str, reps: int, only=None, compile_layers: bool = False):
+def run(device: str, reps: int, only=None, compile_layers: bool = False, dtype_name: str = "fp32"):
     """Every layer of each shape, round-robin: repetition i times each layer once, so that a
     change of load hits a layer and its native counterpart alike; a layer's ratio is the
     median over repetitions of t(layer, i) / t(native, i)."""
@@ -117,40 +147,53 @@ def run(device: str, reps: int, only=None, compile_layers: bool = False):
     # CPU: processor time of this process, not wall time, so that other processes on a
     # shared machine do not enter the figures (with --threads 1 it is the work done)
     clock = time.perf_counter if device == "cuda" else time.process_time
+    inner = 10 if device == "cuda" else 1
     if compile_layers:   # every layer stays compiled at once: one graph per module
         for knob in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 256)
+    dtype = DTYPES[dtype_name]
+    bandwidth = copy_bandwidth(device) if device == "cuda" else None
     rows = []
     for shape in SHAPES:
         n, c, h, w = shape
         cases = {}
-        for name, make, base, layout in layers(c):
-            if make is None or (only and base and not any(o in name for o in only)):
+        chosen = [(name, make, base, layout) for name, make, base, layout in layers(c)
+                  if make is not None and not (only and base and not any(o in name for o in only))]
+        needed = {base for _, _, base, _ in chosen if base}
+        for name, make, base, layout in chosen:
+            if only and base is None and name not in needed:   # a native layer nothing is measured against
                 continue
             torch.manual_seed(0)
             m = make().to(device).train()
             if compile_layers:
                 m = torch.compile(m, dynamic=False)
-            x = torch.randn(shape, device=device)
+            x = torch.randn(shape, device=device, dtype=dtype or torch.float32)
             if layout == "nhwc":
                 x = x.permute(0, 2, 3, 1).contiguous()
             x.requires_grad_()
-            grad = torch.randn_like(x)
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                out_dtype = m(x).dtype   # autocast may return fp32 (layer norm does)
+            grad = torch.randn_like(x, dtype=out_dtype)
             for _ in range(2):   # warm-up (and compilation)
-                time_fwd_bwd(m, x, grad, sync, clock)
-            mem = saved_bytes(m, x) if not compile_layers else 0
+                time_fwd_bwd(m, x, grad, sync, clock, dtype)
+            mem = saved_bytes(m, x, dtype) if not compile_layers else 0
             cases[name] = {"module": m, "x": x, "grad": grad, "times": [], "saved_bytes": mem, "baseline": base}
         for _ in range(reps):
             for case in cases.values():
-                case["times"].append(time_fwd_bwd(case["module"], case["x"], case["grad"], sync, clock))
+                case["times"].append(time_fwd_bwd(case["module"], case["x"], case["grad"], sync, clock, dtype,
+                                                  inner))
         for name, r in cases.items():
             if r["baseline"] is None and only:
                 continue
             base = cases[r["baseline"]] if r["baseline"] else r
             ratio = statistics.median(a / b for a, b in zip(r["times"], base["times"]))
-            rows.append({"device": device, "shape": list(shape), "layer": name,
-                         "baseline": r["baseline"] or name, "time_s": statistics.median(r["times"]),
+            t = statistics.median(r["times"])
+            bound = (BYTES_PASSES * r["x"].numel() * r["x"].element_size() / bandwidth
+                     if bandwidth and (r["baseline"] or name) == "nn.BatchNorm2d" else None)
+            rows.append({"device": device, "shape": list(shape), "layer": name, "dtype": dtype_name,
+                         "baseline": r["baseline"] or name, "time_s": t,
+                         "bandwidth_Bps": bandwidth, "bound_ratio": t / bound if bound else None,
                          "saved_bytes": r["saved_bytes"],
                          "time_ratio": ratio, "compiled": compile_layers,
                          "memory_ratio": r["saved_bytes"] / max(base["saved_bytes"], 1)})
@@ -174,6 +217,21 @@ def print_markdown(rows):
         if r["baseline"] != r["layer"]:
             print(f"| {r['device']} | {tuple(r['shape'])} | {r['layer']} | {r['baseline']} | "
                   f"{r['time_ratio']:.2f} | {'-' if r.get('compiled') else format(r['memory_ratio'], '.2f')} |")
+
+
+def print_bandwidth(rows):
+    """Batch-statistics layers against the memory-bandwidth limit (CUDA rows only)."""
+    rows = [r for r in rows if r.get("bound_ratio")]
+    if not rows:
+        return
+    bw = rows[0]["bandwidth_Bps"]
+    print(f"\nagainst the memory-bandwidth limit ({BYTES_PASSES} tensor passes at the measured copy "
+          f"bandwidth {bw / 1e12:.2f} TB/s):")
+    print("| input (N, C, H, W) | dtype | layer | compiled | time (us) | time / limit |")
+    print("|---|---|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {tuple(r['shape'])} | {r.get('dtype', 'fp32')} | {r['layer']} | "
+              f"{'yes' if r.get('compiled') else 'no'} | {r['time_s'] * 1e6:.0f} | {r['bound_ratio']:.2f} |")
 
 
 def print_merged_markdown(rows):
@@ -229,6 +287,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="fp16 / bf16: half-precision input, forward under torch.autocast (fp16: CUDA only)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows (with absolute times) as JSON")
     ap.add_argument("--only", help="comma-separated substrings of the layer names to measure")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -250,10 +310,15 @@ def main(argv=None):
             with open(f) as fh:
                 rows += json.load(fh)
         devices = []
+    if args.dtype == "fp16" and "cpu" in devices:
+        ap.error("--dtype fp16: autocast to fp16 is for CUDA; use --device cuda, or bf16 on CPU")
     for d in devices:
-        rows += run(d, args.reps, only, args.compile)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}" + (", compiled" if args.compile else ""))
+        rows += run(d, args.reps, only, args.compile, args.dtype)
+    gpu = f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""
+    print(f"torch {torch.__version__}{gpu}, threads {torch.get_num_threads()}, {args.dtype}"
+          + (", compiled" if args.compile else ""))
     (print_markdown if args.markdown else print_table)(rows)
+    print_bandwidth(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
