@@ -175,8 +175,10 @@ def run(device: str, reps: int, only=None, compile_layers: bool = False, dtype_n
             with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 out_dtype = m(x).dtype   # autocast may return fp32 (layer norm does)
             grad = torch.randn_like(x, dtype=out_dtype)
+            t_warm = time.perf_counter()
             for _ in range(2):   # warm-up (and compilation)
                 time_fwd_bwd(m, x, grad, sync, clock, dtype)
+            print(f"  {tuple(shape)} {name}: warm-up {time.perf_counter() - t_warm:.1f} s", file=sys.stderr, flush=True)
             mem = saved_bytes(m, x, dtype) if not compile_layers else 0
             cases[name] = {"module": m, "x": x, "grad": grad, "times": [], "saved_bytes": mem, "baseline": base}
         for _ in range(reps):
@@ -198,14 +200,16 @@ def run(device: str, reps: int, only=None, compile_layers: bool = False, dtype_n
                          "time_ratio": ratio, "compiled": compile_layers,
                          "memory_ratio": r["saved_bytes"] / max(base["saved_bytes"], 1)})
         del cases
+        print_table([r for r in rows if tuple(r["shape"]) == tuple(shape)], file=sys.stderr)  # progress
     return rows
 
 
-def print_table(rows):
-    print(f"{'device':6} {'shape':18} {'layer':24} {'vs':18} {'time x':>7} {'mem x':>6}")
+def print_table(rows, file=None):
+    print(f"{'device':6} {'shape':18} {'layer':24} {'vs':18} {'time x':>7} {'mem x':>6}", file=file)
     for r in rows:
         print(f"{r['device']:6} {str(tuple(r['shape'])):18} {r['layer']:24} {r['baseline']:18} "
-              f"{r['time_ratio']:7.2f} {'-' if r.get('compiled') else format(r['memory_ratio'], '6.2f'):>6}")
+              f"{r['time_ratio']:7.2f} {'-' if r.get('compiled') else format(r['memory_ratio'], '6.2f'):>6}",
+              file=file, flush=True)
 
 
 def print_markdown(rows):

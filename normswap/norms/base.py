@@ -16,6 +16,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from . import fused
+
 try:  # timm's registry of modules that fx tracing keeps as leaves
     from timm.layers import register_notrace_module as _register_notrace_module
 except Exception:  # pragma: no cover - timm is a dependency, but keep norms importable
@@ -45,6 +47,13 @@ class NormalizerBase(nn.Module):
         self.l1_alpha = check_number(self, "l1_alpha", l1_alpha, low=0.0)
         self._penalty_terms: List[torch.Tensor] = []
         self._penalty_accumulate = False
+
+    # -- one compiled region per training forward (normswap.norms.fused) ---------------
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this training forward on ``x`` should run through
+        :func:`normswap.norms.fused.fused_call` (on CUDA, outside torch.compile, unsynchronized)."""
+        sync_group = getattr(self, "_sync_group", None)
+        return self.training and fused.wanted(x) and (sync_group is None or sync_group() is None)
 
     # -- penalty -----------------------------------------------------------------
     def _wants_penalty(self) -> bool:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import kernels
+from . import fused
 from .areas import Area, BatchArea
 from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
@@ -223,6 +224,8 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         self.area.check(self, x)
         if self.track_running_stats and not self.training:
             return self._eval_forward(x)
+        if self._runs_fused(x):
+            return fused.fused_call(self._stats_forward, x)
         return self._stats_forward(x)
 
     def _stats_forward(self, x: torch.Tensor) -> torch.Tensor:

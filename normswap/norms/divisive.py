@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .base import NormalizerBase, check_channels, register_normalizer
 from .functional import stat_dtype
 from .layer import _SigmaMixin
@@ -173,6 +174,8 @@ class _DivisiveBase(_SigmaMixin, NormalizerBase):
 
     def _normalize(self, x4: torch.Tensor, sum_window, sup_window, bshape) -> torch.Tensor:
         """DN of ``x4`` (N, C, H, W) in the statistics dtype, penalty, affine."""
+        if self._runs_fused(x4):
+            return fused.fused_call(self._normalize, x4, sum_window, sup_window, bshape)
         need_mad = self._wants_penalty()
         y, mad = DivisiveNormFn.apply(x4.to(stat_dtype(x4.dtype)), self.sigma, sum_window,
                                       sup_window, self.eps, need_mad)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import fused
 from .areas import BatchArea
 from .base import (NormalizerBase, check_bool, check_channels, check_int, check_momentum,
                    check_number)
@@ -282,6 +283,8 @@ class _IterNorm(NormalizerBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_channels(self, x, self._dims, self.num_features)
+        if self._runs_fused(x):
+            return fused.fused_call(self.forward, x)
         N, C = x.shape[0], x.shape[1]
         cdt = stat_dtype(x.dtype)
         d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
