@@ -76,12 +76,45 @@ def spy(monkeypatch):
 
 
 @pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])
-def test_row_layers_take_the_kernels_and_half_inputs_do_not(name, factory, shape, spy):
+def test_row_layers_take_the_kernels_in_every_float_dtype(name, factory, shape, spy):
     m = _layer(factory, torch.float32)
     m(torch.randn(shape))
     assert len(spy) == 1
     m.to(torch.bfloat16)(torch.randn(shape, dtype=torch.bfloat16))
-    assert len(spy) == 1, "bfloat16 takes the PyTorch formulation (statistics in float32)"
+    assert len(spy) == 2, "a model cast to bfloat16 computes in float32 in the kernels"
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "half"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])
+def test_half_input_is_computed_in_float32_by_the_kernels(name, factory, shape, dtype, param_dtype, spy):
+    """Half activations with float32 parameters (autocast's case) or with the whole layer in
+    the half type: the kernels compute in float32 from the half input, so every result is
+    exactly the float32 computation on the same values (the float32 path is checked against
+    the PyTorch formulation above and against float64 references in test_areas.py),
+    rounded once to the caller's dtype."""
+    import copy
+    param_dtype = torch.float32 if param_dtype == "float32" else dtype
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    m_half = _layer(factory, param_dtype)
+    m_ref = copy.deepcopy(m_half).float()   # the same parameter values, exactly, in float32
+    got = _step(m_half, x, dy) + list(m_half.buffers())
+    assert len(spy) == 1, "a half input takes the kernels"
+    want = _step(m_ref, x.float(), dy.float()) + list(m_ref.buffers())
+    assert got[0].dtype == dtype and got[2].dtype == dtype, "output and input gradient in the input's dtype"
+    assert all(p.grad.dtype == param_dtype for p in m_half.parameters())
+    assert len(got) == len(want)
+    nparams = len(list(m_half.parameters()))
+    for i, (a, b) in enumerate(zip(got, want)):
+        if param_dtype != torch.float32 and 3 <= i < 3 + nparams:
+            # a half parameter shared by several rows (instance norm: one per example) sums
+            # its rows' gradients in its own dtype, outside the kernels: N roundings
+            ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+            torch.testing.assert_close(a.float(), b, rtol=0, atol=x.shape[0] * ulp * float(b.abs().max()))
+        else:
+            torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -24,6 +24,7 @@ from .functional import c_inf
 
 _STAT_CODE = {"l2": 0, "l1": 1, "topk": 2}
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_HALF = (torch.float16, torch.bfloat16)   # eager only: computed in float32 (converted on the way)
 _SMALL = 1 << 15   # below this many values one thread (OpenMP's start-up costs more)
 
 
@@ -62,14 +63,18 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     if group is not None or stat not in _STAT_CODE:
         return None
     P, G, n = x3.shape
-    if x3.device.type != "cpu" or x3.dtype not in _DTYPE_SUFFIX or x3.numel() == 0 or P * n >= 2 ** 31:
+    compiling = torch.compiler.is_compiling()
+    half = x3.dtype in _HALF and not compiling
+    if x3.device.type != "cpu" or not (x3.dtype in _DTYPE_SUFFIX or half) or x3.numel() == 0 \
+            or P * n >= 2 ** 31:
         return None
-    if not torch.compiler.is_compiling() and not x3.is_contiguous():
+    if not compiling and not x3.is_contiguous():
         return None
+    cdt = torch.float32 if half else x3.dtype   # the dtype the kernels compute in
     params = [t for t in (weight, bias, qweight, qbias) if t is not None]
-    if any(t.dtype != x3.dtype or t.device != x3.device for t in params):
+    if any(t.dtype not in (cdt, x3.dtype) or t.device != x3.device for t in params):
         return None
-    if delta is not None and delta.dtype != x3.dtype:
+    if delta is not None and delta.dtype != cdt:
         return None
     if qweight is not None or qbias is not None:
         if weight is not None or bias is not None or P != 1:
@@ -117,11 +122,19 @@ class RowNormFn(torch.autograd.Function):
     def forward(ctx, x3, gamma, beta, delta, stat: str, k: int, eps: float, need_mad: bool,
                 seg: int, channels: int, out_shape):
         ctx.set_materialize_grads(False)
-        y, mu, d, bstat, mad, idx = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg,
-                                                    channels, out_shape)
-        ctx.save_for_backward(x3, mu, d, gamma, idx)
+        # float16 / bfloat16 input: computed in float32 (parameters too), y in the input's dtype
+        half = x3.dtype in _HALF
+        param_dtypes = tuple(t.dtype if t is not None else None for t in (gamma, beta))
+        if half:
+            gamma, beta = (t.float() if t is not None else None for t in (gamma, beta))
+        y, mu, d, bstat, mad, idx = _forward_kernel(x3.float() if half else x3, gamma, beta, delta, stat, k,
+                                                    eps, need_mad, seg, channels, out_shape)
+        if half:
+            y = y.to(x3.dtype)
+        ctx.save_for_backward(x3, mu, d, gamma, idx)   # (half: x itself, converted again in backward)
         ctx.setup = (stat, k, seg, channels, beta is not None,
                      delta is not None and delta.requires_grad, delta.shape if delta is not None else None)
+        ctx.param_dtypes = param_dtypes
         ctx.mark_non_differentiable(mu, bstat)
         return y, mu, bstat, mad if mad is not None else mu.new_zeros(0)
 
@@ -136,8 +149,13 @@ class RowNormFn(torch.autograd.Function):
         dy = torch.zeros_like(x3) if dy is None else dy.reshape(x3.shape)
         want_g = gamma is not None and ctx.needs_input_grad[1]
         want_b = has_beta and ctx.needs_input_grad[2]
-        dx, dgamma, dbeta, dldd = _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels,
+        xc = x3.float() if x3.dtype in _HALF else x3
+        dx, dgamma, dbeta, dldd = _backward_kernel(xc, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels,
                                                    want_g, want_b, delta_grad)
+        dx = dx.to(x3.dtype)
+        gdt, bdt = ctx.param_dtypes
+        dgamma = dgamma.to(gdt) if dgamma is not None else None
+        dbeta = dbeta.to(bdt) if dbeta is not None else None
         gdelta = (dldd / (2 * d)).sum().reshape(delta_shape) if delta_grad else None
         return (dx, dgamma, dbeta, gdelta, None, None, None, None, None, None, None)
 
