@@ -40,6 +40,7 @@ from .areas import Area, BatchArea
 from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
 from .functional import C_L1, STATS, reshape_source, stat_dtype, stat_norm
+from .running import all_finite, guarded_lerp_
 
 STAT_BUFFERS = {"l2": "running_var", "l1": "running_mad", "topk": "running_std", "mean": None}
 """Name of the running scale statistic of each operation (what eval mode divides by)."""
@@ -284,33 +285,30 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         if y is None:
             return None
         with torch.no_grad():
-            finite = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+            finite = all_finite(rm, rv)
             self.running_mean.copy_(torch.where(finite, rm, self.running_mean))
             self.running_var.copy_(torch.where(finite, rv, self.running_var))
-            self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
+            self.num_batches_tracked.add_(finite)
         return y
 
     @torch.no_grad()
     def _update_running(self, mu: torch.Tensor, batch_stat: Optional[torch.Tensor], count) -> None:
-        finite = torch.isfinite(mu).all()
-        if batch_stat is not None:
-            if self.operation.stat == "l2":  # running variance is unbiased, as in nn.BatchNorm
-                if isinstance(count, torch.Tensor):
-                    batch_stat = batch_stat * (count / (count - 1).clamp(min=1))
-                else:
-                    batch_stat = batch_stat * (count / max(count - 1, 1))
-            finite = finite & torch.isfinite(batch_stat).all()
+        if batch_stat is not None and self.operation.stat == "l2":
+            # running variance is unbiased, as in nn.BatchNorm
+            if isinstance(count, torch.Tensor):
+                batch_stat = batch_stat * (count / (count - 1).clamp(min=1))
+            else:
+                batch_stat = batch_stat * (count / max(count - 1, 1))
+        finite = all_finite(mu, batch_stat) if batch_stat is not None else all_finite(mu)
         nbt = self.num_batches_tracked
-        nbt.add_(finite.to(nbt.dtype))
+        nbt.add_(finite)
         if self.momentum is None:
             factor = 1.0 / nbt.clamp(min=1).to(mu.dtype)
         else:
             factor = self.momentum
-        rm = self.running_mean
-        rm.copy_(torch.where(finite, torch.lerp(rm, mu.to(rm.dtype), factor), rm))
+        guarded_lerp_(self.running_mean, mu, factor, finite)
         if batch_stat is not None:
-            rs = getattr(self, self._stat_buffer)
-            rs.copy_(torch.where(finite, torch.lerp(rs, batch_stat.to(rs.dtype), factor), rs))
+            guarded_lerp_(getattr(self, self._stat_buffer), batch_stat, factor, finite)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = x * scale + shift`` with ``scale = gamma / d``, ``shift = beta - mu * scale``

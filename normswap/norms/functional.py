@@ -90,11 +90,28 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only vector of ``n`` copies of ``value``, made once per (value, n, dtype,
+    device) in eager mode (a fill is a kernel launch on a GPU; these are only read)."""
+    if torch.compiler.is_compiling():
+        return torch.full((n,), value, dtype=dtype, device=device)
+    key = (value, n, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.full((n,), value, dtype=dtype, device=device)
+    return t
+
+
 def _group_sums(dy3: torch.Tensor, v3: torch.Tensor, sdt: torch.dtype):
     """Per-group ``sum(dy * v)`` and ``sum(dy)`` of ``(P, G, Q)`` tensors in one pass."""
     G = v3.shape[1]
-    zeros = torch.zeros(G, dtype=sdt, device=v3.device)
-    ones = torch.ones(G, dtype=sdt, device=v3.device)
+    zeros = _constant(0.0, G, sdt, v3.device)
+    ones = _constant(1.0, G, sdt, v3.device)
     # weight = ones (unused by these two sums): the CUDA kernel needs a defined weight
     # tensor ("tensor does not have a device" with None), the CPU one accepts either
     _, sdyv, sdy = torch.ops.aten.native_batch_norm_backward(
@@ -204,13 +221,14 @@ class StatNormFn(torch.autograd.Function):
         world = dist.get_world_size(group) if group is not None else 1
 
         # mean: one all-reduce of the per-group sums and the count (batches may differ)
-        s1 = x3.sum(dim=(0, 2), dtype=sdt)
         if group is not None:
+            s1 = x3.sum(dim=(0, 2), dtype=sdt)
             packed = _all_reduce(torch.cat([s1, s1.new_full((1,), float(P * Q))]), group)
             s1, m = packed[:G], packed[G]
+            mu = s1 / m
         else:
             m = P * Q
-        mu = s1 / m
+            mu = x3.mean(dim=(0, 2), dtype=sdt)   # one kernel (each one is a launch on a GPU)
         empty = mu.new_zeros(0)
         post = qweight is not None or qbias is not None
         if stat == "mean" and not need_mad and not post:
@@ -235,9 +253,12 @@ class StatNormFn(torch.autograd.Function):
             sq = torch.linalg.vector_norm(v3, 2, dim=(0, 2), dtype=sdt).square_()
         mad = None
         if stat == "l1" or need_mad:
-            # (vector_norm's ord=1 path is ~10x slower on CPU)
+            # (vector_norm's ord=1 path is ~10x slower on CPU; elsewhere it is one kernel
+            # where abs + sum are two launches)
             # |v| into the buffer that will hold y (eager): one full-size allocation fewer
-            if eager:
+            if v3.device.type != "cpu":
+                mad = torch.linalg.vector_norm(v3, 1, dim=(0, 2), dtype=sdt)
+            elif eager:
                 ybuf = ybuf if ybuf is not None else torch.empty_like(v3)
                 mad = torch.abs(v3, out=ybuf).sum(dim=(0, 2), dtype=sdt)
             else:
@@ -257,7 +278,7 @@ class StatNormFn(torch.autograd.Function):
             batch_stat = var
         elif stat == "l1":
             d = C_L1 * mad + eps
-            batch_stat = mad.clone()  # a distinct tensor: mad itself stays differentiable
+            batch_stat = None   # mean|v| itself: stat_norm returns mad.detach() (no copy)
         elif stat == "topk":
             cinf = _c_inf_any(m)
             vals, flat, gidx, keep = _topk_select(v3, k, group, world)
@@ -387,23 +408,26 @@ class StatNormFn(torch.autograd.Function):
             gmad_g = gmad.to(sdt) if has_gmad else None
             ssign = sign.sum(dim=(0, 2), dtype=sdt) if need_sign else None
 
+        # the per-group coefficients in as few operations as possible (on a GPU in eager mode
+        # each is a kernel launch, and these vectors are tiny):
+        #   k1 = gamma / d, dL/dd = -k1 S_dyv / d,
+        #   c0 = -(k1 S_dy + coef_sign S_sign + topk_coef S_topk_sign) / n
         k1 = gamma / d
-        c0 = -k1 * sdy / m
-        dldd = -gamma * sdyv / (d * d)
-        coef_sign = torch.zeros_like(d)
-        coef_v = None
+        dldd = (k1 * sdyv).div_(d).neg_()
+        coef_v = coef_sign = topk_coef = None
         if stat == "l2":
-            coef_v = dldd / (m * d)
+            coef_v = (dldd / d).mul_(1.0 / m)
         elif stat == "l1":
-            coef_sign = coef_sign + dldd * C_L1 / m
+            coef_sign = dldd * (C_L1 / m)
         if gmad_g is not None:
-            coef_sign = coef_sign + gmad_g / m
+            coef_sign = gmad_g / m if coef_sign is None else coef_sign.add_(gmad_g / m)
+        c0 = k1 * sdy
         if need_sign:
-            c0 = c0 - coef_sign * ssign / m
-        topk_coef = None
+            c0.addcmul_(coef_sign, ssign)
         if stat == "topk":
-            topk_coef = dldd * ctx.cinf / k
-            c0 = c0 - topk_coef * topk_sign_sum / m
+            topk_coef = dldd * (ctx.cinf / k)
+            c0.addcmul_(topk_coef, topk_sign_sum)
+        c0.mul_(-1.0 / m)
 
         dt = v3.dtype
         # dy3 is this backward's own buffer when the post recovery made it (eager): dx goes there
@@ -434,8 +458,11 @@ class StatNormFn(torch.autograd.Function):
             return (None,) * 13
         dy = dy.reshape(meta.shape)
         sdy_loc = dy.sum(dim=(0, 2), dtype=meta.sdt)
-        sdy = _all_reduce(sdy_loc.clone(), meta.group) if meta.group is not None else sdy_loc
-        dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
+        if meta.group is not None:
+            sdy = _all_reduce(sdy_loc.clone(), meta.group)
+            dx = dy - (sdy / m).to(dy.dtype)[None, :, None]
+        else:   # dy - S_dy / n in one kernel
+            dx = torch.sub(dy, sdy_loc.to(dy.dtype)[None, :, None], alpha=1.0 / m)
         gb = sdy_loc if meta.has_b and ctx.needs_input_grad[2] else None
         return dx, None, gb, None, None, None, None, None, None, None, None, None, None
 
@@ -476,6 +503,8 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         return y, mu, batch_stat, mad, x3.shape[0] * x3.shape[2]
     y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
                                                      group, need_mad, post_shape, out_shape)
+    if stat == "l1":
+        batch_stat = mad.detach()
     if group is None:
         count = x3.shape[0] * x3.shape[2]
     return y, mu, batch_stat, mad, count

@@ -33,6 +33,7 @@ from .base import (NormalizerBase, check_bool, check_channels, check_int, check_
                    check_number)
 from .batch import make_ranked
 from .functional import stat_dtype
+from .running import all_finite, guarded_lerp_
 
 
 @dataclass(frozen=True)
@@ -342,21 +343,19 @@ class _IterNorm(NormalizerBase):
 
     @torch.no_grad()
     def _update_running(self, mu: torch.Tensor, wms: List[torch.Tensor]) -> None:
-        finite = torch.isfinite(mu).all()
-        for w in wms:
-            finite = finite & torch.isfinite(w).all()
+        finite = all_finite(mu, *wms)
         nbt = self.num_batches_tracked
-        nbt.add_(finite.to(nbt.dtype))
+        nbt.add_(finite)
         factor = self.momentum if self.momentum is not None else 1.0 / nbt.clamp(min=1).to(mu.dtype)
         rm, rw = self.running_mean, self.running_wm
-        rm.copy_(torch.where(finite, torch.lerp(rm, mu.to(rm.dtype), factor), rm))
+        guarded_lerp_(rm, mu, factor, finite)
         new = rw.clone()
         full = wms[0].shape[0]
         new[:full] = wms[0].to(rw.dtype)
         if len(wms) > 1:
             r = wms[1].shape[-1]
             new[full, :r, :r] = wms[1].to(rw.dtype)
-        rw.copy_(torch.where(finite, torch.lerp(rw, new, factor), rw))
+        guarded_lerp_(rw, new, factor, finite)
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, group_size={self.group_size}, T={self.T}, eps={self.eps:g}, "

@@ -1,0 +1,38 @@
+"""Running statistics: the update every normalizer with batch statistics shares.
+
+``running = lerp(running, batch_value, factor)`` (``factor`` = momentum, or ``1 / t`` for
+a cumulative average), except that a batch whose statistics are not all finite leaves
+every running buffer untouched (and is not counted). Written as few kernels as possible,
+because on a GPU in eager mode each one is a launch and the update runs after every
+training forward: the finiteness test is one multiply, one sum and one compare over all
+the statistics at once (``0 * x`` is NaN exactly when ``x`` is not finite), and each
+buffer is then one ``where`` and one in-place ``lerp_``.
+
+    >>> import torch
+    >>> rm = torch.zeros(3)
+    >>> ok = all_finite(torch.tensor([1.0, 2.0, 3.0]))
+    >>> guarded_lerp_(rm, torch.tensor([1.0, 2.0, 3.0]), 0.5, ok)
+    tensor([0.5000, 1.0000, 1.5000])
+    >>> guarded_lerp_(rm, torch.tensor([1.0, float("nan"), 3.0]), 0.5,
+    ...               all_finite(torch.tensor([float("nan")])))
+    tensor([0.5000, 1.0000, 1.5000])
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+
+def all_finite(*stats: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: whether every value of ``stats`` is finite (no host sync)."""
+    flat = [t.reshape(-1) for t in stats]
+    both = flat[0] if len(flat) == 1 else torch.cat([t.to(flat[0].dtype) for t in flat])
+    return both.mul(0).sum() == 0
+
+
+def guarded_lerp_(buf: torch.Tensor, new: torch.Tensor, factor: Union[float, torch.Tensor],
+                  finite: torch.Tensor) -> torch.Tensor:
+    """``buf = lerp(buf, new, factor)`` in place where ``finite``, else ``buf`` unchanged
+    (exactly: ``lerp(buf, buf, f) == buf``)."""
+    return buf.lerp_(torch.where(finite, new.to(buf.dtype), buf), factor)
