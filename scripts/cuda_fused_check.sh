@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The CUDA figures of the fused training forward (normswap.norms.fused) in one short pass:
+# The CUDA figures of the opt-in fused training forward (normswap.norms.fused) in one
+# short pass:
 #   OUT=cuda_out bash scripts/cuda_fused_check.sh
-# (the unfused figures are cuda_measurements.sh's, or NORMSWAP_FUSED=0 here). DEV=cpu
-# QUICK=1 checks the script itself on a machine without a GPU.
+# (the op-by-op figures are cuda_measurements.sh's). The layer step prints each layer's
+# warm-up time (its compilation) as it goes, so a run cut short still says how long the
+# first compiles took. DEV=cpu QUICK=1 checks the script itself without a GPU.
 set -u
+if [ "${DEV:-cuda}" = cpu ]; then export NORMSWAP_FUSED=cpu; else export NORMSWAP_FUSED=1; fi
 OUT=${OUT:-cuda_out}
 DEV=${DEV:-cuda}
 source "$(dirname "$0")/measure_steps.sh"
