@@ -16,9 +16,9 @@ S="--batch 64 --size 128"
 [ -n "$Q" ] && S="--batch 8 --size 64"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/machine.txt" 2>&1
-step fused_norms 80 $PY scripts/bench_norms.py --device $DEV --reps $(reps 30) --json "$OUT/fused_norms.json" --markdown \
+step fused_norms 150 $PY scripts/bench_norms.py --device $DEV --reps $(reps 30) --json "$OUT/fused_norms.json" --markdown \
   --only 'L1BatchNorm2d,TopKBatchNorm2d,BatchNormStar2d,MeanOnly,IterNorm,DivisiveNorm,L1LayerNorm(C),L1GroupNorm'
-step fused_step 60 $PY scripts/bench_train_step.py --device $DEV $S --dtype fp32 --no-compile --reps $(reps 15) \
+step fused_step 90 $PY scripts/bench_train_step.py --device $DEV $S --dtype fp32 --no-compile --reps $(reps 15) \
   --models resnet50 --presets l1bn 'bn*' bwn --json "$OUT/fused_step.json"
 step compiled_l1bn 45 $PY scripts/bench_norms.py --device $DEV --reps $(reps 30) --compile --only L1BatchNorm2d \
   --json "$OUT/compiled_l1bn.json" --markdown
