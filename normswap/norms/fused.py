@@ -1,16 +1,16 @@
 """The eager training forward of a normalizer as one compiled region (opt-in:
 ``NORMSWAP_FUSED=1``).
 
-Written in PyTorch operations, a normalizer such as ``L1BatchNorm2d`` is 10 to 20 small
-kernels forward and backward (means, ``|v|`` sums, the output, the running statistics,
-the backward's sums), where ``nn.BatchNorm2d`` is one cuDNN kernel each way. On a GPU
-every one of them costs a launch, and the layer runs at the launch rate, not at the
-memory bandwidth (measured on an H200: 4.4x the native layer eager). On CPU the C
-kernels of :mod:`normswap.kernels` do the work in one pass per row. This module runs a
-layer's training forward through ``torch.compile`` instead: inductor fuses the
-operations into a few kernels, forward and backward, the running-statistic update
-included, the same code a compiled model gets (compiled on the H200: 1.14x the
-compiled native layer).
+Written in PyTorch operations, a normalizer such as ``L1BatchNorm2d`` is about 30 small
+kernels forward and backward (``scripts/count_ops.py``: means, ``|v|`` sums, the output,
+the running statistics, the backward's sums and coefficients), where ``nn.BatchNorm2d`` is
+one cuDNN kernel each way. On a GPU every one of them costs a launch, and the layer runs
+at the launch rate, not at the memory bandwidth (measured on an H200: 4.4x the native
+layer eager, with 53 operations then). On CPU the C kernels of :mod:`normswap.kernels` do
+the work in one pass per row. This module runs a layer's training forward through
+``torch.compile`` instead: inductor fuses the operations into a few kernels, forward and
+backward, the running-statistic update included, the same code a compiled model gets
+(compiled on the H200: 1.14x the compiled native layer).
 
 - One compiled function for every normalizer (:func:`fused_call`), with dynamic shapes,
   so that layers of one configuration share their graphs whatever their sizes.
@@ -20,12 +20,14 @@ compiled native layer).
   project's CPU with an empty inductor cache; on the H200 the first L1BatchNorm2d call
   had not finished compiling after 75 s), and that cost has not been measured against
   what it saves. ``NORMSWAP_FUSED=1`` turns it on for CUDA tensors, ``=cpu`` for CPU
-  tensors as well (the tests run it so); :func:`enabled` and :func:`disabled` do the
-  same for a block of code. As with any compiled function, a double backward
-  (``create_graph=True``) is not supported through it, and ``retain_graph=True`` needs
+  tensors as well; :func:`enabled` and :func:`disabled` do the same for a block of code
+  (the tests use ``enabled("cpu")``).
+- As with any compiled function, a double backward (``create_graph=True``) is not
+  supported through it, and ``retain_graph=True`` needs
   ``torch._functorch.config.donated_buffer = False`` set before the first call (a
-  ``config.patch`` around the call does not reach the backward, compiled later). If compiling fails (a platform torch.compile does not support), normswap
-  warns once and runs the layers op by op from then on.
+  ``config.patch`` around the call does not reach the backward, compiled later).
+- If compiling fails (a platform torch.compile does not support), normswap warns once
+  and runs the layers op by op from then on.
 """
 from __future__ import annotations
 
