@@ -148,6 +148,21 @@ def test_a_value_error_of_the_layer_is_not_taken_for_a_compile_failure():
     assert not fused._state["failed"]
 
 
+def test_an_error_the_layer_raises_op_by_op_too_leaves_the_fused_path_on(monkeypatch):
+    """Whatever form the error takes under the compiler, if the op-by-op rerun raises as
+    well it was the input's fault: it propagates and the fused path stays on."""
+    def wrapped(fn, *args):
+        raise torch._dynamo.exc.TorchRuntimeError("shape mismatch seen while tracing")
+    monkeypatch.setattr(fused, "_state", dict(fused._state, compiled=wrapped, failed=False))
+    m = N.TopKBatchNorm2d(4, k=10).train()
+    with pytest.raises(ValueError, match="k=10 is larger than the 8 values"):
+        m(torch.randn(2, 4, 2, 2))   # raised inside the training forward, op by op
+    assert not fused._state["failed"]
+    with pytest.warns(RuntimeWarning, match="compiling the normalizers' training forward failed"):
+        m(torch.randn(2, 4, 3, 3))   # a valid input: now it was the compiler's failure
+    assert fused._state["failed"]
+
+
 def test_environment_variable_values():
     code = ("import warnings; warnings.simplefilter('error')\n"
             "from normswap.norms import fused; print(sorted(fused._state['devices']))")

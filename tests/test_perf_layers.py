@@ -3,7 +3,9 @@
 Each fused autograd Function is checked against an independent float64
 re-computation (plain per-channel / per-position loops, no normswap code): forward
 values, gradients (vector-Jacobian products of the loop formula through autograd),
-and torch.autograd.gradcheck of the Function itself.
+and torch.autograd.gradcheck of the Function itself. At the end: the operations a
+training step of the batch and layer norms runs off the CPU kernels (GPU launches),
+against budgets.
 """
 import pytest
 import torch
@@ -312,3 +314,35 @@ def test_channels_last_and_sliced_inputs_give_the_contiguous_results(make):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b)
+
+
+# -- launches on the GPU path (scripts/count_ops.py) ----------------------------------------
+def _count_ops_module():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "count_ops.py")
+    spec = importlib.util.spec_from_file_location("count_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# budgets: the counts measured when the PyTorch formulation was rewritten for few launches
+# (2026-11-27; 53, 66, 21, 17 and 41 before); a change that adds operations to a training
+# step fails here instead of slowing every GPU user in eager mode unnoticed
+LAUNCH_BUDGETS = [
+    ("L1BatchNorm2d", lambda: N.L1BatchNorm2d(64), False, 31),
+    ("TopKBatchNorm2d", lambda: N.TopKBatchNorm2d(64), False, 47),
+    ("BatchNormStar2d", lambda: N.BatchNormStar2d(64), False, 13),
+    ("MeanOnlyBatchNorm2d", lambda: N.MeanOnlyBatchNorm2d(64), False, 11),
+    ("L1LayerNorm", lambda: N.L1LayerNorm(64), True, 29),
+]
+
+
+@pytest.mark.parametrize("name,factory,channels_last,budget", LAUNCH_BUDGETS, ids=[b[0] for b in LAUNCH_BUDGETS])
+def test_operations_per_training_step_off_the_cpu_kernels(name, factory, channels_last, budget):
+    """One training forward + backward on the meta device (the code path CUDA takes) runs
+    at most the budgeted number of operations, each a kernel launch on a GPU."""
+    count_ops = _count_ops_module()
+    ops = count_ops.count(factory(), (8, 64, 16, 16), channels_last)
+    assert sum(ops.values()) <= budget, f"{name}: {sum(ops.values())} operations > {budget}: {dict(ops)}"

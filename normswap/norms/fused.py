@@ -113,8 +113,12 @@ def fused_call(fn: Callable, *args):
 
 
 def _give_up(err: Exception, fn: Callable, *args):
+    """Run ``fn`` op by op; only if that succeeds was the error the compiler's (then the
+    fused path is off from now on, with a warning). An error of the layer itself (a wrong
+    input, raised again op by op) propagates and leaves the fused path on."""
+    out = fn(*args)
     _state["failed"] = True
     warnings.warn(f"normswap: compiling the normalizers' training forward failed "
                   f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); running them op by op "
                   f"(slower on GPU). Set NORMSWAP_FUSED=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
-    return fn(*args)
+    return out
