@@ -5,22 +5,24 @@ not the CPU kernels), views and zero-size allocations left out. On a GPU whose k
 launches cost more than their work (small layers, or a slow host), a layer's eager time
 follows this count.
 
-    python scripts/count_ops.py            # every batch-area layer and the layer norms
+    python scripts/count_ops.py            # every layer bench_norms.py times, 64 channels
     python scripts/count_ops.py --detail   # which operations
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 
-import timm.layers
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import normswap
-import normswap.norms as N
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_norms import layers  # noqa: E402  (the layers and native counterparts bench_norms times)
 
 NOT_LAUNCHES = {"view", "_unsafe_view", "reshape", "_reshape_alias", "detach", "alias", "expand", "permute",
                 "t", "transpose", "select", "slice", "as_strided", "unsqueeze", "squeeze", "empty",
@@ -65,25 +67,6 @@ def count(module: nn.Module, shape, channels_last: bool = False) -> collections.
     return c.ops
 
 
-LAYERS = [  # name, module factory, input layout, native counterpart's name
-    ("nn.BatchNorm2d", lambda c: nn.BatchNorm2d(c), False, None),
-    ("L1BatchNorm2d", lambda c: N.L1BatchNorm2d(c), False, "nn.BatchNorm2d"),
-    ("TopKBatchNorm2d(k=10)", lambda c: N.TopKBatchNorm2d(c), False, "nn.BatchNorm2d"),
-    ("BatchNormStar2d (BN-s)", lambda c: N.BatchNormStar2d(c), False, "nn.BatchNorm2d"),
-    ("BatchNormStar2d+L1 (BN*)", lambda c: N.BatchNormStar2d(c, l1_alpha=0.005), False, "nn.BatchNorm2d"),
-    ("MeanOnlyBatchNorm2d", lambda c: N.MeanOnlyBatchNorm2d(c), False, "nn.BatchNorm2d"),
-    ("IterNorm2d(16, T=5)", lambda c: N.IterNorm2d(c), False, "nn.BatchNorm2d"),
-    ("DivisiveNorm2d(5,5)", lambda c: N.DivisiveNorm2d(5, 5), False, "nn.BatchNorm2d"),
-    ("nn.LayerNorm(C)", lambda c: nn.LayerNorm(c), True, None),
-    ("L1LayerNorm(C)", lambda c: N.L1LayerNorm(c), True, "nn.LayerNorm(C)"),
-    ("LayerNormStar(C)", lambda c: N.LayerNormStar(c, elementwise_affine=True), True, "nn.LayerNorm(C)"),
-    ("timm LayerNorm2d", lambda c: timm.layers.LayerNorm2d(c), False, None),
-    ("L1LayerNorm2d", lambda c: N.L1LayerNorm2d(c), False, "timm LayerNorm2d"),
-    ("nn.GroupNorm", lambda c: nn.GroupNorm(8, c), False, None),
-    ("L1GroupNorm(8)", lambda c: N.L1GroupNorm(8, c), False, "nn.GroupNorm"),
-]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detail", action="store_true", help="list each layer's operations")
@@ -91,8 +74,10 @@ def main(argv=None) -> int:
     totals = {}
     print("| layer | operations fwd+bwd | x native |")
     print("|---|---:|---:|")
-    for name, make, channels_last, native in LAYERS:
-        ops = count(make(64), (8, 64, 16, 16), channels_last)
+    for name, make, native, layout in layers(64):   # bench_norms.py's layers and counterparts
+        if make is None:
+            continue
+        ops = count(make(), (8, 64, 16, 16), layout == "nhwc")
         totals[name] = sum(ops.values())
         ratio = f"{totals[name] / totals[native]:.1f}" if native else "-"
         print(f"| {name} | {totals[name]} | {ratio} |")

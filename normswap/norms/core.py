@@ -40,7 +40,7 @@ from .areas import Area, BatchArea
 from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
 from .functional import C_L1, STATS, reshape_source, stat_dtype, stat_norm
-from .running import all_finite, guarded_lerp_
+from .running import all_finite, update_running_
 
 STAT_BUFFERS = {"l2": "running_var", "l1": "running_mad", "topk": "running_std", "mean": None}
 """Name of the running scale statistic of each operation (what eval mode divides by)."""
@@ -299,16 +299,11 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
                 batch_stat = batch_stat * (count / (count - 1).clamp(min=1))
             else:
                 batch_stat = batch_stat * (count / max(count - 1, 1))
-        finite = all_finite(mu, batch_stat) if batch_stat is not None else all_finite(mu)
-        nbt = self.num_batches_tracked
-        nbt.add_(finite)
-        if self.momentum is None:
-            factor = 1.0 / nbt.clamp(min=1).to(mu.dtype)
-        else:
-            factor = self.momentum
-        guarded_lerp_(self.running_mean, mu, factor, finite)
+        buffers, values = [self.running_mean], [mu]
         if batch_stat is not None:
-            guarded_lerp_(getattr(self, self._stat_buffer), batch_stat, factor, finite)
+            buffers.append(getattr(self, self._stat_buffer))
+            values.append(batch_stat)
+        update_running_(buffers, values, self.num_batches_tracked, self.momentum)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = x * scale + shift`` with ``scale = gamma / d``, ``shift = beta - mu * scale``

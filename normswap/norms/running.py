@@ -19,7 +19,7 @@ buffer is then one ``where`` and one in-place ``lerp_``.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -36,3 +36,18 @@ def guarded_lerp_(buf: torch.Tensor, new: torch.Tensor, factor: Union[float, tor
     """``buf = lerp(buf, new, factor)`` in place where ``finite``, else ``buf`` unchanged
     (exactly: ``lerp(buf, buf, f) == buf``)."""
     return buf.lerp_(torch.where(finite, new.to(buf.dtype), buf), factor)
+
+
+def update_running_(buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                    num_batches_tracked: torch.Tensor, momentum: Optional[float]) -> None:
+    """The whole update: ``buffers[i] = lerp(buffers[i], values[i], factor)`` when every
+    value is finite (and the batch counted), with ``factor = momentum``, or ``1 / t`` (a
+    cumulative average over the ``t`` batches counted) when ``momentum`` is None."""
+    finite = all_finite(*values)
+    num_batches_tracked.add_(finite)
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(values[0].dtype)
+    else:
+        factor = momentum
+    for buf, new in zip(buffers, values):
+        guarded_lerp_(buf, new, factor, finite)

@@ -33,7 +33,7 @@ from .base import (NormalizerBase, check_bool, check_channels, check_int, check_
                    check_number)
 from .batch import make_ranked
 from .functional import stat_dtype
-from .running import all_finite, guarded_lerp_
+from .running import update_running_
 
 
 @dataclass(frozen=True)
@@ -343,19 +343,15 @@ class _IterNorm(NormalizerBase):
 
     @torch.no_grad()
     def _update_running(self, mu: torch.Tensor, wms: List[torch.Tensor]) -> None:
-        finite = all_finite(mu, *wms)
-        nbt = self.num_batches_tracked
-        nbt.add_(finite)
-        factor = self.momentum if self.momentum is not None else 1.0 / nbt.clamp(min=1).to(mu.dtype)
-        rm, rw = self.running_mean, self.running_wm
-        guarded_lerp_(rm, mu, factor, finite)
+        rw = self.running_wm
         new = rw.clone()
         full = wms[0].shape[0]
         new[:full] = wms[0].to(rw.dtype)
         if len(wms) > 1:
             r = wms[1].shape[-1]
             new[full, :r, :r] = wms[1].to(rw.dtype)
-        guarded_lerp_(rw, new, factor, finite)
+        # (the finiteness test covers the new matrices through `new`)
+        update_running_([self.running_mean, rw], [mu, new], self.num_batches_tracked, self.momentum)
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, group_size={self.group_size}, T={self.T}, eps={self.eps:g}, "
