@@ -212,7 +212,7 @@ _COMPILED = (1, 3, 5, 7, 8, 11, 12)
 @pytest.mark.parametrize("name,factory,shape", [ROW_LAYERS[i] for i in _COMPILED],
                          ids=[ROW_LAYERS[i][0] for i in _COMPILED])
 def test_compiled_model_calls_the_same_kernels_as_eager(name, factory, shape):
-    """Under torch.compile the kernels are the normswap::row_norm operator (no graph break;
+    """Under torch.compile the kernels are the normswap::rows_forward operator (no graph break;
     values and gradients are the eager layer's), except on the batch area, where inductor's
     code from the PyTorch formulation fuses with the layers around it."""
     graphs = []
@@ -232,7 +232,7 @@ def test_compiled_model_calls_the_same_kernels_as_eager(name, factory, shape):
     assert len(graphs) == 1
     ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     batch = isinstance(m.area, N.BatchArea)
-    assert (torch.ops.normswap.row_norm.default in ops) == (not batch)
+    assert (torch.ops.normswap.rows_forward.default in ops) == (not batch)
     tol = 1e-9 if batch else 1e-12   # (the batch area: another formulation of the same sums)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
@@ -255,9 +255,9 @@ def test_one_value_per_row_keeps_each_rows_own_recovery():
     (lambda: N.TopKBatchNorm2d(8, k=5), (4, 8, 6, 6)),        # the batch area
     (lambda: N.L1GroupNorm(2, 8), (4, 8, 6, 6))], ids=["topk-lanes", "topk-rows", "topk-batch", "l1-group"])
 def test_non_finite_values_give_non_finite_rows_and_no_out_of_range_access(make, shape):
-    """A row holding NaN or inf has no order; the kernels must still write only valid
-    top-k positions (the backward indexes with them) and give NaN / inf there, and the
-    other rows their normal values."""
+    """A row holding NaN or inf has no order; the kernels must still give NaN / inf there
+    (top-k: forward and backward, whose k-th largest value is then NaN) and the other rows
+    their normal values."""
     m = make()
     x = torch.randn(shape)
     x.view(-1)[7] = float("nan")
@@ -273,3 +273,53 @@ def test_non_finite_values_give_non_finite_rows_and_no_out_of_range_access(make,
     if isinstance(m.area, N.BatchArea):
         m.eval()   # the running statistics skipped the non-finite batch
         assert torch.isfinite(m.running_mean).all()
+
+
+def _top_k_rows_with_earliest_ties(rows: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    """Float64 re-computation of a top-k standardization of each row (PAPERS.md section 2)
+    whose k positions are fixed first: the k largest ``|v|``, and of values tied at the k-th
+    place the earliest (a stable sort); the gradient then follows those positions."""
+    from tests import reference as ref
+    v = rows - rows.mean(dim=1, keepdim=True)
+    order = torch.sort(v.detach().abs(), dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros_like(v).scatter_(1, order, 1.0)
+    d = ref.c_inf(rows.shape[1]) * (v.abs() * mask).sum(dim=1, keepdim=True) / k + eps
+    return v / d
+
+
+@pytest.mark.parametrize("make,shape,to_rows", [
+    (lambda: N.TopKLayerNorm(64, k=10, elementwise_affine=False), (12, 64), lambda x: x),   # rows side by side
+    (lambda: N.TopKLayerNorm(600, k=10, elementwise_affine=False), (5, 600), lambda x: x),  # one row at a time
+    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5),                        # the batch area
+     lambda x: x.transpose(0, 1).reshape(x.shape[1], -1)),
+], ids=["lanes", "rows", "batch"])
+def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, shape, to_rows):
+    """When more values than fit tie at the k-th largest |v|, the kernels' backward (which
+    keeps only each row's k-th largest value from the forward) gives the gradient to the
+    earliest of them, as a stable sort would choose; checked in float64 against the
+    re-computation above, with a tie in every row and a row without one."""
+    m = make().double().train()
+    gen = torch.Generator().manual_seed(3)
+    x = 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    rows_view = to_rows(x)
+    n = rows_view.shape[1]
+    tied = torch.zeros(n, dtype=torch.bool)
+    tied[3:n:max(n // 16, 2)] = True            # ~16 equal values per row, spread out
+    rows_view = rows_view.clone()
+    rows_view[:, tied] = 2.0
+    rows_view[0] = torch.randn(n, generator=gen, dtype=torch.float64)   # (no tie in this row)
+    # back to the input's layout
+    if to_rows(torch.arange(float(x.numel())).view(shape)).shape == x.shape:
+        x = rows_view
+    else:
+        x = rows_view.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous()
+    assert torch.equal(to_rows(x), rows_view)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    xs = x.clone().requires_grad_()
+    (m(xs) * w).sum().backward()
+    xr = x.clone().requires_grad_()
+    want = _top_k_rows_with_earliest_ties(to_rows(xr), 10, m.eps)
+    (want * to_rows(w)).sum().backward()
+    torch.testing.assert_close(to_rows(m(x).detach()), want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-10, atol=1e-10)

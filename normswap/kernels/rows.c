@@ -57,15 +57,19 @@ static int thread_count(void) {
 #define T float
 #define SUF f32
 #define ABS fabsf
+#define NEXTAFTER nextafterf
 #include "rows_impl.h"
 #undef T
 #undef SUF
 #undef ABS
+#undef NEXTAFTER
 
 #define T double
 #define SUF f64
 #define ABS fabs
+#define NEXTAFTER nextafter
 #include "rows_impl.h"
 #undef T
 #undef SUF
 #undef ABS
+#undef NEXTAFTER

@@ -6,15 +6,14 @@
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUF)
 
-/* min-heap of (value, index) on value */
-static void FN(sift_down_)(T *hv, int32_t *hi, int64_t k, int64_t p) {
+/* min-heap of values */
+static void FN(sift_down_)(T *hv, int64_t k, int64_t p) {
     for (;;) {
         int64_t l = 2 * p + 1, s = p;
         if (l < k && hv[l] < hv[s]) s = l;
         if (l + 1 < k && hv[l + 1] < hv[s]) s = l + 1;
         if (s == p) return;
         T tv = hv[p]; hv[p] = hv[s]; hv[s] = tv;
-        int32_t ti = hi[p]; hi[p] = hi[s]; hi[s] = ti;
         p = s;
     }
 }
@@ -39,12 +38,11 @@ static T FN(block_bound_)(const T *a, int64_t n, int64_t k) {
     return tau;
 }
 
-/* The k largest of a[0..n): their sum, their positions (into a) in idx. The bound above
+/* The k largest of a[0..n): returns their sum, *thr = the k-th largest. The bound above
  * leaves a short list of candidates (about 1.4 k for long rows after a few rounds); they
- * are ranked by counting the values above each (ties: the earlier position wins), or
- * by a heap when the list is long. cv: n values and cand: n positions of scratch; hv: k. */
-static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, int32_t *cand, T *hv, int32_t *idx) {
-    for (int64_t i = 0; i < k; i++) idx[i] = (int32_t)i;   /* valid positions whatever follows */
+ * are ranked by counting the values above each (ties: the earlier position wins), or by a
+ * heap when the list is long. cv: n values of scratch; hv: k. NaN in the row: NaN. */
+static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
     T tau = FN(block_bound_)(a, n, k);
     int64_t c = 0;
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
@@ -53,17 +51,18 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, int32_t *cand, T *hv
 #pragma omp simd reduction(|:any)
         for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;
         if (!any) continue;
-        for (int64_t i = i0; i < i1; i++) { cand[c] = (int32_t)i; cv[c] = a[i]; c += a[i] >= tau; }
+        for (int64_t i = i0; i < i1; i++) { cv[c] = a[i]; c += a[i] >= tau; }
     }
+    *thr = (T)NAN;
     if (c < k) return (T)NAN;   /* only a row holding NaN (no order): its result is NaN */
     for (int round = 0; round < 4 && c > k + k / 4 + 1; round++) {   /* the bound again on the list */
         int64_t before = c, c2 = 0;
         T tau2 = FN(block_bound_)(cv, c, k);
-        for (int64_t i = 0; i < c; i++) { cand[c2] = cand[i]; cv[c2] = cv[i]; c2 += cv[i] >= tau2; }
+        for (int64_t i = 0; i < c; i++) { cv[c2] = cv[i]; c2 += cv[i] >= tau2; }
         c = c2;
         if (c == before) break;
     }
-    T s = 0;
+    T s = 0, lo = 0;
     if (c <= 256) {   /* above[p] = #{q : cv[q] > cv[p], or equal and q < p} */
         int32_t above[256];
         for (int64_t p = 0; p < c; p++) above[p] = 0;
@@ -72,52 +71,70 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, int32_t *cand, T *hv
 #pragma omp simd
             for (int64_t p = 0; p < c; p++) above[p] += (aq > cv[p]) | ((aq == cv[p]) & (q < p));
         }
-        int64_t out = 0;
+        int first = 1;
         for (int64_t p = 0; p < c; p++)
-            if (above[p] < k) { idx[out++] = cand[p]; s += cv[p]; }
+            if (above[p] < k) { s += cv[p]; lo = first || cv[p] < lo ? cv[p] : lo; first = 0; }
+        *thr = lo;
         return s;
     }
-    for (int64_t i = 0; i < k; i++) { hv[i] = cv[i]; idx[i] = cand[i]; }
-    for (int64_t p = k / 2 - 1; p >= 0; p--) FN(sift_down_)(hv, idx, k, p);
+    for (int64_t i = 0; i < k; i++) hv[i] = cv[i];
+    for (int64_t p = k / 2 - 1; p >= 0; p--) FN(sift_down_)(hv, k, p);
     for (int64_t i = k; i < c; i++)
-        if (cv[i] > hv[0]) { hv[0] = cv[i]; idx[0] = cand[i]; FN(sift_down_)(hv, idx, k, 0); }
+        if (cv[i] > hv[0]) { hv[0] = cv[i]; FN(sift_down_)(hv, k, 0); }
     for (int64_t i = 0; i < k; i++) s += hv[i];
+    *thr = hv[0];
     return s;
 }
 
 #define NS_LANES 16         /* rows selected side by side (top-k on short rows) */
-#define NS_LANES_MAX_NK 2048   /* ... when a row's n * k is at most this (measured: n = 64 and
-                                  k = 10 take 0.45x the time of the selection above, n = 256 1.1x) */
+#ifndef NS_LANES_MAX_NK
+#define NS_LANES_MAX_NK 4096   /* ... when a row's n * k is at most this */
+#endif
 
-/* The k largest of B = NS_LANES rows at once: a[i * B + l] is value i of row l (|v|, >= 0).
- * k rounds of: the maximum of each row, its first position, then that value removed (-1);
- * every loop runs over the B rows side by side (vector code), for short rows where the
- * bound-and-count selection above costs more per row than the k rounds' n * k work.
- * sum[l]: the sum of row l's k largest; pos[l * k + t]: their positions. */
-static void FN(topk_lanes_)(T *a, int64_t n, int64_t k, int64_t nb, T *sum, int32_t *pos) {
-    T mx[NS_LANES];
-    int32_t at[NS_LANES];
-    for (int l = 0; l < NS_LANES; l++) sum[l] = 0;
-    for (int64_t t = 0; t < k; t++) {
-        for (int l = 0; l < NS_LANES; l++) mx[l] = a[l];
-        for (int64_t i = 1; i < n; i++) {
-            const T *ai = a + i * NS_LANES;
+/* The k largest |a - m[l]| of each of B = NS_LANES rows side by side, a[i * B + l] value i
+ * of row l: b[j * B + l] holds the j-th largest of row l so far (-1: none yet), and each
+ * value e goes in by b[j] = max(b[j], min(b[j - 1], e)), j = k - 1 .. 1, b[0] = max(b[0], e):
+ * k independent steps (no chain through e), each a vector loop over the B rows. b: k * B. */
+static void FN(lanes_insert_)(const T *a, int64_t n, int64_t k, const T *m, T *b) {
+    T e[NS_LANES];
+    for (int64_t j = 0; j < k * NS_LANES; j++) b[j] = (T)-1;
+    for (int64_t i = 0; i < n; i++) {
+        const T *ai = a + i * NS_LANES;
 #pragma omp simd
-            for (int l = 0; l < NS_LANES; l++) mx[l] = ai[l] > mx[l] ? ai[l] : mx[l];
-        }
-        for (int l = 0; l < NS_LANES; l++) at[l] = -1;
-        for (int64_t i = n - 1; i >= 0; i--) {   /* downwards: the first position wins */
-            const T *ai = a + i * NS_LANES;
+        for (int l = 0; l < NS_LANES; l++) e[l] = ABS(ai[l] - m[l]);
+        for (int64_t j = k - 1; j >= 1; j--) {
+            T *bj = b + j * NS_LANES;
+            const T *bp = bj - NS_LANES;
 #pragma omp simd
-            for (int l = 0; l < NS_LANES; l++) at[l] = ai[l] == mx[l] ? (int32_t)i : at[l];
+            for (int l = 0; l < NS_LANES; l++) {
+                T lo = bp[l] < e[l] ? bp[l] : e[l];
+                bj[l] = bj[l] > lo ? bj[l] : lo;
+            }
         }
-        for (int l = 0; l < NS_LANES; l++) {
-            int32_t i = at[l] >= 0 ? at[l] : (int32_t)t;   /* (NaN: no match; the result is NaN) */
-            sum[l] += at[l] >= 0 ? mx[l] : (T)NAN;
-            if (l < nb) pos[l * k + t] = i;   /* rows past nb are padding */
-            a[i * NS_LANES + l] = (T)-1;
-        }
+#pragma omp simd
+        for (int l = 0; l < NS_LANES; l++) b[l] = b[l] > e[l] ? b[l] : e[l];
     }
+}
+
+/* B = NS_LANES rows of n values at once, a[i * B + l] value i of row l (the rows side by
+ * side, so that every loop is a vector loop over the rows): m[l] the mean of row l (summed
+ * in double), sum[l] the sum of its k largest |v| and thr[l] the k-th largest
+ * (lanes_insert_). b: k * B of scratch. */
+static void FN(topk_lanes_)(const T *a, int64_t n, int64_t k, T *b, T *m, T *sum, T *thr) {
+    double acc[NS_LANES];
+    for (int l = 0; l < NS_LANES; l++) acc[l] = 0;
+    for (int64_t i = 0; i < n; i++) {
+#pragma omp simd
+        for (int l = 0; l < NS_LANES; l++) acc[l] += (double)a[i * NS_LANES + l];
+    }
+    for (int l = 0; l < NS_LANES; l++) m[l] = (T)(acc[l] / (double)n);
+    FN(lanes_insert_)(a, n, k, m, b);
+    for (int l = 0; l < NS_LANES; l++) sum[l] = 0;
+    for (int64_t j = 0; j < k; j++) {
+#pragma omp simd
+        for (int l = 0; l < NS_LANES; l++) sum[l] += b[j * NS_LANES + l];
+    }
+    for (int l = 0; l < NS_LANES; l++) thr[l] = b[(k - 1) * NS_LANES + l];
 }
 
 /* channel of the recovery for values [j, j + S) of slice p of row r (segment recovery) */
@@ -207,7 +224,7 @@ static void FN(row_finish_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t
 
 int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64_t k, double cinf,
                     double eps, double delta, const T *gamma, const T *beta, int64_t S, int64_t Cq,
-                    int need_mad, T *y, T *mu, T *dout, T *mad, T *bstat, int32_t *idx, int nthreads) {
+                    int need_mad, T *y, T *mu, T *dout, T *mad, T *bstat, T *thr, int nthreads) {
     const int64_t n = P * Q;
     int failed = 0;
     if (P > 1) S = Q;   /* several slices per row: the recovery is per row (batch area) */
@@ -216,9 +233,8 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
-        if (stat == STAT_TOPK) {   /* scratch: a (n, or n * NS_LANES), cv (n), hv (k), cand (n) */
-            int64_t na = lanes ? n * NS_LANES : n;
-            a = (T *)malloc(sizeof(T) * (size_t)(na + n + k) + sizeof(int32_t) * (size_t)n);
+        if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), b (k * B); else a (n), cv (n), hv (k) */
+            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k) * NS_LANES : 2 * n + k));
             if (!a) failed = 1;
         }
         int t = thread_id(), nt = thread_count();
@@ -227,20 +243,18 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
         if (lanes) {
             for (int64_t rb = r0; rb < r1; rb += NS_LANES) {
                 int64_t nb = r1 - rb < NS_LANES ? r1 - rb : NS_LANES;
-                T m[NS_LANES], sk[NS_LANES];
-                for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side: a[i * B + l] */
-                    m[l] = l < nb ? FN(row_mean_)(x, 1, R, Q, rb + l) : (T)0;
-                    if (l < nb) {
-                        const T *xr = x + (rb + l) * n;
-                        for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = ABS(xr[i] - m[l]);
-                    } else {
-                        for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = 0;
-                    }
+                T m[NS_LANES], sk[NS_LANES], th[NS_LANES];
+                for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side (past nb: row nb - 1) */
+                    const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
+                    for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
                 }
-                FN(topk_lanes_)(a, n, k, nb, sk, idx + rb * k);
-                for (int64_t l = 0; l < nb; l++)
+                FN(topk_lanes_)(a, n, k, a + n * NS_LANES, m, sk, th);
+                for (int64_t l = 0; l < nb; l++) {
+                    int finite = isfinite(m[l]);   /* (a NaN would not stay in the lanes' maxima) */
+                    thr[rb + l] = finite ? th[l] : (T)NAN;
                     FN(row_finish_)(x, 1, R, Q, rb + l, stat, cinf, eps, delta, gamma, beta, S, Cq, need_mad,
-                                    m[l], sk[l] / (T)k, y, mu, dout, mad, bstat);
+                                    m[l], finite ? sk[l] / (T)k : (T)NAN, y, mu, dout, mad, bstat);
+                }
             }
         } else {
             for (int64_t r = r0; r < r1; r++) {
@@ -252,7 +266,8 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
 #pragma omp simd
                         for (int64_t i = 0; i < Q; i++) as[i] = ABS(xs[i] - m);
                     }
-                    sk = FN(topk_)(a, n, k, a + n, (int32_t *)(a + 2 * n + k), a + 2 * n, idx + r * k) / (T)k;
+                    sk = FN(topk_)(a, n, k, a + n, a + 2 * n, thr + r) / (T)k;
+                    if (!isfinite(m)) { sk = (T)NAN; thr[r] = (T)NAN; }
                 }
                 FN(row_finish_)(x, P, R, Q, r, stat, cinf, eps, delta, gamma, beta, S, Cq, need_mad, m, sk,
                                 y, mu, dout, mad, bstat);
@@ -266,14 +281,17 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
 /* Gradients. With g = dy * gamma[c], S_g = sum(g), S_gv = sum(g * v), dL/dd = -S_gv / d^2:
  *   dx = g / d - S_g / (n d) + dL/dd * (dd/dv - mean(dd/dv))
  *        + gmad / n * (sign(v) - mean(sign(v)))
- * dd/dv: L2 v / (n d); L1 C_L1 sign(v) / n; TOPK cinf sign(v) / k at the top-k positions.
+ * dd/dv: L2 v / (n d); L1 C_L1 sign(v) / n; TOPK cinf sign(v) / k at the top-k positions:
+ * the values with |v| >= thr[r] (the k-th largest, from the forward) when they are k, else
+ * (the k-th place is tied) those above it and the earliest of those equal to it.
  * dgamma[c] += sum(dy * v) / d and dbeta[c] += sum(dy) over the values of channel c;
  * dldd[r] = dL/dd (for the gradient of delta). */
 int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, int stat, int64_t k,
                      double cinf, const T *mu, const T *dd_, const T *gamma, int64_t S, int64_t Cq,
-                     const int32_t *idx, const T *gmad, T *dx, double *dgamma, double *dbeta, T *dldd,
+                     const T *thr, const T *gmad, T *dx, double *dgamma, double *dbeta, T *dldd,
                      int nthreads) {
     const int64_t n = P * Q;
+    const int topk = stat == STAT_TOPK;
     int want_cols = dgamma != NULL || dbeta != NULL;
     double *parts = NULL;
     int np = nthreads > 0 ? nthreads : 1;
@@ -291,36 +309,72 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         double *pb = parts ? pg + Cq : NULL;
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
         int need_sign = stat == STAT_L1 || gmad != NULL;
+        int use_sign = need_sign || topk;
         for (int64_t r = r0; r < r1; r++) {
             T m = mu[r], d = dd_[r], inv = (T)1 / d;
-            double sg = 0, sgv = 0, ss = 0;
-            if (P == 1 && S == 1) {
+            T th = topk ? thr[r] : (T)INFINITY;
+            double sg = 0, sgv = 0, ss = 0, sge = 0;   /* sge: sum sign(v) where |v| >= th, cge of them */
+            int64_t cge = 0;
+            if (P == 1 && S == 1) {   /* one pass: the row's sums and (pg, pb) the columns' */
                 const T *xr = x + r * n, *dyr = dy + r * n;
                 T a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+:a1,a2,a3)
-                for (int64_t i = 0; i < n; i++) {
-                    T v = xr[i] - m;
-                    T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                    a1 += g; a2 += g * v; a3 += SIGN(v);
-                }
-                sg = a1; sgv = a2; ss = a3;
-                if (pg) {
-#pragma omp simd
+                if (topk) {
+                    T b1 = 0, c1 = 0;   /* (the count in T: one vector type for the loop) */
+#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
                     for (int64_t i = 0; i < n; i++) {
-                        pg[i] += (double)(dyr[i] * (xr[i] - m) * inv);
-                        pb[i] += (double)dyr[i];
+                        T v = xr[i] - m;
+                        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                        T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
+                        a1 += g; a2 += g * v; a3 += sv;
+                        c1 += ge; b1 += ge * sv;
+                    }
+                    sge = b1; cge = (int64_t)c1;
+                    if (pg) {   /* (in the loop above it would not vectorize) */
+#pragma omp simd
+                        for (int64_t i = 0; i < n; i++) {
+                            pg[i] += (double)(dyr[i] * (xr[i] - m) * inv);
+                            pb[i] += (double)dyr[i];
+                        }
+                    }
+                } else if (pg) {
+#pragma omp simd reduction(+:a1,a2,a3)
+                    for (int64_t i = 0; i < n; i++) {
+                        T v = xr[i] - m;
+                        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                        a1 += g; a2 += g * v; a3 += SIGN(v);
+                        pg[i] += (double)(dyr[i] * v * inv); pb[i] += (double)dyr[i];
+                    }
+                } else {
+#pragma omp simd reduction(+:a1,a2,a3)
+                    for (int64_t i = 0; i < n; i++) {
+                        T v = xr[i] - m;
+                        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                        a1 += g; a2 += g * v; a3 += SIGN(v);
                     }
                 }
+                sg = a1; sgv = a2; ss = a3;
             } else {
                 for (int64_t p = 0; p < P; p++) {
                     const T *xs = x + (p * R + r) * Q, *dys = dy + (p * R + r) * Q;
                     for (int64_t j = 0; j < Q; j += S) {
                         int64_t c = FN(channel_)(P, r, n, j, S, Cq);
                         T rdy = 0, rdyv = 0, rs = 0;
+                        if (topk) {
+                            T b1 = 0, c1 = 0;
+#pragma omp simd reduction(+:rdy,rdyv,rs,b1,c1)
+                            for (int64_t i = j; i < j + S; i++) {
+                                T v = xs[i] - m;
+                                T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
+                                rdy += dys[i]; rdyv += dys[i] * v; rs += sv;
+                                c1 += ge; b1 += ge * sv;
+                            }
+                            sge += b1; cge += (int64_t)c1;
+                        } else {
 #pragma omp simd reduction(+:rdy,rdyv,rs)
-                        for (int64_t i = j; i < j + S; i++) {
-                            T v = xs[i] - m;
-                            rdy += dys[i]; rdyv += dys[i] * v; rs += SIGN(v);
+                            for (int64_t i = j; i < j + S; i++) {
+                                T v = xs[i] - m;
+                                rdy += dys[i]; rdyv += dys[i] * v; rs += SIGN(v);
+                            }
                         }
                         T gc = gamma ? gamma[c] : (T)1;
                         sg += (double)(gc * rdy); sgv += (double)(gc * rdyv); ss += rs;
@@ -335,15 +389,32 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
             if (stat == STAT_L1) cs = dl * (T)C_L1 / (T)n;
             if (gmad) cs += gmad[r] / (T)n;
             if (need_sign) c0 -= cs * (T)(ss / (double)n);
-            const int32_t *ir = idx ? idx + r * k : NULL;
-            if (stat == STAT_TOPK) {   /* positions are into the row's n values: slice pos / Q */
-                T ts = 0;
-                tc = dl * (T)cinf / (T)k;
-                for (int64_t j = 0; j < k; j++) {
-                    int64_t pos = ir[j], off = P == 1 ? r * n + pos : (pos / Q * R + r) * Q + pos % Q;
-                    ts += SIGN(x[off] - m);
+            T thg = th;          /* the top-k term goes to |v| >= thg ... */
+            int64_t fix = 0;     /* ... and to the first `fix` values with |v| == th */
+            if (topk) {
+                double ts = sge;
+                if (cge > k) {   /* the k-th place is tied: those above it, then the earliest ties */
+                    int64_t cgt = 0;
+                    ts = 0;
+                    for (int64_t p = 0; p < P; p++) {
+                        const T *xs = x + (p * R + r) * Q;
+                        for (int64_t i = 0; i < Q; i++) {
+                            T v = xs[i] - m;
+                            if (ABS(v) > th) { ts += SIGN(v); cgt++; }
+                        }
+                    }
+                    fix = k - cgt;
+                    for (int64_t p = 0, left = fix; p < P && left > 0; p++) {
+                        const T *xs = x + (p * R + r) * Q;
+                        for (int64_t i = 0; i < Q && left > 0; i++) {
+                            T v = xs[i] - m;
+                            if (ABS(v) == th) { ts += SIGN(v); left--; }
+                        }
+                    }
+                    thg = NEXTAFTER(th, (T)INFINITY);   /* |v| >= thg  <=>  |v| > th */
                 }
-                c0 -= tc * ts / (T)n;
+                tc = dl * (T)cinf / (T)k;
+                c0 -= tc * (T)ts / (T)n;
             }
             if (dldd) dldd[r] = dl;
             if (P == 1 && S == 1) {
@@ -353,7 +424,8 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                 for (int64_t i = 0; i < n; i++) {
                     T v = xr[i] - m;
                     T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                    dxr[i] = g * inv + c0 + cv * v + (need_sign ? cs * SIGN(v) : (T)0);
+                    T sc = use_sign ? cs + (ABS(v) >= thg ? tc : (T)0) : (T)0;
+                    dxr[i] = g * inv + c0 + cv * v + sc * SIGN(v);
                 }
             } else {
                 for (int64_t p = 0; p < P; p++) {
@@ -365,15 +437,18 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
 #pragma omp simd
                         for (int64_t i = j; i < j + S; i++) {
                             T v = xs[i] - m;
-                            dxs[i] = dys[i] * gi + c0 + cv * v + (need_sign ? cs * SIGN(v) : (T)0);
+                            T sc = use_sign ? cs + (ABS(v) >= thg ? tc : (T)0) : (T)0;
+                            dxs[i] = dys[i] * gi + c0 + cv * v + sc * SIGN(v);
                         }
                     }
                 }
             }
-            if (stat == STAT_TOPK) {
-                for (int64_t j = 0; j < k; j++) {
-                    int64_t pos = ir[j], off = P == 1 ? r * n + pos : (pos / Q * R + r) * Q + pos % Q;
-                    dx[off] += tc * SIGN(x[off] - m);
+            for (int64_t p = 0; p < P && fix > 0; p++) {   /* the tied k-th place */
+                const T *xs = x + (p * R + r) * Q;
+                T *dxs = dx + (p * R + r) * Q;
+                for (int64_t i = 0; i < Q && fix > 0; i++) {
+                    T v = xs[i] - m;
+                    if (ABS(v) == th) { dxs[i] += tc * SIGN(v); fix--; }
                 }
             }
         }

@@ -5,7 +5,7 @@ values that share statistics: ``P`` slices of ``Q`` contiguous values (``P = 1``
 layer, channels, group and instance areas; ``P = N`` for the batch area). The formulas
 are those of :class:`~normswap.norms.functional.StatNormFn` (its docstring has them);
 :func:`row_plan` decides whether a call can take this path, :class:`RowNormFn` runs it
-eagerly and the ``normswap::row_norm`` operator under torch.compile.
+eagerly and the ``normswap::rows_forward`` operator under torch.compile.
 
 The recovery is one ``gamma``, ``beta`` pair indexed, for value ``i`` of row ``r`` when
 ``P = 1``, by ``c = ((r * n + i) // S) % Cq``: along the row (``S = 1``, ``Cq = n``: layer
@@ -127,11 +127,11 @@ class RowNormFn(torch.autograd.Function):
         param_dtypes = tuple(t.dtype if t is not None else None for t in (gamma, beta))
         if half:
             gamma, beta = (t.float() if t is not None else None for t in (gamma, beta))
-        y, mu, d, bstat, mad, idx = _forward_kernel(x3.float() if half else x3, gamma, beta, delta, stat, k,
+        y, mu, d, bstat, mad, thr = _forward_kernel(x3.float() if half else x3, gamma, beta, delta, stat, k,
                                                     eps, need_mad, seg, channels, out_shape)
         if half:
             y = y.to(x3.dtype)
-        ctx.save_for_backward(x3, mu, d, gamma, idx)   # (half: x itself, converted again in backward)
+        ctx.save_for_backward(x3, mu, d, gamma, thr)   # (half: x itself, converted again in backward)
         ctx.setup = (stat, k, seg, channels, beta is not None,
                      delta is not None and delta.requires_grad, delta.shape if delta is not None else None)
         ctx.param_dtypes = param_dtypes
@@ -141,7 +141,7 @@ class RowNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _gmu, _gstat, gmad):
         stat, k, seg, channels, has_beta, delta_grad, delta_shape = ctx.setup
-        x3, mu, d, gamma, idx = ctx.saved_tensors
+        x3, mu, d, gamma, thr = ctx.saved_tensors
         if gmad is not None and gmad.numel() == 0:
             gmad = None
         if dy is None and gmad is None:
@@ -150,7 +150,7 @@ class RowNormFn(torch.autograd.Function):
         want_g = gamma is not None and ctx.needs_input_grad[1]
         want_b = has_beta and ctx.needs_input_grad[2]
         xc = x3.float() if x3.dtype in _HALF else x3
-        dx, dgamma, dbeta, dldd = _backward_kernel(xc, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels,
+        dx, dgamma, dbeta, dldd = _backward_kernel(xc, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels,
                                                    want_g, want_b, delta_grad)
         dx = dx.to(x3.dtype)
         gdt, bdt = ctx.param_dtypes
@@ -161,7 +161,8 @@ class RowNormFn(torch.autograd.Function):
 
 
 def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels, out_shape):
-    """(y, mu, d, batch_stat, mad or None, top-k positions or None) of a contiguous x3."""
+    """(y, mu, d, batch_stat, mad or None, thr or None) of a contiguous x3; ``thr`` (top-k
+    only): each row's k-th largest ``|v|``, from which the backward finds the k positions."""
     lib = kernels.library()
     P, G, Q = x3.shape
     n = P * Q
@@ -169,19 +170,19 @@ def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channel
     y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
     mu, d, bstat = (torch.empty(G, dtype=dt) for _ in range(3))
     mad = torch.empty(G, dtype=dt) if need_mad or stat == "l1" else None
-    idx = torch.empty((G, k), dtype=torch.int32) if stat == "topk" else None
+    thr = torch.empty(G, dtype=dt) if stat == "topk" else None
     cinf = c_inf(n) if stat == "topk" else 0.0
     dval = float(delta) if delta is not None else 0.0
     fwd = getattr(lib, f"ns_forward_{_DTYPE_SUFFIX[dt]}")
     failed = fwd(x3.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
                  seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
-                 _ptr(mad), bstat.data_ptr(), _ptr(idx), _threads(x3.numel()))
+                 _ptr(mad), bstat.data_ptr(), _ptr(thr), _threads(x3.numel()))
     if failed:
         raise MemoryError("normswap row kernel: out of memory")
-    return y, mu, d, bstat, mad, idx
+    return y, mu, d, bstat, mad, thr
 
 
-def _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
+def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
     """(dx, dgamma, dbeta, dL/dd per row): each None where not wanted."""
     P, G, Q = x3.shape
     n = P * Q
@@ -195,7 +196,7 @@ def _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, wa
     cinf = c_inf(n) if stat == "topk" else 0.0
     bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
     failed = bwd(x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
-                 d.data_ptr(), _ptr(gamma), seg, channels, _ptr(idx), _ptr(gmad), dx.data_ptr(),
+                 d.data_ptr(), _ptr(gamma), seg, channels, _ptr(thr), _ptr(gmad), dx.data_ptr(),
                  _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
     if failed:
         raise MemoryError("normswap row kernel: out of memory")
@@ -206,16 +207,19 @@ def _backward_kernel(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, wa
 # -- the same kernels as operators, for torch.compile ----------------------------------------
 # Under torch.compile the row kernels are one opaque operator each way (inductor calls them
 # as it calls an ATen kernel), so a compiled model computes what the eager one does.
-@torch.library.custom_op("normswap::row_norm", mutates_args=(), device_types="cpu")
+# (An operator's outputs are part of what inductor's on-disk cache assumes and not of its
+# key: when they change, the operator gets a new name, here from normswap::row_norm, whose
+# sixth output was the top-k positions.)
+@torch.library.custom_op("normswap::rows_forward", mutates_args=(), device_types="cpu")
 def _row_norm_op(x3: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
                  delta: Optional[torch.Tensor], stat: str, k: int, eps: float, need_mad: bool,
                  seg: int, channels: int) -> List[torch.Tensor]:
     x3 = x3.contiguous()
     gamma, beta = (t.contiguous() if t is not None else None for t in (gamma, beta))
-    y, mu, d, bstat, mad, idx = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels,
+    y, mu, d, bstat, mad, thr = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels,
                                                 None)
     return [y, mu, d, bstat, mad if mad is not None else mu.new_zeros(0),
-            idx if idx is not None else torch.zeros(0, dtype=torch.int32)]
+            thr if thr is not None else mu.new_zeros(0)]
 
 
 @_row_norm_op.register_fake
@@ -223,17 +227,17 @@ def _(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels):
     G = x3.shape[1]
     vec = x3.new_empty(G)
     mad = x3.new_empty(G) if need_mad or stat == "l1" else x3.new_empty(0)
-    idx = x3.new_empty((G, k), dtype=torch.int32) if stat == "topk" else x3.new_empty(0, dtype=torch.int32)
-    return [x3.new_empty(x3.shape), vec, x3.new_empty(G), x3.new_empty(G), mad, idx]
+    thr = x3.new_empty(G if stat == "topk" else 0)
+    return [x3.new_empty(x3.shape), vec, x3.new_empty(G), x3.new_empty(G), mad, thr]
 
 
-@torch.library.custom_op("normswap::row_norm_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("normswap::rows_backward", mutates_args=(), device_types="cpu")
 def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, d: torch.Tensor,
-                          gamma: Optional[torch.Tensor], idx: torch.Tensor, gmad: Optional[torch.Tensor],
+                          gamma: Optional[torch.Tensor], thr: torch.Tensor, gmad: Optional[torch.Tensor],
                           stat: str, k: int, seg: int, channels: int, want_g: bool, want_b: bool,
                           want_dldd: bool) -> List[torch.Tensor]:
     gamma = gamma.contiguous() if gamma is not None else None
-    dx, dgamma, dbeta, dldd = _backward_kernel(x3.contiguous(), dy, mu, d, gamma, idx if idx.numel() else None,
+    dx, dgamma, dbeta, dldd = _backward_kernel(x3.contiguous(), dy, mu, d, gamma, thr if thr.numel() else None,
                                                gmad, stat, k, seg, channels, want_g, want_b, want_dldd)
     empty = x3.new_zeros(0)
     return [dx, dgamma if dgamma is not None else empty, dbeta if dbeta is not None else empty,
@@ -241,7 +245,7 @@ def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, 
 
 
 @_row_norm_backward_op.register_fake
-def _(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
+def _(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
     G = x3.shape[1]
     return [x3.new_empty(x3.shape), x3.new_empty(channels if want_g else 0),
             x3.new_empty(channels if want_b else 0), x3.new_empty(G if want_dldd else 0)]
@@ -249,14 +253,14 @@ def _(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels, want_g, want_b, w
 
 def _op_setup(ctx, inputs, output):
     x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels = inputs
-    y, mu, d, bstat, mad, idx = output
-    ctx.save_for_backward(x3, mu, d, gamma, idx, delta)
+    y, mu, d, bstat, mad, thr = output
+    ctx.save_for_backward(x3, mu, d, gamma, thr, delta)
     ctx.setup = (stat, k, seg, channels, beta is not None)
 
 
 def _op_backward(ctx, grads):
-    dy, _gmu, _gd, _gstat, gmad, _gidx = grads
-    x3, mu, d, gamma, idx, delta = ctx.saved_tensors
+    dy, _gmu, _gd, _gstat, gmad, _gthr = grads
+    x3, mu, d, gamma, thr, delta = ctx.saved_tensors
     stat, k, seg, channels, has_beta = ctx.setup
     if dy is None:
         dy = torch.zeros_like(x3)
@@ -264,7 +268,7 @@ def _op_backward(ctx, grads):
     want_b = has_beta and ctx.needs_input_grad[2]
     want_dldd = delta is not None and ctx.needs_input_grad[3]
     gmad = gmad if gmad is not None and gmad.numel() else None
-    dx, dgamma, dbeta, dldd = _row_norm_backward_op(x3, dy, mu, d, gamma, idx, gmad, stat, k, seg, channels,
+    dx, dgamma, dbeta, dldd = _row_norm_backward_op(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels,
                                                     want_g, want_b, want_dldd)
     gdelta = (dldd / (2 * d)).sum().reshape(delta.shape) if want_dldd else None
     return (dx, dgamma if want_g else None, dbeta if want_b else None, gdelta,
@@ -276,10 +280,10 @@ _row_norm_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 def row_norm(x3, plan: RowPlan, stat: str, delta, k: int, eps: float, need_mad: bool, out_shape):
     """Run the row kernels: returns ``(y, mu, batch_stat, mad)``. Eager: :class:`RowNormFn`
-    (ctypes, output in the caller's shape); under torch.compile: the ``normswap::row_norm``
+    (ctypes, output in the caller's shape); under torch.compile: the ``normswap::rows_forward``
     operator."""
     if torch.compiler.is_compiling():
-        y, mu, _d, bstat, mad, _idx = _row_norm_op(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
+        y, mu, _d, bstat, mad, _thr = _row_norm_op(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
                                                    plan.seg, plan.channels)
         return y, mu, bstat, mad
     return RowNormFn.apply(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
