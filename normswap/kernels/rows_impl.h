@@ -87,32 +87,40 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
 }
 
 #define NS_LANES 16         /* rows selected side by side (top-k on short rows) */
+#define NS_FLUSH 32         /* layer rows whose column sums (dgamma, dbeta) are added in T first */
 #ifndef NS_LANES_MAX_NK
 #define NS_LANES_MAX_NK 4096   /* ... when a row's n * k is at most this */
 #endif
 
 /* The k largest |a - m[l]| of each of B = NS_LANES rows side by side, a[i * B + l] value i
- * of row l: b[j * B + l] holds the j-th largest of row l so far (-1: none yet), and each
- * value e goes in by b[j] = max(b[j], min(b[j - 1], e)), j = k - 1 .. 1, b[0] = max(b[0], e):
- * k independent steps (no chain through e), each a vector loop over the B rows. b: k * B. */
+ * of row l: b[j * B + l] holds the j-th largest of row l so far (-1: none yet; b[-B..-1] and
+ * b[-2B..-B-1] are +inf guards). Values go in two at a time, hi >= lo, by the merge of two
+ * sorted lists: b[j] = max(b[j], min(b[j - 1], hi), min(b[j - 2], lo)), j = k - 1 .. 0:
+ * k independent steps (no chain through the values, half the stores of one at a time),
+ * each a vector loop over the B rows. b: k * B, with the 2 B guards before it. */
 static void FN(lanes_insert_)(const T *a, int64_t n, int64_t k, const T *m, T *b) {
-    T e[NS_LANES];
+    T hi[NS_LANES], lo[NS_LANES];
     for (int64_t j = 0; j < k * NS_LANES; j++) b[j] = (T)-1;
-    for (int64_t i = 0; i < n; i++) {
-        const T *ai = a + i * NS_LANES;
+    for (int64_t j = 1; j <= 2 * NS_LANES; j++) b[-j] = (T)INFINITY;
+    for (int64_t i = 0; i < n; i += 2) {
+        const T *a1 = a + i * NS_LANES, *a2 = i + 1 < n ? a1 + NS_LANES : a1;
+        T none = i + 1 < n ? (T)1 : (T)0;   /* odd n: the last value alone (lo = -1) */
 #pragma omp simd
-        for (int l = 0; l < NS_LANES; l++) e[l] = ABS(ai[l] - m[l]);
-        for (int64_t j = k - 1; j >= 1; j--) {
+        for (int l = 0; l < NS_LANES; l++) {
+            T e1 = ABS(a1[l] - m[l]), e2 = none > 0 ? ABS(a2[l] - m[l]) : (T)-1;
+            hi[l] = e1 > e2 ? e1 : e2;
+            lo[l] = e1 > e2 ? e2 : e1;
+        }
+        for (int64_t j = k - 1; j >= 0; j--) {
             T *bj = b + j * NS_LANES;
-            const T *bp = bj - NS_LANES;
+            const T *b1 = bj - NS_LANES, *b2 = bj - 2 * NS_LANES;
 #pragma omp simd
             for (int l = 0; l < NS_LANES; l++) {
-                T lo = bp[l] < e[l] ? bp[l] : e[l];
-                bj[l] = bj[l] > lo ? bj[l] : lo;
+                T u = b1[l] < hi[l] ? b1[l] : hi[l], w = b2[l] < lo[l] ? b2[l] : lo[l];
+                T x0 = bj[l] > u ? bj[l] : u;
+                bj[l] = x0 > w ? x0 : w;
             }
         }
-#pragma omp simd
-        for (int l = 0; l < NS_LANES; l++) b[l] = b[l] > e[l] ? b[l] : e[l];
     }
 }
 
@@ -233,8 +241,8 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
-        if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), b (k * B); else a (n), cv (n), hv (k) */
-            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k) * NS_LANES : 2 * n + k));
+        if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), guards (2 B), b (k * B); else a (n), cv (n), hv (k) */
+            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES : 2 * n + k));
             if (!a) failed = 1;
         }
         int t = thread_id(), nt = thread_count();
@@ -248,7 +256,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                     const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
                     for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
                 }
-                FN(topk_lanes_)(a, n, k, a + n * NS_LANES, m, sk, th);
+                FN(topk_lanes_)(a, n, k, a + (n + 2) * NS_LANES, m, sk, th);
                 for (int64_t l = 0; l < nb; l++) {
                     int finite = isfinite(m[l]);   /* (a NaN would not stay in the lanes' maxima) */
                     thr[rb + l] = finite ? th[l] : (T)NAN;
@@ -300,14 +308,23 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         parts = (double *)calloc((size_t)np * 2 * (size_t)Cq, sizeof(double));
         if (!parts) return 1;
     }
-    int used = 1;
+    int used = 1, failed = 0;
 #pragma omp parallel num_threads(np)
     {
         int t = thread_id(), nt = thread_count();
         if (t == 0) used = nt;
         double *pg = parts ? parts + (size_t)t * 2 * (size_t)Cq : NULL;
         double *pb = parts ? pg + Cq : NULL;
+        /* layer rows: the columns' sums in T over NS_FLUSH rows (fg, fb), then into pg, pb */
+        T *fg = NULL, *fb = NULL;
+        int64_t unflushed = 0;
+        if (pg && P == 1 && S == 1) {
+            fg = (T *)calloc(2 * (size_t)Cq, sizeof(T));
+            if (!fg) failed = 1;
+            else fb = fg + Cq;
+        }
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
+        if (pg && P == 1 && S == 1 && !fg) r1 = r0;
         int need_sign = stat == STAT_L1 || gmad != NULL;
         int use_sign = need_sign || topk;
         for (int64_t r = r0; r < r1; r++) {
@@ -318,31 +335,36 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
             if (P == 1 && S == 1) {   /* one pass: the row's sums and (pg, pb) the columns' */
                 const T *xr = x + r * n, *dyr = dy + r * n;
                 T a1 = 0, a2 = 0, a3 = 0;
-                if (topk) {
+                if (topk) {   /* + how many |v| >= th, the sum of their signs */
                     T b1 = 0, c1 = 0;   /* (the count in T: one vector type for the loop) */
+                    if (pg) {   /* (two loops: an `if (pg)` inside one becomes masked stores) */
 #pragma omp simd reduction(+:a1,a2,a3,b1,c1)
-                    for (int64_t i = 0; i < n; i++) {
-                        T v = xr[i] - m;
-                        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                        T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
-                        a1 += g; a2 += g * v; a3 += sv;
-                        c1 += ge; b1 += ge * sv;
-                    }
-                    sge = b1; cge = (int64_t)c1;
-                    if (pg) {   /* (in the loop above it would not vectorize) */
-#pragma omp simd
                         for (int64_t i = 0; i < n; i++) {
-                            pg[i] += (double)(dyr[i] * (xr[i] - m) * inv);
-                            pb[i] += (double)dyr[i];
+                            T v = xr[i] - m;
+                            T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                            T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
+                            a1 += g; a2 += g * v; a3 += sv;
+                            c1 += ge; b1 += ge * sv;
+                            fg[i] += dyr[i] * v * inv; fb[i] += dyr[i];
+                        }
+                    } else {
+#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
+                        for (int64_t i = 0; i < n; i++) {
+                            T v = xr[i] - m;
+                            T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+                            T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
+                            a1 += g; a2 += g * v; a3 += sv;
+                            c1 += ge; b1 += ge * sv;
                         }
                     }
+                    sge = b1; cge = (int64_t)c1;
                 } else if (pg) {
 #pragma omp simd reduction(+:a1,a2,a3)
                     for (int64_t i = 0; i < n; i++) {
                         T v = xr[i] - m;
                         T g = gamma ? dyr[i] * gamma[i] : dyr[i];
                         a1 += g; a2 += g * v; a3 += SIGN(v);
-                        pg[i] += (double)(dyr[i] * v * inv); pb[i] += (double)dyr[i];
+                        fg[i] += dyr[i] * v * inv; fb[i] += dyr[i];
                     }
                 } else {
 #pragma omp simd reduction(+:a1,a2,a3)
@@ -353,6 +375,13 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                     }
                 }
                 sg = a1; sgv = a2; ss = a3;
+                if (fg && (++unflushed == NS_FLUSH || r == r1 - 1)) {
+                    for (int64_t i = 0; i < n; i++) {
+                        pg[i] += (double)fg[i]; pb[i] += (double)fb[i];
+                        fg[i] = 0; fb[i] = 0;
+                    }
+                    unflushed = 0;
+                }
             } else {
                 for (int64_t p = 0; p < P; p++) {
                     const T *xs = x + (p * R + r) * Q, *dys = dy + (p * R + r) * Q;
@@ -452,6 +481,7 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                 }
             }
         }
+        free(fg);
     }
     if (parts) {
         for (int t = 0; t < used; t++) {
@@ -463,7 +493,7 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         }
         free(parts);
     }
-    return 0;
+    return failed;
 }
 
 #undef FN
