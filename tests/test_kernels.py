@@ -323,3 +323,35 @@ def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, sh
     (want * to_rows(w)).sum().backward()
     torch.testing.assert_close(to_rows(m(x).detach()), want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path, monkeypatch):
+    """rows.c scans long rows for top-k candidates with AVX-512 bit masks where the compiler
+    targets it, else with portable code; a build without AVX-512 gives the same layers'
+    values and gradients (rows of 1,568 and 3,136 values, and the batch area)."""
+    import ctypes
+    cc = kernels._compiler()
+    default = kernels.library()
+    if cc is None or default is None:
+        pytest.skip("no C compiler: the kernels are not in use")
+    target = tmp_path / "rows_portable.so"
+    built = subprocess.run([cc, *kernels._FLAGS, "-mno-avx512f", *kernels._OPENMP, str(kernels._SOURCE),
+                            "-o", str(target), "-lm"], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"the compiler has no -mno-avx512f (not an x86 target): {built.stderr[-200:]}")
+    portable = ctypes.CDLL(str(target))
+    kernels._declare(portable)
+    cases = [(N.TopKGroupNorm(8, 64, k=10), (4, 64, 14, 14)), (N.TopKInstanceNorm2d(8, k=10), (2, 8, 56, 56)),
+             (N.TopKBatchNorm2d(8, k=10), (4, 8, 20, 20))]
+    for m, shape in cases:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        results = []
+        for lib in (default, portable):
+            monkeypatch.setattr(kernels, "_lib", lib)
+            xs = x.clone().requires_grad_()
+            y = m(xs)
+            (y * w).sum().backward()
+            results.append((y.detach(), xs.grad))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)

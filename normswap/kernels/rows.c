@@ -54,6 +54,50 @@ static int thread_count(void) {
 
 #define SIGN(v) (((v) > 0) - ((v) < 0))
 
+/* The values of a[0..n) that are >= tau, in order, into cv; returns how many. Most of a
+ * long row is below tau, so it is read a vector at a time and only vectors holding a
+ * candidate are looked into: with AVX-512 by the comparison's bit mask, else by a
+ * vector "any" test and a branch-free copy. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static int64_t scan_ge_f32(const float *a, int64_t n, float tau, float *cv) {
+    const __m512 t = _mm512_set1_ps(tau);
+    int64_t c = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(a + i), t, _CMP_GE_OQ);
+        while (m) { cv[c++] = a[i + __builtin_ctz(m)]; m &= (__mmask16)(m - 1); }
+    }
+    for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
+    return c;
+}
+static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
+    const __m512d t = _mm512_set1_pd(tau);
+    int64_t c = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __mmask8 m = _mm512_cmp_pd_mask(_mm512_loadu_pd(a + i), t, _CMP_GE_OQ);
+        while (m) { cv[c++] = a[i + __builtin_ctz(m)]; m &= (__mmask8)(m - 1); }
+    }
+    for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
+    return c;
+}
+#else
+#define SCAN_GE_GENERIC(T, SUF)                                                     \
+    static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
+        int64_t c = 0;                                                              \
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {                                    \
+            int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                 \
+            int any = 0;                                                            \
+            _Pragma("omp simd reduction(|:any)")                                    \
+            for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;                   \
+            if (!any) continue;                                                     \
+            for (int64_t i = i0; i < i1; i++) { cv[c] = a[i]; c += a[i] >= tau; }   \
+        }                                                                           \
+        return c;                                                                   \
+    }
+SCAN_GE_GENERIC(float, f32)
+SCAN_GE_GENERIC(double, f64)
+#endif
+
 #define T float
 #define SUF f32
 #define ABS fabsf

@@ -44,15 +44,7 @@ static T FN(block_bound_)(const T *a, int64_t n, int64_t k) {
  * heap when the list is long. cv: n values of scratch; hv: k. NaN in the row: NaN. */
 static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
     T tau = FN(block_bound_)(a, n, k);
-    int64_t c = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += 16) {
-        int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
-        int any = 0;
-#pragma omp simd reduction(|:any)
-        for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;
-        if (!any) continue;
-        for (int64_t i = i0; i < i1; i++) { cv[c] = a[i]; c += a[i] >= tau; }
-    }
+    int64_t c = FN(scan_ge_)(a, n, tau, cv);
     *thr = (T)NAN;
     if (c < k) return (T)NAN;   /* only a row holding NaN (no order): its result is NaN */
     for (int round = 0; round < 4 && c > k + k / 4 + 1; round++) {   /* the bound again on the list */
