@@ -74,9 +74,9 @@ _TINY = 1e-30  # floor of ||v_i||_p (an all-zero channel gives w_i = 0, not NaN)
 class BoundedWeightFn(torch.autograd.Function):
     """Fused ``w = v * (s / n)`` with ``n = max(||v_i||_p, tiny)`` per output channel.
 
-    ``v`` is the weight viewed so that each output channel is the slice over ``dims``
-    (``(C_out, K)`` with ``dims=(1,)`` for conv / linear; ``(G, C_in/G, C_out/G, K)``
-    with ``dims=(1, 3)`` for grouped transposed convs). ``s`` is a 0-d scale (``rho``)
+    ``v`` is the weight laid out so that each output channel is the slice over ``dims``
+    (the weight itself with ``dims = (1, ..., v.dim() - 1)`` for conv / linear;
+    ``(G, C_in/G, C_out/G, K)`` with ``dims=(1, 3)`` for grouped transposed convs). ``s`` is a 0-d scale (``rho``)
     or one value per channel shaped like ``n`` (the learned gain).
 
     Forward: one reduction for ``n`` and one multiply. Only ``v`` (the parameter
@@ -146,9 +146,15 @@ class BoundedWeightNorm(nn.Module):
             self.register_buffer("gain_norm", g0.float().norm(2).reshape(()))
 
     def _channel_layout(self, v: torch.Tensor):
-        """``v`` viewed with one output channel per slice over ``dims``, and ``dims``."""
+        """``v`` laid out with one output channel per slice over ``dims``, and ``dims``.
+
+        Conv / linear weights keep their own shape (output channel = slice over every dim
+        but the first): no reshape, so that under torch.compile inductor can give the
+        weight the layout the convolution wants (it converts conv weights to channels-last
+        on CPU) inside the same loop; with a ``(C_out, K)`` view its kernel wrote the weight
+        through a transpose (compiled resnet18 ``bwn`` step 1.53x -> 1.19x the original)."""
         if not self.transposed:
-            return v.reshape(v.shape[0], -1), (1,)
+            return v, tuple(range(1, v.dim()))
         cin, cout_g = v.shape[0], v.shape[1]
         return v.reshape(self.groups, cin // self.groups, cout_g, -1), (1, 3)
 
@@ -157,8 +163,8 @@ class BoundedWeightNorm(nn.Module):
         if not self.learn_gain:
             return self.rho.to(vv.dtype)
         g = self.gain * (self.gain_norm.to(vv.dtype) / self.gain.norm(2).clamp_min(_TINY))
-        if vv.dim() == 2:
-            return g.view(-1, 1)
+        if not self.transposed:
+            return g.view((-1,) + (1,) * (vv.dim() - 1))
         return g.view(vv.shape[0], 1, vv.shape[2], 1)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
