@@ -80,6 +80,46 @@ static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
     for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
     return c;
 }
+/* A tighter start for long rows (k <= 16, n >= 32): the maxima of the 16 interleaved
+ * subsets a[l], a[l + 16], ... are values of disjoint subsets, so the k-th largest of them
+ * is at most the row's k-th largest; the values at or above it (about k + a few for
+ * Gaussian rows) are packed into cv a vector at a time (register compress, then a full
+ * store: cv needs 16 values of room past the candidates). Returns the count, or -1 where
+ * this does not apply. */
+static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
+#ifdef NS_NO_FAST_CANDIDATES
+    return -1;
+#endif
+    if (k > 16 || n < 32) return -1;
+    const __m512 none = _mm512_set1_ps(-1.0f);
+    __m512 mx = none;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(a + i));
+    __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+    if (i < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(none, tail, a + i));
+    float m[16], tau = -1.0f;
+    _mm512_storeu_ps(m, mx);
+    for (int j = 0; j < 16; j++) {   /* m[j] is the k-th largest when k - 1 rank above it */
+        __mmask16 above = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[j]), _CMP_GT_OQ);
+        __mmask16 tied = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[j]), _CMP_EQ_OQ) & (__mmask16)((1u << j) - 1u);
+        if (__builtin_popcount(above) + __builtin_popcount(tied) == k - 1) { tau = m[j]; break; }
+    }
+    if (!(tau >= 0.0f)) return -1;   /* (NaN: no order; the general path reports it) */
+    const __m512 t = _mm512_set1_ps(tau);
+    int64_t c = 0;
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(a + i);
+        __mmask16 ge = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
+        _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(ge, v));
+        c += __builtin_popcount(ge);
+    }
+    for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
+    return c;
+}
+static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {
+    (void)a; (void)n; (void)k; (void)cv;
+    return -1;
+}
 #else
 #define SCAN_GE_GENERIC(T, SUF)                                                     \
     static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
@@ -96,6 +136,14 @@ static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
     }
 SCAN_GE_GENERIC(float, f32)
 SCAN_GE_GENERIC(double, f64)
+static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
+    (void)a; (void)n; (void)k; (void)cv;
+    return -1;
+}
+static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {
+    (void)a; (void)n; (void)k; (void)cv;
+    return -1;
+}
 #endif
 
 #define T float

@@ -43,8 +43,8 @@ static T FN(block_bound_)(const T *a, int64_t n, int64_t k) {
  * are ranked by counting the values above each (ties: the earlier position wins), or by a
  * heap when the list is long. cv: n values of scratch; hv: k. NaN in the row: NaN. */
 static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
-    T tau = FN(block_bound_)(a, n, k);
-    int64_t c = FN(scan_ge_)(a, n, tau, cv);
+    int64_t c = FN(candidates_)(a, n, k, cv);
+    if (c < 0) c = FN(scan_ge_)(a, n, FN(block_bound_)(a, n, k), cv);
     *thr = (T)NAN;
     if (c < k) return (T)NAN;   /* only a row holding NaN (no order): its result is NaN */
     for (int round = 0; round < 4 && c > k + k / 4 + 1; round++) {   /* the bound again on the list */
@@ -234,7 +234,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     {
         T *a = NULL;
         if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), guards (2 B), b (k * B); else a (n), cv (n), hv (k) */
-            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES : 2 * n + k));
+            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES : 2 * n + k + NS_LANES));
             if (!a) failed = 1;
         }
         int t = thread_id(), nt = thread_count();
@@ -266,7 +266,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
 #pragma omp simd
                         for (int64_t i = 0; i < Q; i++) as[i] = ABS(xs[i] - m);
                     }
-                    sk = FN(topk_)(a, n, k, a + n, a + 2 * n, thr + r) / (T)k;
+                    sk = FN(topk_)(a, n, k, a + n, a + 2 * n + NS_LANES, thr + r) / (T)k;
                     if (!isfinite(m)) { sk = (T)NAN; thr[r] = (T)NAN; }
                 }
                 FN(row_finish_)(x, P, R, Q, r, stat, cinf, eps, delta, gamma, beta, S, Cq, need_mad, m, sk,
