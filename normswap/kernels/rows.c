@@ -120,6 +120,12 @@ static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv)
     (void)a; (void)n; (void)k; (void)cv;
     return -1;
 }
+#ifdef NS_NO_FAST_CANDIDATES
+static const int fast_candidates_f32 = 0;
+#else
+static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
+#endif
+static const int fast_candidates_f64 = 0;
 #else
 #define SCAN_GE_GENERIC(T, SUF)                                                     \
     static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
@@ -144,6 +150,7 @@ static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv)
     (void)a; (void)n; (void)k; (void)cv;
     return -1;
 }
+static const int fast_candidates_f32 = 0, fast_candidates_f64 = 0;
 #endif
 
 #define T float

@@ -79,6 +79,9 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
 }
 
 #define NS_LANES 16         /* rows selected side by side (top-k on short rows) */
+#ifndef NS_LANES_MAX_NK_FAST
+#define NS_LANES_MAX_NK_FAST 2048   /* ... or this where candidates_ applies (float32, AVX-512) */
+#endif
 #define NS_FLUSH 32         /* layer rows whose column sums (dgamma, dbeta) are added in T first */
 #ifndef NS_LANES_MAX_NK
 #define NS_LANES_MAX_NK 4096   /* ... when a row's n * k is at most this */
@@ -229,7 +232,8 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     int failed = 0;
     if (P > 1) S = Q;   /* several slices per row: the recovery is per row (batch area) */
     /* top-k on short contiguous rows: NS_LANES rows at a time (topk_lanes_) */
-    const int lanes = stat == STAT_TOPK && P == 1 && n * k <= NS_LANES_MAX_NK;
+    const int fast = FN(fast_candidates_) && k <= 16;
+    const int lanes = stat == STAT_TOPK && P == 1 && n * k <= (fast ? NS_LANES_MAX_NK_FAST : NS_LANES_MAX_NK);
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
