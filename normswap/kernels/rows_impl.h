@@ -120,17 +120,21 @@ static void FN(lanes_insert_)(const T *a, int64_t n, int64_t k, const T *m, T *b
 }
 
 /* B = NS_LANES rows of n values at once, a[i * B + l] value i of row l (the rows side by
- * side, so that every loop is a vector loop over the rows): m[l] the mean of row l (summed
- * in double), sum[l] the sum of its k largest |v| and thr[l] the k-th largest
+ * side, so that every loop is a vector loop over the rows): m[l] the mean of row l (two
+ * partial sums in T, added in double), sum[l] the sum of its k largest |v| and thr[l] the k-th largest
  * (lanes_insert_). b: k * B of scratch. */
 static void FN(topk_lanes_)(const T *a, int64_t n, int64_t k, T *b, T *m, T *sum, T *thr) {
-    double acc[NS_LANES];
-    for (int l = 0; l < NS_LANES; l++) acc[l] = 0;
-    for (int64_t i = 0; i < n; i++) {
+    T acc[NS_LANES], acc2[NS_LANES];   /* two partial sums per row, in T */
+    for (int l = 0; l < NS_LANES; l++) { acc[l] = 0; acc2[l] = 0; }
+    int64_t i = 0;
+    for (; i + 1 < n; i += 2) {
 #pragma omp simd
-        for (int l = 0; l < NS_LANES; l++) acc[l] += (double)a[i * NS_LANES + l];
+        for (int l = 0; l < NS_LANES; l++) { acc[l] += a[i * NS_LANES + l]; acc2[l] += a[(i + 1) * NS_LANES + l]; }
     }
-    for (int l = 0; l < NS_LANES; l++) m[l] = (T)(acc[l] / (double)n);
+    if (i < n) {
+        for (int l = 0; l < NS_LANES; l++) acc[l] += a[i * NS_LANES + l];
+    }
+    for (int l = 0; l < NS_LANES; l++) m[l] = (T)(((double)acc[l] + (double)acc2[l]) / (double)n);
     FN(lanes_insert_)(a, n, k, m, b);
     for (int l = 0; l < NS_LANES; l++) sum[l] = 0;
     for (int64_t j = 0; j < k; j++) {
