@@ -80,6 +80,25 @@ static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
     for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
     return c;
 }
+#else
+#define SCAN_GE_GENERIC(T, SUF)                                                     \
+    static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
+        int64_t c = 0;                                                              \
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {                                    \
+            int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                 \
+            int any = 0;                                                            \
+            _Pragma("omp simd reduction(|:any)")                                    \
+            for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;                   \
+            if (!any) continue;                                                     \
+            for (int64_t i = i0; i < i1; i++) { cv[c] = a[i]; c += a[i] >= tau; }   \
+        }                                                                           \
+        return c;                                                                   \
+    }
+SCAN_GE_GENERIC(float, f32)
+SCAN_GE_GENERIC(double, f64)
+#endif
+
+#if defined(__AVX512F__) && !defined(NS_NO_FAST_CANDIDATES)
 /* A tighter start for long rows (k <= 16, n >= 32): the maxima of the 16 interleaved
  * subsets a[l], a[l + 16], ... are values of disjoint subsets, so the k-th largest of them
  * is at most the row's k-th largest; the values at or above it (about k + a few for
@@ -87,9 +106,6 @@ static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
  * store: cv needs 16 values of room past the candidates). Returns the count, or -1 where
  * this does not apply. */
 static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
-#ifdef NS_NO_FAST_CANDIDATES
-    return -1;
-#endif
     if (k > 16 || n < 32) return -1;
     const __m512 none = _mm512_set1_ps(-1.0f);
     __m512 mx = none;
@@ -116,42 +132,19 @@ static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
     for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
     return c;
 }
-static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {
-    (void)a; (void)n; (void)k; (void)cv;
-    return -1;
-}
-#ifdef NS_NO_FAST_CANDIDATES
-static const int fast_candidates_f32 = 0;
-#else
 static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
-#endif
-static const int fast_candidates_f64 = 0;
 #else
-#define SCAN_GE_GENERIC(T, SUF)                                                     \
-    static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
-        int64_t c = 0;                                                              \
-        for (int64_t i0 = 0; i0 < n; i0 += 16) {                                    \
-            int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                 \
-            int any = 0;                                                            \
-            _Pragma("omp simd reduction(|:any)")                                    \
-            for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;                   \
-            if (!any) continue;                                                     \
-            for (int64_t i = i0; i < i1; i++) { cv[c] = a[i]; c += a[i] >= tau; }   \
-        }                                                                           \
-        return c;                                                                   \
-    }
-SCAN_GE_GENERIC(float, f32)
-SCAN_GE_GENERIC(double, f64)
 static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
     (void)a; (void)n; (void)k; (void)cv;
     return -1;
 }
-static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {
+static const int fast_candidates_f32 = 0;
+#endif
+static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {   /* (none) */
     (void)a; (void)n; (void)k; (void)cv;
     return -1;
 }
-static const int fast_candidates_f32 = 0, fast_candidates_f64 = 0;
-#endif
+static const int fast_candidates_f64 = 0;
 
 #define T float
 #define SUF f32

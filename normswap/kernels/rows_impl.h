@@ -286,6 +286,52 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     return failed;
 }
 
+/* The backward sums of n values of a row (a layer row, gamma along it, or a slice segment
+ * of one channel, gamma NULL), with v = x - m and g = dy * gamma: sum g, sum g v,
+ * sum sign(v), and for top-k (`topk`) how many |v| >= th and the sum of their signs; with
+ * `cols` it also adds dy v inv and dy into the columns' sums fg, fb.
+ * `topk` and `cols` are constants at every call: inlined, each call is its own vector loop
+ * (an `if (fg)` inside one loop became masked stores, and int and float sums mixed in one
+ * loop kept it scalar, hence the count in T). */
+struct FN(sums_) { T g, gv, sign, sign_ge, count_ge; };
+
+static inline __attribute__((always_inline)) struct FN(sums_) FN(row_sums_)(
+        const T *xr, const T *dyr, const T *gamma, int64_t n, T m, T inv, T th, const int topk,
+        const int cols, T *fg, T *fb) {
+    T a1 = 0, a2 = 0, a3 = 0, b1 = 0, c1 = 0;
+#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
+    for (int64_t i = 0; i < n; i++) {
+        T v = xr[i] - m;
+        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
+        T sv = (T)SIGN(v);
+        a1 += g; a2 += g * v; a3 += sv;
+        if (topk) { T ge = (T)(ABS(v) >= th); c1 += ge; b1 += ge * sv; }
+        if (cols) { fg[i] += dyr[i] * v * inv; fb[i] += dyr[i]; }
+    }
+    struct FN(sums_) out = {a1, a2, a3, b1, c1};
+    return out;
+}
+
+/* The first `count` values of row r (in row order: slice by slice) with |x - m| == th: the
+ * sum of their signs, and with dx, add * sign(v) added to their dx (the tied k-th place of
+ * a top-k row, a rare path). */
+static double FN(first_ties_)(const T *x, T *dx, int64_t P, int64_t R, int64_t Q, int64_t r, T m, T th,
+                              int64_t count, T add) {
+    double s = 0;
+    for (int64_t p = 0; p < P && count > 0; p++) {
+        const int64_t off = (p * R + r) * Q;
+        for (int64_t i = 0; i < Q && count > 0; i++) {
+            T v = x[off + i] - m;
+            if (ABS(v) == th) {
+                s += SIGN(v);
+                if (dx) dx[off + i] += add * SIGN(v);
+                count--;
+            }
+        }
+    }
+    return s;
+}
+
 /* Gradients. With g = dy * gamma[c], S_g = sum(g), S_gv = sum(g * v), dL/dd = -S_gv / d^2:
  *   dx = g / d - S_g / (n d) + dL/dd * (dd/dv - mean(dd/dv))
  *        + gmad / n * (sign(v) - mean(sign(v)))
@@ -334,47 +380,14 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
             int64_t cge = 0;
             if (P == 1 && S == 1) {   /* one pass: the row's sums and (pg, pb) the columns' */
                 const T *xr = x + r * n, *dyr = dy + r * n;
-                T a1 = 0, a2 = 0, a3 = 0;
-                if (topk) {   /* + how many |v| >= th, the sum of their signs */
-                    T b1 = 0, c1 = 0;   /* (the count in T: one vector type for the loop) */
-                    if (pg) {   /* (two loops: an `if (pg)` inside one becomes masked stores) */
-#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
-                        for (int64_t i = 0; i < n; i++) {
-                            T v = xr[i] - m;
-                            T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                            T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
-                            a1 += g; a2 += g * v; a3 += sv;
-                            c1 += ge; b1 += ge * sv;
-                            fg[i] += dyr[i] * v * inv; fb[i] += dyr[i];
-                        }
-                    } else {
-#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
-                        for (int64_t i = 0; i < n; i++) {
-                            T v = xr[i] - m;
-                            T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                            T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
-                            a1 += g; a2 += g * v; a3 += sv;
-                            c1 += ge; b1 += ge * sv;
-                        }
-                    }
-                    sge = b1; cge = (int64_t)c1;
-                } else if (pg) {
-#pragma omp simd reduction(+:a1,a2,a3)
-                    for (int64_t i = 0; i < n; i++) {
-                        T v = xr[i] - m;
-                        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                        a1 += g; a2 += g * v; a3 += SIGN(v);
-                        fg[i] += dyr[i] * v * inv; fb[i] += dyr[i];
-                    }
-                } else {
-#pragma omp simd reduction(+:a1,a2,a3)
-                    for (int64_t i = 0; i < n; i++) {
-                        T v = xr[i] - m;
-                        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-                        a1 += g; a2 += g * v; a3 += SIGN(v);
-                    }
-                }
-                sg = a1; sgv = a2; ss = a3;
+                struct FN(sums_) rs;
+                if (topk)   /* (constant flags: each call is its own loop, with no branch inside) */
+                    rs = fg ? FN(row_sums_)(xr, dyr, gamma, n, m, inv, th, 1, 1, fg, fb)
+                            : FN(row_sums_)(xr, dyr, gamma, n, m, inv, th, 1, 0, NULL, NULL);
+                else
+                    rs = fg ? FN(row_sums_)(xr, dyr, gamma, n, m, inv, th, 0, 1, fg, fb)
+                            : FN(row_sums_)(xr, dyr, gamma, n, m, inv, th, 0, 0, NULL, NULL);
+                sg = rs.g; sgv = rs.gv; ss = rs.sign; sge = rs.sign_ge; cge = (int64_t)rs.count_ge;
                 if (fg && (++unflushed == NS_FLUSH || r == r1 - 1)) {
                     for (int64_t i = 0; i < n; i++) {
                         pg[i] += (double)fg[i]; pb[i] += (double)fb[i];
@@ -387,24 +400,11 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                     const T *xs = x + (p * R + r) * Q, *dys = dy + (p * R + r) * Q;
                     for (int64_t j = 0; j < Q; j += S) {
                         int64_t c = FN(channel_)(P, r, n, j, S, Cq);
-                        T rdy = 0, rdyv = 0, rs = 0;
-                        if (topk) {
-                            T b1 = 0, c1 = 0;
-#pragma omp simd reduction(+:rdy,rdyv,rs,b1,c1)
-                            for (int64_t i = j; i < j + S; i++) {
-                                T v = xs[i] - m;
-                                T ge = (T)(ABS(v) >= th), sv = (T)SIGN(v);
-                                rdy += dys[i]; rdyv += dys[i] * v; rs += sv;
-                                c1 += ge; b1 += ge * sv;
-                            }
-                            sge += b1; cge += (int64_t)c1;
-                        } else {
-#pragma omp simd reduction(+:rdy,rdyv,rs)
-                            for (int64_t i = j; i < j + S; i++) {
-                                T v = xs[i] - m;
-                                rdy += dys[i]; rdyv += dys[i] * v; rs += SIGN(v);
-                            }
-                        }
+                        struct FN(sums_) sr = topk
+                            ? FN(row_sums_)(xs + j, dys + j, NULL, S, m, inv, th, 1, 0, NULL, NULL)
+                            : FN(row_sums_)(xs + j, dys + j, NULL, S, m, inv, th, 0, 0, NULL, NULL);
+                        T rdy = sr.g, rdyv = sr.gv, rs = sr.sign;
+                        sge += sr.sign_ge; cge += (int64_t)sr.count_ge;
                         T gc = gamma ? gamma[c] : (T)1;
                         sg += (double)(gc * rdy); sgv += (double)(gc * rdyv); ss += rs;
                         if (pg) { pg[c] += (double)(rdyv * inv); pb[c] += (double)rdy; }
@@ -433,13 +433,7 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                         }
                     }
                     fix = k - cgt;
-                    for (int64_t p = 0, left = fix; p < P && left > 0; p++) {
-                        const T *xs = x + (p * R + r) * Q;
-                        for (int64_t i = 0; i < Q && left > 0; i++) {
-                            T v = xs[i] - m;
-                            if (ABS(v) == th) { ts += SIGN(v); left--; }
-                        }
-                    }
+                    ts += FN(first_ties_)(x, NULL, P, R, Q, r, m, th, fix, 0);
                     thg = NEXTAFTER(th, (T)INFINITY);   /* |v| >= thg  <=>  |v| > th */
                 }
                 tc = dl * (T)cinf / (T)k;
@@ -472,14 +466,7 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                     }
                 }
             }
-            for (int64_t p = 0; p < P && fix > 0; p++) {   /* the tied k-th place */
-                const T *xs = x + (p * R + r) * Q;
-                T *dxs = dx + (p * R + r) * Q;
-                for (int64_t i = 0; i < Q && fix > 0; i++) {
-                    T v = xs[i] - m;
-                    if (ABS(v) == th) { dxs[i] += tc * SIGN(v); fix--; }
-                }
-            }
+            if (fix > 0) FN(first_ties_)(x, dx, P, R, Q, r, m, th, fix, tc);   /* the tied k-th place */
         }
         free(fg);
     }
