@@ -287,19 +287,24 @@ def _top_k_rows_with_earliest_ties(rows: torch.Tensor, k: int, eps: float) -> to
     return v / d
 
 
-@pytest.mark.parametrize("make,shape,to_rows", [
-    (lambda: N.TopKLayerNorm(64, k=10, elementwise_affine=False), (12, 64), lambda x: x),   # rows side by side
-    (lambda: N.TopKLayerNorm(600, k=10, elementwise_affine=False), (5, 600), lambda x: x),  # one row at a time
-    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5),                        # the batch area
-     lambda x: x.transpose(0, 1).reshape(x.shape[1], -1)),
+_SAME = (lambda x: x, lambda rows, shape: rows)
+_BATCH_ROWS = (lambda x: x.transpose(0, 1).reshape(x.shape[1], -1),       # (N, C, ...) -> (C, N ...)
+               lambda rows, shape: rows.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous())
+
+
+@pytest.mark.parametrize("make,shape,rows", [
+    (lambda: N.TopKLayerNorm(64, k=10, elementwise_affine=False), (12, 64), _SAME),    # rows side by side
+    (lambda: N.TopKLayerNorm(600, k=10, elementwise_affine=False), (5, 600), _SAME),   # one row at a time
+    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5), _BATCH_ROWS),     # the batch area
 ], ids=["lanes", "rows", "batch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, shape, to_rows, dtype):
+def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, shape, rows, dtype):
     """When more values than fit tie at the k-th largest |v|, the kernels' backward (which
     keeps only each row's k-th largest value from the forward) gives the gradient to the
     earliest of them, as a stable sort would choose; checked against the float64
     re-computation above, with a tie in every row and a row without one (float32 takes
     the kernels' float32-only selection paths)."""
+    to_rows, from_rows = rows   # (the values that share statistics as rows, and back)
     m = make().to(dtype).train()
     gen = torch.Generator().manual_seed(3)
     x = 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -310,11 +315,7 @@ def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, sh
     rows_view = rows_view.clone()
     rows_view[:, tied] = 2.0
     rows_view[0] = torch.randn(n, generator=gen, dtype=torch.float64)   # (no tie in this row)
-    # back to the input's layout
-    if to_rows(torch.arange(float(x.numel())).view(shape)).shape == x.shape:
-        x = rows_view
-    else:
-        x = rows_view.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous()
+    x = from_rows(rows_view, shape)
     assert torch.equal(to_rows(x), rows_view)
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
     x = x.to(dtype)   # (2.0 and the ties stay exact)
