@@ -330,6 +330,43 @@ def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, sh
     torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=tol, atol=tol)
 
 
+def _rows_for_selection(kind: str, rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of n values built to send the float32 one-row selection down each of its
+    branches (rows.c: candidates by the 16 interleaved subsets' maxima, then ranked in one
+    register, in two, or by the general path)."""
+    x = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    if kind == "one-subset":      # every 16th value large: one subset holds the top, > 32 candidates
+        x[:, 5::16] = 10.0 + torch.rand(rows, len(range(5, n, 16)), generator=gen, dtype=torch.float64)
+    elif kind.startswith("tied-"):   # that many equal values above the rest, spread over the row
+        count = int(kind.split("-")[1])
+        x[:, torch.linspace(0, n - 1, count).long()] = 8.0
+    return x
+
+
+@pytest.mark.parametrize("n,k,kind", [
+    (64, 16, "gauss"), (51, 16, "gauss"), (600, 10, "gauss"), (600, 1, "gauss"),
+    (600, 10, "one-subset"), (600, 10, "tied-12"), (600, 10, "tied-20"), (600, 10, "tied-40"),
+])
+def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch(n, k, kind):
+    """Float32 top-k layer norm on rows selected one at a time (n * k above the 16-row
+    selection's limit), against the float64 re-computation with earliest ties: full
+    64-value blocks and a tail of 3 values, k = 1 and 16, candidates that fit one register
+    (Gaussian rows), two (20 tied values), or neither (40 tied values; one subset holding
+    the top of the row), so that the general path takes over."""
+    gen = torch.Generator().manual_seed(11)
+    x = _rows_for_selection(kind, 24, n, gen)
+    w = torch.randn(24, n, generator=gen, dtype=torch.float64)
+    m = N.TopKLayerNorm(n, k=k, elementwise_affine=False).train()
+    x32 = x.float()
+    xs = x32.clone().requires_grad_()
+    (m(xs) * w.float()).sum().backward()
+    xr = x32.double().requires_grad_()
+    want = _top_k_rows_with_earliest_ties(xr, k, m.eps)
+    (want * w).sum().backward()
+    torch.testing.assert_close(m(x32).detach().double(), want.detach(), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=2e-4, atol=2e-4)
+
+
 def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path, monkeypatch):
     """rows.c scans long rows for top-k candidates with AVX-512 bit masks where the compiler
     targets it, else with portable code; a build without AVX-512 gives the same layers'

@@ -99,52 +99,162 @@ SCAN_GE_GENERIC(double, f64)
 #endif
 
 #if defined(__AVX512F__) && !defined(NS_NO_FAST_CANDIDATES)
-/* A tighter start for long rows (k <= 16, n >= 32): the maxima of the 16 interleaved
- * subsets a[l], a[l + 16], ... are values of disjoint subsets, so the k-th largest of them
- * is at most the row's k-th largest; the values at or above it (about k + a few for
- * Gaussian rows) are packed into cv a vector at a time (register compress, then a full
- * store: cv needs 16 values of room past the candidates). Returns the count, or -1 where
- * this does not apply. */
-static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
-    if (k > 16 || n < 32) return -1;
+/* Selection in registers for float32 with AVX-512 (k <= 16). The forward needs of a row
+ * only the sum of its k largest |v| and the k-th largest (which copy of a tied value is
+ * among the k largest is the backward's question, answered there), so nothing here ranks
+ * ties. */
+
+/* For each lane p of v: how many lanes hold a larger value (15 rotations of v). */
+static inline __m512i gt_counts16(__m512 v) {
+    const __m512i vi = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    __m512i cnt = _mm512_setzero_si512();
+#define NS_ROT(r) cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(v, \
+        _mm512_castsi512_ps(_mm512_alignr_epi32(vi, vi, r)), _CMP_LT_OQ), cnt, one);
+    NS_ROT(1) NS_ROT(2) NS_ROT(3) NS_ROT(4) NS_ROT(5) NS_ROT(6) NS_ROT(7) NS_ROT(8)
+    NS_ROT(9) NS_ROT(10) NS_ROT(11) NS_ROT(12) NS_ROT(13) NS_ROT(14) NS_ROT(15)
+#undef NS_ROT
+    return cnt;
+}
+
+/* The k-th largest of the lanes `in` of v (at least k of them), gt their counts of larger
+ * lanes; with `sum`, the sum of the k largest into *sum. The lanes with fewer than k
+ * larger ones are the values above the k-th largest and every copy of it: the k-th
+ * largest is their minimum, the sum theirs less the surplus copies. */
+static inline float kth_of_counts(__m512 v, __m512i gt, __mmask16 in, int64_t k, float *sum) {
+    __mmask16 sel = _mm512_cmp_epi32_mask(gt, _mm512_set1_epi32((int)k), _MM_CMPINT_LT) & in;
+    float th = _mm512_mask_reduce_min_ps(sel, v);
+    if (sum) *sum = _mm512_mask_reduce_add_ps(sel, v) - (float)(__builtin_popcount(sel) - k) * th;
+    return th;
+}
+
+/* The k largest of c candidates cv[0..c) (values >= 0, k <= c <= 32) held in one or two
+ * registers: *sum their sum, *thr the k-th largest; the counts by rotations for c <= 16,
+ * else one broadcast candidate at a time. Returns 0 where c > 32 (the caller ranks them). */
+static int rank_small_f32(const float *cv, int64_t c, int64_t k, float *sum, float *thr) {
+    if (c > 32) return 0;
     const __m512 none = _mm512_set1_ps(-1.0f);
-    __m512 mx = none;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(a + i));
-    __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
-    if (i < n) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(none, tail, a + i));
-    float m[16], tau = -1.0f;
-    _mm512_storeu_ps(m, mx);
-    for (int j = 0; j < 16; j++) {   /* m[j] is the k-th largest when k - 1 rank above it */
-        __mmask16 above = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[j]), _CMP_GT_OQ);
-        __mmask16 tied = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[j]), _CMP_EQ_OQ) & (__mmask16)((1u << j) - 1u);
-        if (__builtin_popcount(above) + __builtin_popcount(tied) == k - 1) { tau = m[j]; break; }
+    if (c <= 16) {
+        __mmask16 in = (__mmask16)((1u << c) - 1u);
+        __m512 v = _mm512_mask_loadu_ps(none, in, cv);
+        *thr = kth_of_counts(v, gt_counts16(v), in, k, sum);
+        return 1;
     }
-    if (!(tau >= 0.0f)) return -1;   /* (NaN: no order; the general path reports it) */
+    __mmask16 in1 = (__mmask16)(c >= 32 ? 0xFFFFu : (1u << (c - 16)) - 1u);
+    const __m512 v0 = _mm512_loadu_ps(cv), v1 = _mm512_mask_loadu_ps(none, in1, cv + 16);
+    const __m512i one = _mm512_set1_epi32(1), kk = _mm512_set1_epi32((int)k);
+    __m512i r0 = _mm512_setzero_si512(), r1 = r0;
+    for (int64_t q = 0; q < c; q++) {
+        const __m512 b = _mm512_set1_ps(cv[q]);
+        r0 = _mm512_mask_add_epi32(r0, _mm512_cmp_ps_mask(v0, b, _CMP_LT_OQ), r0, one);
+        r1 = _mm512_mask_add_epi32(r1, _mm512_cmp_ps_mask(v1, b, _CMP_LT_OQ), r1, one);
+    }
+    __mmask16 s0 = _mm512_cmp_epi32_mask(r0, kk, _MM_CMPINT_LT);
+    __mmask16 s1 = _mm512_cmp_epi32_mask(r1, kk, _MM_CMPINT_LT) & in1;
+    float lo0 = s0 ? _mm512_mask_reduce_min_ps(s0, v0) : INFINITY;
+    float lo1 = s1 ? _mm512_mask_reduce_min_ps(s1, v1) : INFINITY;
+    float th = lo0 < lo1 ? lo0 : lo1;
+    *thr = th;
+    *sum = _mm512_mask_reduce_add_ps(s0, v0) + _mm512_mask_reduce_add_ps(s1, v1)
+           - (float)(__builtin_popcount(s0) + __builtin_popcount(s1) - k) * th;
+    return 1;
+}
+
+/* The candidates for the k largest |x - m| of x[0..n) (k <= 16, n >= 32), |x - m| computed
+ * on the fly: the maxima of the 16 interleaved subsets (lane l: values l, l + 16, ...)
+ * are values of disjoint subsets, so the k-th largest of them is at most the row's k-th
+ * largest; the values at or above it (about k + a few for Gaussian rows) are packed into
+ * cv a vector at a time (register compress, then a full store: cv needs 16 values of
+ * room past the candidates). Returns their count, or -1 (a NaN: no order). */
+static int64_t candidates_dev_f32(const float *x, float m, int64_t n, int64_t k, float *cv) {
+    const __m512 mv = _mm512_set1_ps(m), none = _mm512_set1_ps(-1.0f);
+#define NS_ABSDEV(v) _mm512_abs_ps(_mm512_sub_ps(v, mv))
+    const int64_t body = n & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (n - body)) - 1u);
+    const __m512 vt = NS_ABSDEV(_mm512_maskz_loadu_ps(tail, x + body));
+    __m512 mx0 = none, mx1 = _mm512_mask_max_ps(none, tail, none, vt);
+    int64_t i = 0;
+    for (; i + 32 <= body; i += 32) {   /* two maxima chains */
+        mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i)));
+        mx1 = _mm512_max_ps(mx1, NS_ABSDEV(_mm512_loadu_ps(x + i + 16)));
+    }
+    if (i < body) mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i)));
+    const __m512 mx = _mm512_max_ps(mx0, mx1);
+    const float tau = kth_of_counts(mx, gt_counts16(mx), 0xFFFF, k, NULL);
+    if (!(tau >= 0.0f)) return -1;
     const __m512 t = _mm512_set1_ps(tau);
     int64_t c = 0;
-    for (i = 0; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_loadu_ps(a + i);
+    for (i = 0; i < body; i += 16) {
+        __m512 v = NS_ABSDEV(_mm512_loadu_ps(x + i));
         __mmask16 ge = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
         _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(ge, v));
         c += __builtin_popcount(ge);
     }
-    for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
-    return c;
+#undef NS_ABSDEV
+    __mmask16 ge = _mm512_cmp_ps_mask(vt, t, _CMP_GE_OQ) & tail;
+    _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(ge, vt));
+    return c + __builtin_popcount(ge);
+}
+
+/* candidates_dev_f32 for values that are already |v|; -1 where it does not apply. */
+static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
+    return k > 16 || n < 32 ? -1 : candidates_dev_f32(a, 0.0f, n, k, cv);
 }
 static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
+
+/* One contiguous row x[0..n) in one read for the mean and two of x itself (no copy):
+ * *mean its mean (four partial sums in float, added in double), *sum the sum of its k
+ * largest |x - mean| and *thr the k-th largest (candidates_dev_f32, rank_small_f32). cv:
+ * n + 16 of scratch. Returns 0 where this does not apply (k > 16, n < 32, a NaN or inf,
+ * more than 32 candidates): the caller then takes the general path. */
+static int row_topk_f32(const float *x, int64_t n, int64_t k, float *cv, float *mean, float *sum, float *thr) {
+    if (k > 16 || n < 32) return 0;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + i + 16));
+        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(x + i + 32));
+        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(x + i + 48));
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
+    if (i < n) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1u), x + i));
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+    const float m = (float)((double)_mm512_reduce_add_ps(s) / (double)n);
+    if (!isfinite(m)) return 0;
+    int64_t c = candidates_dev_f32(x, m, n, k, cv);
+    if (c < k || !rank_small_f32(cv, c, k, sum, thr)) return 0;
+    *mean = m;
+    return 1;
+}
 #else
+static int rank_small_f32(const float *cv, int64_t c, int64_t k, float *sum, float *thr) {
+    (void)cv; (void)c; (void)k; (void)sum; (void)thr;
+    return 0;
+}
 static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
     (void)a; (void)n; (void)k; (void)cv;
     return -1;
 }
 static const int fast_candidates_f32 = 0;
+static int row_topk_f32(const float *x, int64_t n, int64_t k, float *cv, float *mean, float *sum, float *thr) {
+    (void)x; (void)n; (void)k; (void)cv; (void)mean; (void)sum; (void)thr;
+    return 0;
+}
 #endif
-static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {   /* (none) */
+/* (float64: none of the above; the general path) */
+static int rank_small_f64(const double *cv, int64_t c, int64_t k, double *sum, double *thr) {
+    (void)cv; (void)c; (void)k; (void)sum; (void)thr;
+    return 0;
+}
+static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv) {
     (void)a; (void)n; (void)k; (void)cv;
     return -1;
 }
 static const int fast_candidates_f64 = 0;
+static int row_topk_f64(const double *x, int64_t n, int64_t k, double *cv, double *mean, double *sum, double *thr) {
+    (void)x; (void)n; (void)k; (void)cv; (void)mean; (void)sum; (void)thr;
+    return 0;
+}
 
 #define T float
 #define SUF f32

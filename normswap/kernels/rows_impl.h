@@ -38,15 +38,19 @@ static T FN(block_bound_)(const T *a, int64_t n, int64_t k) {
     return tau;
 }
 
-/* The k largest of a[0..n): returns their sum, *thr = the k-th largest. The bound above
- * leaves a short list of candidates (about 1.4 k for long rows after a few rounds); they
- * are ranked by counting the values above each (ties: the earlier position wins), or by a
- * heap when the list is long. cv: n values of scratch; hv: k. NaN in the row: NaN. */
+/* The k largest of a[0..n): returns their sum, *thr = the k-th largest. A bound leaves a
+ * short list of candidates: up to 32 are ranked in registers (rank_small_, float32 with
+ * AVX-512); otherwise the bound is taken again on the list (about 1.4 k for long rows after
+ * a few rounds), then they are ranked by counting the values above each (ties: the earlier
+ * position wins), or by a heap when the list is long. cv: n + 16 values of scratch; hv: k.
+ * NaN in the row: NaN. */
 static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
     int64_t c = FN(candidates_)(a, n, k, cv);
     if (c < 0) c = FN(scan_ge_)(a, n, FN(block_bound_)(a, n, k), cv);
     *thr = (T)NAN;
     if (c < k) return (T)NAN;   /* only a row holding NaN (no order): its result is NaN */
+    T s = 0, lo = 0;
+    if (FN(rank_small_)(cv, c, k, &s, thr)) return s;
     for (int round = 0; round < 4 && c > k + k / 4 + 1; round++) {   /* the bound again on the list */
         int64_t before = c, c2 = 0;
         T tau2 = FN(block_bound_)(cv, c, k);
@@ -54,7 +58,6 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
         c = c2;
         if (c == before) break;
     }
-    T s = 0, lo = 0;
     if (c <= 256) {   /* above[p] = #{q : cv[q] > cv[p], or equal and q < p} */
         int32_t above[256];
         for (int64_t p = 0; p < c; p++) above[p] = 0;
@@ -80,7 +83,7 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
 
 #define NS_LANES 16         /* rows selected side by side (top-k on short rows) */
 #ifndef NS_LANES_MAX_NK_FAST
-#define NS_LANES_MAX_NK_FAST 2048   /* ... or this where candidates_ applies (float32, AVX-512) */
+#define NS_LANES_MAX_NK_FAST 800    /* ... or this where row_topk_ applies (float32, AVX-512; measured) */
 #endif
 #define NS_FLUSH 32         /* layer rows whose column sums (dgamma, dbeta) are added in T first */
 #ifndef NS_LANES_MAX_NK
@@ -266,8 +269,17 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
             }
         } else {
             for (int64_t r = r0; r < r1; r++) {
-                T m = FN(row_mean_)(x, P, R, Q, r), sk = 0;
-                if (stat == STAT_TOPK) {
+                T m = 0, sk = 0;
+                /* top-k: a contiguous row selected in registers where row_topk_ applies, else
+                 * its |v| copied to a and ranked by topk_ */
+                const int in_registers = stat == STAT_TOPK && P == 1
+                                         && FN(row_topk_)(x + r * n, n, k, a + n, &m, &sk, thr + r);
+                if (in_registers) {
+                    sk /= (T)k;
+                } else {
+                    m = FN(row_mean_)(x, P, R, Q, r);
+                }
+                if (stat == STAT_TOPK && !in_registers) {
                     for (int64_t p = 0; p < P; p++) {
                         const T *xs = x + (p * R + r) * Q;
                         T *as = a + p * Q;
