@@ -98,6 +98,124 @@ SCAN_GE_GENERIC(float, f32)
 SCAN_GE_GENERIC(double, f64)
 #endif
 
+/* Row sums in the row's precision, mode 0: sum x, 1: sum |x - m|, 2: sum (x - m)^2 (mode a
+ * constant at every call). With AVX-512: four vector partial sums and a shuffle-tree
+ * reduction; gcc ends an `omp simd reduction` with a scalar loop over the stored lanes
+ * (16 dependent additions per sum, after one dependent vector addition per 16 values),
+ * which made these sums the larger part of a short row's forward. */
+#if defined(__AVX512F__)
+#define NS_TERM(v, mv, ABSF, SUBF, MULF) (mode == 0 ? (v) : mode == 1 ? ABSF(SUBF(v, mv)) \
+                                          : MULF(SUBF(v, mv), SUBF(v, mv)))
+static inline __attribute__((always_inline)) float dev_sum_f32(const float *x, int64_t n, float m, const int mode) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define NS_T32(v) NS_TERM(v, mv, _mm512_abs_ps, _mm512_sub_ps, _mm512_mul_ps)
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_add_ps(s0, NS_T32(_mm512_loadu_ps(x + i)));
+        s1 = _mm512_add_ps(s1, NS_T32(_mm512_loadu_ps(x + i + 16)));
+        s2 = _mm512_add_ps(s2, NS_T32(_mm512_loadu_ps(x + i + 32)));
+        s3 = _mm512_add_ps(s3, NS_T32(_mm512_loadu_ps(x + i + 48)));
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_add_ps(s0, NS_T32(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+        s1 = _mm512_mask_add_ps(s1, tail, s1, NS_T32(_mm512_maskz_loadu_ps(tail, x + i)));
+    }
+#undef NS_T32
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+static inline __attribute__((always_inline)) double dev_sum_f64(const double *x, int64_t n, double m, const int mode) {
+    const __m512d mv = _mm512_set1_pd(m);
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+#define NS_T64(v) NS_TERM(v, mv, _mm512_abs_pd, _mm512_sub_pd, _mm512_mul_pd)
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_add_pd(s0, NS_T64(_mm512_loadu_pd(x + i)));
+        s1 = _mm512_add_pd(s1, NS_T64(_mm512_loadu_pd(x + i + 8)));
+        s2 = _mm512_add_pd(s2, NS_T64(_mm512_loadu_pd(x + i + 16)));
+        s3 = _mm512_add_pd(s3, NS_T64(_mm512_loadu_pd(x + i + 24)));
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm512_add_pd(s0, NS_T64(_mm512_loadu_pd(x + i)));
+    if (i < n) {
+        const __mmask8 tail = (__mmask8)((1u << (n - i)) - 1u);
+        s1 = _mm512_mask_add_pd(s1, tail, s1, NS_T64(_mm512_maskz_loadu_pd(tail, x + i)));
+    }
+#undef NS_T64
+    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
+}
+#undef NS_TERM
+#else
+#define DEV_SUM_GENERIC(T, SUF, ABSF)                                                              \
+    static inline __attribute__((always_inline)) T dev_sum_##SUF(const T *x, int64_t n, T m, const int mode) { \
+        T s = 0;                                                                                   \
+        _Pragma("omp simd reduction(+:s)")                                                         \
+        for (int64_t i = 0; i < n; i++)                                                            \
+            s += mode == 0 ? x[i] : mode == 1 ? ABSF(x[i] - m) : (x[i] - m) * (x[i] - m);          \
+        return s;                                                                                  \
+    }
+DEV_SUM_GENERIC(float, f32, fabsf)
+DEV_SUM_GENERIC(double, f64, fabs)
+#endif
+
+/* The backward's sums over one row (rows_impl.h's row_sums_, which documents them) for
+ * float32 with AVX-512, the partial sums reduced by shuffle trees: out = {sum g, sum g v,
+ * sum sign(v), sum sign(v) at |v| >= th, count of |v| >= th}; with `cols`, dy v inv and
+ * dy added into fg, fb. Returns 0 where not compiled (the caller's loop runs). */
+#if defined(__AVX512F__)
+struct vsums16 { __m512 a1, a2, a3, b1, c1; };
+static inline __attribute__((always_inline)) void sums_step_f32(
+        struct vsums16 *s, const float *xr, const float *dyr, const float *gamma, int64_t i, __mmask16 k,
+        __m512 mv, __m512 iv, __m512 tv, const int topk, const int cols, float *fg, float *fb) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), mone = _mm512_set1_ps(-1.0f);
+    const __m512 dy = _mm512_maskz_loadu_ps(k, dyr + i);
+    const __m512 v = _mm512_maskz_sub_ps(k, _mm512_maskz_loadu_ps(k, xr + i), mv);   /* (0 past the row) */
+    const __m512 g = gamma ? _mm512_mul_ps(dy, _mm512_maskz_loadu_ps(k, gamma + i)) : dy;
+    const __m512 sv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ),
+                                           _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero, mone),
+                                           one);
+    s->a1 = _mm512_add_ps(s->a1, g);
+    s->a2 = _mm512_add_ps(s->a2, _mm512_mul_ps(g, v));
+    s->a3 = _mm512_add_ps(s->a3, sv);
+    if (topk) {
+        const __mmask16 ge = _mm512_cmp_ps_mask(_mm512_abs_ps(v), tv, _CMP_GE_OQ) & k;
+        s->c1 = _mm512_mask_add_ps(s->c1, ge, s->c1, one);
+        s->b1 = _mm512_mask_add_ps(s->b1, ge, s->b1, sv);
+    }
+    if (cols) {
+        _mm512_mask_storeu_ps(fg + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, fg + i),
+                                                        _mm512_mul_ps(_mm512_mul_ps(dy, v), iv)));
+        _mm512_mask_storeu_ps(fb + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, fb + i), dy));
+    }
+}
+static inline __attribute__((always_inline)) int sums_vec_f32(
+        const float *xr, const float *dyr, const float *gamma, int64_t n, float m, float inv, float th,
+        const int topk, const int cols, float *fg, float *fb, float *out) {
+    const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv), tv = _mm512_set1_ps(th), z = _mm512_setzero_ps();
+    struct vsums16 s = {z, z, z, z, z};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) sums_step_f32(&s, xr, dyr, gamma, i, (__mmask16)0xFFFF, mv, iv, tv, topk, cols, fg, fb);
+    if (i < n) sums_step_f32(&s, xr, dyr, gamma, i, (__mmask16)((1u << (n - i)) - 1u), mv, iv, tv, topk, cols, fg, fb);
+    out[0] = _mm512_reduce_add_ps(s.a1); out[1] = _mm512_reduce_add_ps(s.a2); out[2] = _mm512_reduce_add_ps(s.a3);
+    out[3] = topk ? _mm512_reduce_add_ps(s.b1) : 0.0f; out[4] = topk ? _mm512_reduce_add_ps(s.c1) : 0.0f;
+    return 1;
+}
+#else
+static inline int sums_vec_f32(const float *xr, const float *dyr, const float *gamma, int64_t n, float m, float inv,
+                               float th, const int topk, const int cols, float *fg, float *fb, float *out) {
+    (void)xr; (void)dyr; (void)gamma; (void)n; (void)m; (void)inv; (void)th; (void)topk; (void)cols;
+    (void)fg; (void)fb; (void)out;
+    return 0;
+}
+#endif
+static inline int sums_vec_f64(const double *xr, const double *dyr, const double *gamma, int64_t n, double m,
+                               double inv, double th, const int topk, const int cols, double *fg, double *fb,
+                               double *out) {   /* (float64: the caller's loop) */
+    (void)xr; (void)dyr; (void)gamma; (void)n; (void)m; (void)inv; (void)th; (void)topk; (void)cols;
+    (void)fg; (void)fb; (void)out;
+    return 0;
+}
+
 #if defined(__AVX512F__) && !defined(NS_NO_FAST_CANDIDATES)
 /* Selection in registers for float32 with AVX-512 (k <= 16). The forward needs of a row
  * only the sum of its k largest |v| and the k-th largest (which copy of a tied value is
@@ -202,24 +320,13 @@ static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
 static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
 
 /* One contiguous row x[0..n) in one read for the mean and two of x itself (no copy):
- * *mean its mean (four partial sums in float, added in double), *sum the sum of its k
+ * *mean its mean (dev_sum_f32), *sum the sum of its k
  * largest |x - mean| and *thr the k-th largest (candidates_dev_f32, rank_small_f32). cv:
  * n + 16 of scratch. Returns 0 where this does not apply (k > 16, n < 32, a NaN or inf,
  * more than 32 candidates): the caller then takes the general path. */
 static int row_topk_f32(const float *x, int64_t n, int64_t k, float *cv, float *mean, float *sum, float *thr) {
     if (k > 16 || n < 32) return 0;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
-        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + i + 16));
-        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(x + i + 32));
-        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(x + i + 48));
-    }
-    for (; i + 16 <= n; i += 16) s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + i));
-    if (i < n) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1u), x + i));
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-    const float m = (float)((double)_mm512_reduce_add_ps(s) / (double)n);
+    const float m = (float)((double)dev_sum_f32(x, n, 0.0f, 0) / (double)n);
     if (!isfinite(m)) return 0;
     int64_t c = candidates_dev_f32(x, m, n, k, cv);
     if (c < k || !rank_small_f32(cv, c, k, sum, thr)) return 0;

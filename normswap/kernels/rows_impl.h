@@ -156,10 +156,7 @@ static T FN(row_mean_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r) {
     double s1 = 0;
     for (int64_t p = 0; p < P; p++) {
         const T *xs = x + (p * R + r) * Q;
-        T ps = 0;
-#pragma omp simd reduction(+:ps)
-        for (int64_t i = 0; i < Q; i++) ps += xs[i];
-        s1 += ps;
+        s1 += FN(dev_sum_)(xs, Q, 0, 0);
     }
     return (T)(s1 / (double)(P * Q));
 }
@@ -175,19 +172,13 @@ static void FN(row_finish_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t
     if (stat == STAT_L1 || need_mad) {
         for (int64_t p = 0; p < P; p++) {
             const T *xs = x + (p * R + r) * Q;
-            T ps = 0;
-#pragma omp simd reduction(+:ps)
-            for (int64_t i = 0; i < Q; i++) ps += ABS(xs[i] - m);
-            sa += ps;
+            sa += FN(dev_sum_)(xs, Q, m, 1);
         }
     }
     if (stat == STAT_L2) {
         for (int64_t p = 0; p < P; p++) {
             const T *xs = x + (p * R + r) * Q;
-            T ps = 0;
-#pragma omp simd reduction(+:ps)
-            for (int64_t i = 0; i < Q; i++) { T v = xs[i] - m; ps += v * v; }
-            sq += ps;
+            sq += FN(dev_sum_)(xs, Q, m, 2);
         }
         bs = (T)(sq / (double)n);
         dd = (T)sqrt((double)bs + delta);
@@ -310,6 +301,11 @@ struct FN(sums_) { T g, gv, sign, sign_ge, count_ge; };
 static inline __attribute__((always_inline)) struct FN(sums_) FN(row_sums_)(
         const T *xr, const T *dyr, const T *gamma, int64_t n, T m, T inv, T th, const int topk,
         const int cols, T *fg, T *fb) {
+    T vs[5];
+    if (FN(sums_vec_)(xr, dyr, gamma, n, m, inv, th, topk, cols, fg, fb, vs)) {
+        struct FN(sums_) out = {vs[0], vs[1], vs[2], vs[3], vs[4]};
+        return out;
+    }
     T a1 = 0, a2 = 0, a3 = 0, b1 = 0, c1 = 0;
 #pragma omp simd reduction(+:a1,a2,a3,b1,c1)
     for (int64_t i = 0; i < n; i++) {
