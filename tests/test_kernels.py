@@ -335,6 +335,9 @@ def _rows_for_selection(kind: str, rows: int, n: int, gen: torch.Generator) -> t
     branches (rows.c: candidates by the 16 interleaved subsets' maxima, then ranked in one
     register, in two, or by the general path)."""
     x = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    if kind == "mixed":           # the kinds below in turn, row by row (rows taken four at a time)
+        kinds = ["gauss", "one-subset", "tied-20", "tied-40", "tied-12"]
+        return torch.cat([_rows_for_selection(kinds[i % len(kinds)], 1, n, gen) for i in range(rows)])
     if kind == "one-subset":      # every 16th value large: one subset holds the top, > 32 candidates
         x[:, 5::16] = 10.0 + torch.rand(rows, len(range(5, n, 16)), generator=gen, dtype=torch.float64)
     elif kind.startswith("tied-"):   # that many equal values above the rest, spread over the row
@@ -346,16 +349,18 @@ def _rows_for_selection(kind: str, rows: int, n: int, gen: torch.Generator) -> t
 @pytest.mark.parametrize("n,k,kind", [
     (64, 16, "gauss"), (51, 16, "gauss"), (600, 10, "gauss"), (600, 1, "gauss"),
     (600, 10, "one-subset"), (600, 10, "tied-12"), (600, 10, "tied-20"), (600, 10, "tied-40"),
+    (600, 10, "mixed"), (48, 10, "mixed"),
 ])
 def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch(n, k, kind):
-    """Float32 top-k layer norm on rows selected one at a time (n * k above the 16-row
-    selection's limit), against the float64 re-computation with earliest ties: full
+    """Float32 top-k layer norm on rows selected from the input itself (n * k above the
+    16-row selection's limit), against the float64 re-computation with earliest ties: full
     64-value blocks and a tail of 3 values, k = 1 and 16, candidates that fit one register
     (Gaussian rows), two (20 tied values), or neither (40 tied values; one subset holding
-    the top of the row), so that the general path takes over."""
+    the top of the row), so that the general path takes over; and those kinds mixed in the
+    rows that are selected together. 23 rows: the last group of rows is not full."""
     gen = torch.Generator().manual_seed(11)
-    x = _rows_for_selection(kind, 24, n, gen)
-    w = torch.randn(24, n, generator=gen, dtype=torch.float64)
+    x = _rows_for_selection(kind, 23, n, gen)
+    w = torch.randn(23, n, generator=gen, dtype=torch.float64)
     m = N.TopKLayerNorm(n, k=k, elementwise_affine=False).train()
     x32 = x.float()
     xs = x32.clone().requires_grad_()

@@ -277,61 +277,83 @@ static int rank_small_f32(const float *cv, int64_t c, int64_t k, float *sum, flo
     return 1;
 }
 
-/* The candidates for the k largest |x - m| of x[0..n) (k <= 16, n >= 32), |x - m| computed
- * on the fly: the maxima of the 16 interleaved subsets (lane l: values l, l + 16, ...)
- * are values of disjoint subsets, so the k-th largest of them is at most the row's k-th
- * largest; the values at or above it (about k + a few for Gaussian rows) are packed into
- * cv a vector at a time (register compress, then a full store: cv needs 16 values of
- * room past the candidates). Returns their count, or -1 (a NaN: no order). */
-static int64_t candidates_dev_f32(const float *x, float m, int64_t n, int64_t k, float *cv) {
+/* Lane l: the largest |x - m| of the interleaved subset x[l], x[l + 16], ... of x[0..n)
+ * (n >= 32; two maxima chains). */
+static inline __m512 lane_max_dev_f32(const float *x, float m, int64_t n) {
     const __m512 mv = _mm512_set1_ps(m), none = _mm512_set1_ps(-1.0f);
 #define NS_ABSDEV(v) _mm512_abs_ps(_mm512_sub_ps(v, mv))
-    const int64_t body = n & ~(int64_t)15;
-    const __mmask16 tail = (__mmask16)((1u << (n - body)) - 1u);
-    const __m512 vt = NS_ABSDEV(_mm512_maskz_loadu_ps(tail, x + body));
-    __m512 mx0 = none, mx1 = _mm512_mask_max_ps(none, tail, none, vt);
+    __m512 mx0 = none, mx1 = none;
     int64_t i = 0;
-    for (; i + 32 <= body; i += 32) {   /* two maxima chains */
+    for (; i + 32 <= n; i += 32) {
         mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i)));
         mx1 = _mm512_max_ps(mx1, NS_ABSDEV(_mm512_loadu_ps(x + i + 16)));
     }
-    if (i < body) mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i)));
-    const __m512 mx = _mm512_max_ps(mx0, mx1);
+    if (i + 16 <= n) { mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i))); i += 16; }
+    if (i < n) {
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+        mx1 = _mm512_mask_max_ps(mx1, tail, mx1, NS_ABSDEV(_mm512_maskz_loadu_ps(tail, x + i)));
+    }
+#undef NS_ABSDEV
+    return _mm512_max_ps(mx0, mx1);
+}
+
+/* The candidates for the k largest |x - m| of x[0..n) (k <= 16), given mx from
+ * lane_max_dev_f32: the lane maxima are values of 16 disjoint subsets, so their k-th
+ * largest, tau, is at most the row's k-th largest; the values at or above it (about k + a
+ * few for Gaussian rows) are packed into cv a vector at a time (register compress, then a
+ * full store: cv needs 16 values of room past the candidates). Returns their count, or -1
+ * (a NaN: no order). */
+static inline int64_t pack_candidates_f32(const float *x, float m, int64_t n, int64_t k, __m512 mx, float *cv) {
     const float tau = kth_of_counts(mx, gt_counts16(mx), 0xFFFF, k, NULL);
     if (!(tau >= 0.0f)) return -1;
-    const __m512 t = _mm512_set1_ps(tau);
-    int64_t c = 0;
-    for (i = 0; i < body; i += 16) {
-        __m512 v = NS_ABSDEV(_mm512_loadu_ps(x + i));
+    const __m512 mv = _mm512_set1_ps(m), t = _mm512_set1_ps(tau);
+    int64_t c = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
         __mmask16 ge = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ);
         _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(ge, v));
         c += __builtin_popcount(ge);
     }
-#undef NS_ABSDEV
-    __mmask16 ge = _mm512_cmp_ps_mask(vt, t, _CMP_GE_OQ) & tail;
-    _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(ge, vt));
-    return c + __builtin_popcount(ge);
+    if (i < n) {
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 v = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + i), mv));
+        __mmask16 ge = _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ) & tail;
+        _mm512_storeu_ps(cv + c, _mm512_maskz_compress_ps(ge, v));
+        c += __builtin_popcount(ge);
+    }
+    return c;
 }
 
-/* candidates_dev_f32 for values that are already |v|; -1 where it does not apply. */
+/* The candidates of values a that are already |v| (m = 0); -1 where this does not apply. */
 static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
-    return k > 16 || n < 32 ? -1 : candidates_dev_f32(a, 0.0f, n, k, cv);
+    if (k > 16 || n < 32) return -1;
+    return pack_candidates_f32(a, 0.0f, n, k, lane_max_dev_f32(a, 0.0f, n), cv);
 }
 static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
 
-/* One contiguous row x[0..n) in one read for the mean and two of x itself (no copy):
- * *mean its mean (dev_sum_f32), *sum the sum of its k
- * largest |x - mean| and *thr the k-th largest (candidates_dev_f32, rank_small_f32). cv:
- * n + 16 of scratch. Returns 0 where this does not apply (k > 16, n < 32, a NaN or inf,
- * more than 32 candidates): the caller then takes the general path. */
-static int row_topk_f32(const float *x, int64_t n, int64_t k, float *cv, float *mean, float *sum, float *thr) {
-    if (k > 16 || n < 32) return 0;
-    const float m = (float)((double)dev_sum_f32(x, n, 0.0f, 0) / (double)n);
-    if (!isfinite(m)) return 0;
-    int64_t c = candidates_dev_f32(x, m, n, k, cv);
-    if (c < k || !rank_small_f32(cv, c, k, sum, thr)) return 0;
-    *mean = m;
-    return 1;
+#define NS_ROWS_AT_ONCE 4   /* rows of rows_topk_f32 taken one step at a time */
+/* The selection of nb <= NS_ROWS_AT_ONCE contiguous rows x[j * n .. (j + 1) * n), read
+ * from x itself (no copy), one step at a time over the rows (their means, then their lane
+ * maxima, candidates, ranks), so that the rows' chains of dependent steps overlap: row j's
+ * mean[j] (dev_sum_f32), and the sum of its k largest |x - mean| into sum[j] and the k-th
+ * largest into thr[j] (pack_candidates_f32, rank_small_f32). ok[j] = 0 where this does not
+ * apply (k > 16, n < 32, a NaN or inf, more than 32 candidates): the caller then takes the
+ * general path for that row. cv: nb * (n + 16) of scratch. */
+static void rows_topk_f32(const float *x, int64_t nb, int64_t n, int64_t k, float *cv, float *mean,
+                          float *sum, float *thr, int *ok) {
+    __m512 mx[NS_ROWS_AT_ONCE];
+    int64_t c[NS_ROWS_AT_ONCE];
+    const int fits = k <= 16 && n >= 32;
+    for (int64_t j = 0; j < nb; j++) {
+        mean[j] = (float)((double)dev_sum_f32(x + j * n, n, 0.0f, 0) / (double)n);
+        ok[j] = fits && isfinite(mean[j]);
+    }
+    if (!fits) return;
+    for (int64_t j = 0; j < nb; j++) mx[j] = lane_max_dev_f32(x + j * n, mean[j], n);
+    for (int64_t j = 0; j < nb; j++)
+        c[j] = ok[j] ? pack_candidates_f32(x + j * n, mean[j], n, k, mx[j], cv + j * (n + 16)) : -1;
+    for (int64_t j = 0; j < nb; j++)
+        ok[j] = c[j] >= k && rank_small_f32(cv + j * (n + 16), c[j], k, sum + j, thr + j);
 }
 #else
 static int rank_small_f32(const float *cv, int64_t c, int64_t k, float *sum, float *thr) {
@@ -343,9 +365,11 @@ static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
     return -1;
 }
 static const int fast_candidates_f32 = 0;
-static int row_topk_f32(const float *x, int64_t n, int64_t k, float *cv, float *mean, float *sum, float *thr) {
+#define NS_ROWS_AT_ONCE 4
+static void rows_topk_f32(const float *x, int64_t nb, int64_t n, int64_t k, float *cv, float *mean,
+                          float *sum, float *thr, int *ok) {
     (void)x; (void)n; (void)k; (void)cv; (void)mean; (void)sum; (void)thr;
-    return 0;
+    for (int64_t j = 0; j < nb; j++) ok[j] = 0;
 }
 #endif
 /* (float64: none of the above; the general path) */
@@ -358,9 +382,10 @@ static int64_t candidates_f64(const double *a, int64_t n, int64_t k, double *cv)
     return -1;
 }
 static const int fast_candidates_f64 = 0;
-static int row_topk_f64(const double *x, int64_t n, int64_t k, double *cv, double *mean, double *sum, double *thr) {
+static void rows_topk_f64(const double *x, int64_t nb, int64_t n, int64_t k, double *cv, double *mean,
+                          double *sum, double *thr, int *ok) {
     (void)x; (void)n; (void)k; (void)cv; (void)mean; (void)sum; (void)thr;
-    return 0;
+    for (int64_t j = 0; j < nb; j++) ok[j] = 0;
 }
 
 #define T float

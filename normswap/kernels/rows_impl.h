@@ -83,7 +83,7 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
 
 #define NS_LANES 16         /* rows selected side by side (top-k on short rows) */
 #ifndef NS_LANES_MAX_NK_FAST
-#define NS_LANES_MAX_NK_FAST 800    /* ... or this where row_topk_ applies (float32, AVX-512; measured) */
+#define NS_LANES_MAX_NK_FAST 400    /* ... or this where rows_topk_ applies (float32, AVX-512; measured) */
 #endif
 #define NS_FLUSH 32         /* layer rows whose column sums (dgamma, dbeta) are added in T first */
 #ifndef NS_LANES_MAX_NK
@@ -235,8 +235,10 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
-        if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), guards (2 B), b (k * B); else a (n), cv (n), hv (k) */
-            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES : 2 * n + k + NS_LANES));
+        if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), guards (2 B), b (k * B); else a (n), then
+                                    * cv (n + B) and hv (k), or rows_topk_'s cv (NS_ROWS_AT_ONCE (n + B)) */
+            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES
+                                                       : n + NS_ROWS_AT_ONCE * (n + NS_LANES) + k));
             if (!a) failed = 1;
         }
         int t = thread_id(), nt = thread_count();
@@ -259,29 +261,35 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                 }
             }
         } else {
-            for (int64_t r = r0; r < r1; r++) {
-                T m = 0, sk = 0;
-                /* top-k: a contiguous row selected in registers where row_topk_ applies, else
-                 * its |v| copied to a and ranked by topk_ */
-                const int in_registers = stat == STAT_TOPK && P == 1
-                                         && FN(row_topk_)(x + r * n, n, k, a + n, &m, &sk, thr + r);
-                if (in_registers) {
-                    sk /= (T)k;
-                } else {
-                    m = FN(row_mean_)(x, P, R, Q, r);
-                }
-                if (stat == STAT_TOPK && !in_registers) {
-                    for (int64_t p = 0; p < P; p++) {
-                        const T *xs = x + (p * R + r) * Q;
-                        T *as = a + p * Q;
+            /* top-k on contiguous rows: NS_ROWS_AT_ONCE rows selected from x itself where
+             * rows_topk_ applies; otherwise (and for a row it leaves) |v| copied to a and
+             * ranked by topk_ */
+            const int64_t step = stat == STAT_TOPK && P == 1 ? NS_ROWS_AT_ONCE : 1;
+            for (int64_t rb = r0; rb < r1; rb += step) {
+                const int64_t nb = r1 - rb < step ? r1 - rb : step;
+                T bm[NS_ROWS_AT_ONCE], bs[NS_ROWS_AT_ONCE], bt[NS_ROWS_AT_ONCE];
+                int ok[NS_ROWS_AT_ONCE] = {0};
+                if (step > 1) FN(rows_topk_)(x + rb * n, nb, n, k, a + n, bm, bs, bt, ok);
+                for (int64_t r = rb; r < rb + nb; r++) {
+                    T m, sk = 0;
+                    if (ok[r - rb]) {
+                        m = bm[r - rb]; sk = bs[r - rb] / (T)k; thr[r] = bt[r - rb];
+                    } else {
+                        m = FN(row_mean_)(x, P, R, Q, r);
+                        if (stat == STAT_TOPK) {
+                            for (int64_t p = 0; p < P; p++) {
+                                const T *xs = x + (p * R + r) * Q;
+                                T *as = a + p * Q;
 #pragma omp simd
-                        for (int64_t i = 0; i < Q; i++) as[i] = ABS(xs[i] - m);
+                                for (int64_t i = 0; i < Q; i++) as[i] = ABS(xs[i] - m);
+                            }
+                            sk = FN(topk_)(a, n, k, a + n, a + 2 * n + NS_LANES, thr + r) / (T)k;
+                            if (!isfinite(m)) { sk = (T)NAN; thr[r] = (T)NAN; }
+                        }
                     }
-                    sk = FN(topk_)(a, n, k, a + n, a + 2 * n + NS_LANES, thr + r) / (T)k;
-                    if (!isfinite(m)) { sk = (T)NAN; thr[r] = (T)NAN; }
+                    FN(row_finish_)(x, P, R, Q, r, stat, cinf, eps, delta, gamma, beta, S, Cq, need_mad, m, sk,
+                                    y, mu, dout, mad, bstat);
                 }
-                FN(row_finish_)(x, P, R, Q, r, stat, cinf, eps, delta, gamma, beta, S, Cq, need_mad, m, sk,
-                                y, mu, dout, mad, bstat);
             }
         }
         free(a);
