@@ -372,6 +372,35 @@ def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch
     torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=2e-4, atol=2e-4)
 
 
+def _saved_bytes(module, x) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (the input counted)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("make,native,shape", [
+    (lambda: N.TopKLayerNorm(64), lambda: torch.nn.LayerNorm(64), (8, 12, 12, 64)),     # 16-row selection
+    (lambda: N.TopKLayerNorm(256), lambda: torch.nn.LayerNorm(256), (8, 6, 6, 256)),    # rows four at a time
+    (lambda: N.L1LayerNorm(64), lambda: torch.nn.LayerNorm(64), (8, 12, 12, 64)),
+    (lambda: N.TopKGroupNorm(8, 64), lambda: torch.nn.GroupNorm(8, 64), (8, 64, 6, 6)),
+    (lambda: N.TopKInstanceNorm2d(16, affine=True), lambda: torch.nn.InstanceNorm2d(16, affine=True),
+     (8, 16, 6, 6)),
+    (lambda: N.TopKBatchNorm2d(16), lambda: torch.nn.BatchNorm2d(16), (8, 16, 6, 6)),
+], ids=["topk-layer-64", "topk-layer-256", "l1-layer", "topk-group", "topk-instance", "topk-batch"])
+def test_kernels_keep_no_more_for_backward_than_the_native_layer(make, native, shape):
+    """What the kernels' Function keeps for backward (the input, d, the k-th largest |v|; a
+    contiguous row's mean is computed again in backward) is at most what the native layer
+    of the same area keeps (the input and two numbers per group)."""
+    x = torch.randn(shape, requires_grad=True)
+    assert _saved_bytes(make().train(), x) <= _saved_bytes(native().train(), x)
+
+
 def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path, monkeypatch):
     """rows.c scans long rows for top-k candidates with AVX-512 bit masks where the compiler
     targets it, else with portable code; a build without AVX-512 gives the same layers'

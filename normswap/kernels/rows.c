@@ -345,7 +345,7 @@ static void rows_topk_f32(const float *x, int64_t nb, int64_t n, int64_t k, floa
     int64_t c[NS_ROWS_AT_ONCE];
     const int fits = k <= 16 && n >= 32;
     for (int64_t j = 0; j < nb; j++) {
-        mean[j] = (float)((double)dev_sum_f32(x + j * n, n, 0.0f, 0) / (double)n);
+        mean[j] = (float)((double)dev_sum_f32(x + j * n, n, 0.0f, 0) / (double)n);   /* (= row_mean_) */
         ok[j] = fits && isfinite(mean[j]);
     }
     if (!fits) return;

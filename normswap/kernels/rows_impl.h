@@ -86,6 +86,7 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
 #define NS_LANES_MAX_NK_FAST 400    /* ... or this where rows_topk_ applies (float32, AVX-512; measured) */
 #endif
 #define NS_FLUSH 32         /* layer rows whose column sums (dgamma, dbeta) are added in T first */
+#define NS_MEANS_AHEAD 16   /* rows whose means the backward computes before their sums (overlapping) */
 #ifndef NS_LANES_MAX_NK
 #define NS_LANES_MAX_NK 4096   /* ... when a row's n * k is at most this */
 #endif
@@ -123,21 +124,10 @@ static void FN(lanes_insert_)(const T *a, int64_t n, int64_t k, const T *m, T *b
 }
 
 /* B = NS_LANES rows of n values at once, a[i * B + l] value i of row l (the rows side by
- * side, so that every loop is a vector loop over the rows): m[l] the mean of row l (two
- * partial sums in T, added in double), sum[l] the sum of its k largest |v| and thr[l] the k-th largest
- * (lanes_insert_). b: k * B of scratch. */
-static void FN(topk_lanes_)(const T *a, int64_t n, int64_t k, T *b, T *m, T *sum, T *thr) {
-    T acc[NS_LANES], acc2[NS_LANES];   /* two partial sums per row, in T */
-    for (int l = 0; l < NS_LANES; l++) { acc[l] = 0; acc2[l] = 0; }
-    int64_t i = 0;
-    for (; i + 1 < n; i += 2) {
-#pragma omp simd
-        for (int l = 0; l < NS_LANES; l++) { acc[l] += a[i * NS_LANES + l]; acc2[l] += a[(i + 1) * NS_LANES + l]; }
-    }
-    if (i < n) {
-        for (int l = 0; l < NS_LANES; l++) acc[l] += a[i * NS_LANES + l];
-    }
-    for (int l = 0; l < NS_LANES; l++) m[l] = (T)(((double)acc[l] + (double)acc2[l]) / (double)n);
+ * side, so that every loop is a vector loop over the rows), m[l] the mean of row l: sum[l]
+ * the sum of its k largest |v| and thr[l] the k-th largest (lanes_insert_). b: k * B of
+ * scratch. */
+static void FN(topk_lanes_)(const T *a, int64_t n, int64_t k, T *b, const T *m, T *sum, T *thr) {
     FN(lanes_insert_)(a, n, k, m, b);
     for (int l = 0; l < NS_LANES; l++) sum[l] = 0;
     for (int64_t j = 0; j < k; j++) {
@@ -249,7 +239,9 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                 int64_t nb = r1 - rb < NS_LANES ? r1 - rb : NS_LANES;
                 T m[NS_LANES], sk[NS_LANES], th[NS_LANES];
                 for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side (past nb: row nb - 1) */
-                    const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
+                    const int64_t r = rb + (l < nb ? l : nb - 1);
+                    const T *xr = x + r * n;
+                    m[l] = FN(row_mean_)(x, 1, R, Q, r);   /* (as every path computes it: see ns_backward_) */
                     for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
                 }
                 FN(topk_lanes_)(a, n, k, a + (n + 2) * NS_LANES, m, sk, th);
@@ -355,7 +347,10 @@ static double FN(first_ties_)(const T *x, T *dx, int64_t P, int64_t R, int64_t Q
  * the values with |v| >= thr[r] (the k-th largest, from the forward) when they are k, else
  * (the k-th place is tied) those above it and the earliest of those equal to it.
  * dgamma[c] += sum(dy * v) / d and dbeta[c] += sum(dy) over the values of channel c;
- * dldd[r] = dL/dd (for the gradient of delta). */
+ * dldd[r] = dL/dd (for the gradient of delta). mu NULL: each row's mean is computed again
+ * by row_mean_, as every forward path computed it (bit for bit: the top-k positions are
+ * found by comparing |x - mean| with thr), so that a short row keeps no more for backward
+ * than the native layer (its input, d and thr, against the input, mean and 1 / sd). */
 int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, int stat, int64_t k,
                      double cinf, const T *mu, const T *dd_, const T *gamma, int64_t S, int64_t Cq,
                      const T *thr, const T *gmad, T *dx, double *dgamma, double *dbeta, T *dldd,
@@ -389,8 +384,14 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         if (pg && P == 1 && S == 1 && !fg) r1 = r0;
         int need_sign = stat == STAT_L1 || gmad != NULL;
         int use_sign = need_sign || topk;
+        T means[NS_MEANS_AHEAD];   /* (mu NULL) the means of rows means_from, ... */
+        int64_t means_from = r0 - NS_MEANS_AHEAD;
         for (int64_t r = r0; r < r1; r++) {
-            T m = mu[r], d = dd_[r], inv = (T)1 / d;
+            if (!mu && r - means_from >= NS_MEANS_AHEAD) {   /* the next rows' means, one after another */
+                means_from = r;
+                for (int64_t q = r; q < r1 && q - r < NS_MEANS_AHEAD; q++) means[q - r] = FN(row_mean_)(x, P, R, Q, q);
+            }
+            T m = mu ? mu[r] : means[r - means_from], d = dd_[r], inv = (T)1 / d;
             T th = topk ? thr[r] : (T)INFINITY;
             double sg = 0, sgv = 0, ss = 0, sge = 0;   /* sge: sum sign(v) where |v| >= th, cge of them */
             int64_t cge = 0;

@@ -131,7 +131,9 @@ class RowNormFn(torch.autograd.Function):
                                                     eps, need_mad, seg, channels, out_shape)
         if half:
             y = y.to(x3.dtype)
-        ctx.save_for_backward(x3, mu, d, gamma, thr)   # (half: x itself, converted again in backward)
+        # (half: x itself, converted again in backward; top-k rows: their means are
+        # computed again there, see _kept_mean)
+        ctx.save_for_backward(x3, _kept_mean(x3, mu, stat), d, gamma, thr)
         ctx.setup = (stat, k, seg, channels, beta is not None,
                      delta is not None and delta.requires_grad, delta.shape if delta is not None else None)
         ctx.param_dtypes = param_dtypes
@@ -158,6 +160,16 @@ class RowNormFn(torch.autograd.Function):
         dbeta = dbeta.to(bdt) if dbeta is not None else None
         gdelta = (dldd / (2 * d)).sum().reshape(delta_shape) if delta_grad else None
         return (dx, dgamma, dbeta, gdelta, None, None, None, None, None, None, None)
+
+
+def _kept_mean(x3: torch.Tensor, mu: torch.Tensor, stat: str) -> Optional[torch.Tensor]:
+    """The means the backward is given, or None where it computes them again: top-k on
+    contiguous rows (P = 1) keeps d and the k-th largest ``|v|`` per row, so that, like the
+    native layers (mean and 1 / sd), it keeps two numbers per row besides its input; the
+    backward computes each mean bit for bit as the forward did (about 7% more backward
+    time on rows of 64 values). Elsewhere: the means (two numbers per row with d; a batch
+    area's rows are few)."""
+    return None if stat == "topk" and x3.shape[0] == 1 else mu
 
 
 def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels, out_shape):
@@ -195,7 +207,7 @@ def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, wa
     dldd = torch.empty(G, dtype=dt) if want_dldd else None
     cinf = c_inf(n) if stat == "topk" else 0.0
     bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
-    failed = bwd(x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, mu.data_ptr(),
+    failed = bwd(x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, _ptr(mu),
                  d.data_ptr(), _ptr(gamma), seg, channels, _ptr(thr), _ptr(gmad), dx.data_ptr(),
                  _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
     if failed:
@@ -232,7 +244,7 @@ def _(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels):
 
 
 @torch.library.custom_op("normswap::rows_backward", mutates_args=(), device_types="cpu")
-def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: torch.Tensor, d: torch.Tensor,
+def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: Optional[torch.Tensor], d: torch.Tensor,
                           gamma: Optional[torch.Tensor], thr: torch.Tensor, gmad: Optional[torch.Tensor],
                           stat: str, k: int, seg: int, channels: int, want_g: bool, want_b: bool,
                           want_dldd: bool) -> List[torch.Tensor]:
@@ -254,7 +266,7 @@ def _(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, want_g, want_b, w
 def _op_setup(ctx, inputs, output):
     x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels = inputs
     y, mu, d, bstat, mad, thr = output
-    ctx.save_for_backward(x3, mu, d, gamma, thr, delta)
+    ctx.save_for_backward(x3, _kept_mean(x3, mu, stat), d, gamma, thr, delta)
     ctx.setup = (stat, k, seg, channels, beta is not None)
 
 
