@@ -297,6 +297,36 @@ static inline __m512 lane_max_dev_f32(const float *x, float m, int64_t n) {
     return _mm512_max_ps(mx0, mx1);
 }
 
+/* dev_sum_f32(x, n, 0, 0) (the same four partial sums, the same result), and into *hi, *lo
+ * the largest and smallest value of each interleaved subset x[l], x[l + 16], ... (n >= 32):
+ * max(*hi - m, m - *lo) is then each subset's largest |x - m| (rounding is monotone). */
+static inline float sum_range_f32(const float *x, int64_t n, __m512 *hi, __m512 *lo) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    __m512 h0 = _mm512_set1_ps(-INFINITY), h1 = h0, l0 = _mm512_set1_ps(INFINITY), l1 = l0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
+        const __m512 v2 = _mm512_loadu_ps(x + i + 32), v3 = _mm512_loadu_ps(x + i + 48);
+        s0 = _mm512_add_ps(s0, v0); s1 = _mm512_add_ps(s1, v1);
+        s2 = _mm512_add_ps(s2, v2); s3 = _mm512_add_ps(s3, v3);
+        h0 = _mm512_max_ps(h0, _mm512_max_ps(v0, v1)); h1 = _mm512_max_ps(h1, _mm512_max_ps(v2, v3));
+        l0 = _mm512_min_ps(l0, _mm512_min_ps(v0, v1)); l1 = _mm512_min_ps(l1, _mm512_min_ps(v2, v3));
+    }
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        s0 = _mm512_add_ps(s0, v); h0 = _mm512_max_ps(h0, v); l0 = _mm512_min_ps(l0, v);
+    }
+    if (i < n) {
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
+        s1 = _mm512_mask_add_ps(s1, tail, s1, v);
+        h1 = _mm512_mask_max_ps(h1, tail, h1, v); l1 = _mm512_mask_min_ps(l1, tail, l1, v);
+    }
+    *hi = _mm512_max_ps(h0, h1);
+    *lo = _mm512_min_ps(l0, l1);
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
 /* The candidates for the k largest |x - m| of x[0..n) (k <= 16), given mx from
  * lane_max_dev_f32: the lane maxima are values of 16 disjoint subsets, so their k-th
  * largest, tau, is at most the row's k-th largest; the values at or above it (about k + a
@@ -344,12 +374,17 @@ static void rows_topk_f32(const float *x, int64_t nb, int64_t n, int64_t k, floa
     __m512 mx[NS_ROWS_AT_ONCE];
     int64_t c[NS_ROWS_AT_ONCE];
     const int fits = k <= 16 && n >= 32;
-    for (int64_t j = 0; j < nb; j++) {
-        mean[j] = (float)((double)dev_sum_f32(x + j * n, n, 0.0f, 0) / (double)n);   /* (= row_mean_) */
-        ok[j] = fits && isfinite(mean[j]);
+    if (!fits) {
+        for (int64_t j = 0; j < nb; j++) ok[j] = 0;
+        return;
     }
-    if (!fits) return;
-    for (int64_t j = 0; j < nb; j++) mx[j] = lane_max_dev_f32(x + j * n, mean[j], n);
+    for (int64_t j = 0; j < nb; j++) {   /* the mean, and each lane's largest |x - mean| from its extremes */
+        __m512 hi, lo;
+        mean[j] = (float)((double)sum_range_f32(x + j * n, n, &hi, &lo) / (double)n);   /* (= row_mean_) */
+        ok[j] = isfinite(mean[j]);
+        const __m512 mv = _mm512_set1_ps(mean[j]);
+        mx[j] = _mm512_max_ps(_mm512_sub_ps(hi, mv), _mm512_sub_ps(mv, lo));
+    }
     for (int64_t j = 0; j < nb; j++)
         c[j] = ok[j] ? pack_candidates_f32(x + j * n, mean[j], n, k, mx[j], cv + j * (n + 16)) : -1;
     for (int64_t j = 0; j < nb; j++)
