@@ -346,14 +346,15 @@ static double FN(first_ties_)(const T *x, T *dx, int64_t P, int64_t R, int64_t Q
  * dd/dv: L2 v / (n d); L1 C_L1 sign(v) / n; TOPK cinf sign(v) / k at the top-k positions:
  * the values with |v| >= thr[r] (the k-th largest, from the forward) when they are k, else
  * (the k-th place is tied) those above it and the earliest of those equal to it.
- * dgamma[c] += sum(dy * v) / d and dbeta[c] += sum(dy) over the values of channel c;
+ * dgamma[c] = sum(dy * v) / d and dbeta[c] = sum(dy) over the values of channel c (summed in
+ * double, written in T);
  * dldd[r] = dL/dd (for the gradient of delta). mu NULL: each row's mean is computed again
  * by row_mean_, as every forward path computed it (bit for bit: the top-k positions are
  * found by comparing |x - mean| with thr), so that a short row keeps no more for backward
  * than the native layer (its input, d and thr, against the input, mean and 1 / sd). */
 int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, int stat, int64_t k,
                      double cinf, const T *mu, const T *dd_, const T *gamma, int64_t S, int64_t Cq,
-                     const T *thr, const T *gmad, T *dx, double *dgamma, double *dbeta, T *dldd,
+                     const T *thr, const T *gmad, T *dx, T *dgamma, T *dbeta, T *dldd,
                      int nthreads) {
     const int64_t n = P * Q;
     const int topk = stat == STAT_TOPK;
@@ -487,13 +488,16 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         }
         free(fg);
     }
-    if (parts) {
-        for (int t = 0; t < used; t++) {
-            const double *pg = parts + (size_t)t * 2 * (size_t)Cq, *pb = pg + Cq;
-            for (int64_t c = 0; c < Cq; c++) {
-                if (dgamma) dgamma[c] += pg[c];
-                if (dbeta) dbeta[c] += pb[c];
+    if (parts) {   /* the threads' sums in thread order, in double, then in T */
+        for (int64_t c = 0; c < Cq; c++) {
+            double sg = 0, sb = 0;
+            for (int t = 0; t < used; t++) {
+                const double *pg = parts + (size_t)t * 2 * (size_t)Cq;
+                sg += pg[c];
+                sb += pg[Cq + c];
             }
+            if (dgamma) dgamma[c] = (T)sg;
+            if (dbeta) dbeta[c] = (T)sb;
         }
         free(parts);
     }

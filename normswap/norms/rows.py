@@ -154,15 +154,17 @@ class RowNormFn(torch.autograd.Function):
         xc = x3.float() if x3.dtype in _HALF else x3
         dx, dgamma, dbeta, dldd = _backward_kernel(xc, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels,
                                                    want_g, want_b, delta_grad)
-        dx = dx.to(x3.dtype)
         gdt, bdt = ctx.param_dtypes
-        dgamma = dgamma.to(gdt) if dgamma is not None else None
-        dbeta = dbeta.to(bdt) if dbeta is not None else None
+        dx, dgamma, dbeta = _as_dtype(dx, x3.dtype), _as_dtype(dgamma, gdt), _as_dtype(dbeta, bdt)
         gdelta = (dldd / (2 * d)).sum().reshape(delta_shape) if delta_grad else None
         return (dx, dgamma, dbeta, gdelta, None, None, None, None, None, None, None)
 
 
 _MEAN_AGAIN_MAX = 128   # top-k rows up to this long: the backward computes their means again
+
+
+def _as_dtype(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _kept_mean(x3: torch.Tensor, mu: torch.Tensor, stat: str) -> Optional[torch.Tensor]:
@@ -208,8 +210,8 @@ def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, wa
     dy = dy.to(dt).contiguous()
     gmad = gmad.to(dt).contiguous() if gmad is not None else None
     dx = torch.empty_like(x3)
-    dgamma = torch.zeros(channels, dtype=torch.float64) if want_g else None
-    dbeta = torch.zeros(channels, dtype=torch.float64) if want_b else None
+    dgamma = torch.empty(channels, dtype=dt) if want_g else None   # (summed in double by the kernel)
+    dbeta = torch.empty(channels, dtype=dt) if want_b else None
     dldd = torch.empty(G, dtype=dt) if want_dldd else None
     cinf = c_inf(n) if stat == "topk" else 0.0
     bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
@@ -218,8 +220,7 @@ def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, wa
                  _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
     if failed:
         raise MemoryError("normswap row kernel: out of memory")
-    return (dx, dgamma.to(dt) if dgamma is not None else None, dbeta.to(dt) if dbeta is not None else None,
-            dldd)
+    return dx, dgamma, dbeta, dldd
 
 
 # -- the same kernels as operators, for torch.compile ----------------------------------------
