@@ -27,6 +27,19 @@ except Exception:  # pragma: no cover - timm is a dependency, but keep norms imp
 NORMSWAP_LEAF_MODULES: List[type] = []
 
 
+def in_input_format(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s memory format where ``x`` is channels-last (2d or 3d) and ``y``, of
+    the same shape, is not, as the native norms keep it: a layer that returned NCHW for a
+    channels-last input would change the layout of the rest of the network (a copy at the
+    next layer that wants it back, or convolutions run in the slower layout)."""
+    if y.shape != x.shape or x.dim() not in (4, 5) or x.is_contiguous():
+        return y
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt):
+        return y.contiguous(memory_format=fmt)
+    return y
+
+
 def register_normalizer(cls):
     """Class decorator: mark a normswap normalizer as an fx leaf (here and in timm)."""
     NORMSWAP_LEAF_MODULES.append(cls)

@@ -37,7 +37,7 @@ from torch import nn
 from .. import kernels
 from . import fused
 from .areas import Area, BatchArea
-from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
+from .base import (NormalizerBase, _SigmaMixin, in_input_format, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
 from .functional import C_L1, STATS, reshape_source, stat_dtype, stat_norm
 from .running import all_finite, update_running_
@@ -224,10 +224,12 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.area.check(self, x)
         if self.track_running_stats and not self.training:
-            return self._eval_forward(x)
-        if self._runs_fused(x):
-            return fused.fused_call(self._stats_forward, x)
-        return self._stats_forward(x)
+            y = self._eval_forward(x)
+        elif self._runs_fused(x):
+            y = fused.fused_call(self._stats_forward, x)
+        else:
+            y = self._stats_forward(x)
+        return in_input_format(x, y)
 
     def _stats_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize with the statistics of ``x`` itself (training; areas with no running stats)."""
