@@ -24,6 +24,7 @@ from .graph.bwn import BoundedWeightNormVariant
 from .graph.functional import find_functional_sites, prepare_rewrite
 from .graph.producers import Producer, norm_producers
 from .graph.sites import Site, find_module_sites
+from .norms.base import NormalizerBase
 from .norms.penalty import install_penalty_hook, unwrap_model, wrapped_inner
 from .report import Decision, Report, SiteRecord
 from .spec import Spec, SpecError
@@ -274,6 +275,10 @@ class _Journal:
 
 def _rewrite(target: nn.Module, plan: Plan) -> None:
     new_modules = {name: d.built.module for name, d in plan.decisions.items() if d.status == "converted"}
+    for site in plan.sites:   # the original's output memory format (graph/layout.py's Probed)
+        if site.name in new_modules and site.facts is not None and site.facts.channels_last_out \
+                and isinstance(new_modules[site.name], NormalizerBase):
+            new_modules[site.name].channels_last_out = True
     prepared = [prepare_rewrite(o, new_modules) for o in plan.owners]
     journal = _Journal()
     try:

@@ -12,6 +12,7 @@ other layout by accident.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -78,13 +79,30 @@ def _instance_candidates(m: nn.Module, state) -> List[Tuple[str, torch.Tensor, C
 CANDIDATES = {"layernorm": _layer_candidates, "instancenorm": _instance_candidates}
 
 
+@dataclass(frozen=True)
+class Probed:
+    """What :func:`probe_layout` learned: the layout (None, with the reason, when no
+    candidate matched), and whether the module returned a contiguous channels-first input's
+    result in the channels-last memory format (timm's ``LayerNorm2d`` does: permute, norm,
+    permute back), which its replacement then keeps (the layout of every later layer
+    follows it)."""
+    layout: Optional[str]
+    reason: Optional[str] = None
+    channels_last_out: bool = False
+
+
+def _channels_last(x: torch.Tensor, y) -> bool:
+    return (isinstance(y, torch.Tensor) and x.dim() == 4 and x.is_contiguous() and not y.is_contiguous()
+            and y.is_contiguous(memory_format=torch.channels_last))
+
+
 @torch.no_grad()
-def probe_layout(m: nn.Module, family: str) -> Tuple[Optional[str], Optional[str]]:
-    """(layout, None) when the module's forward matches one candidate layout, else
-    (None, reason)."""
+def probe_layout(m: nn.Module, family: str) -> Probed:
+    """The layout when the module's forward matches one candidate layout, else the reason
+    it matches none."""
     make = CANDIDATES.get(family)
     if make is None:
-        return None, f"no layout probe for a {family} module"
+        return Probed(None, f"no layout probe for a {family} module")
     gen = torch.Generator().manual_seed(0)
     state = _cpu_state(m, gen)
     post = _post(m)
@@ -101,9 +119,9 @@ def probe_layout(m: nn.Module, family: str) -> Tuple[Optional[str], Optional[str
             expect = post(ref(x))
             if isinstance(y, torch.Tensor) and y.shape == expect.shape and torch.allclose(
                     y.float(), expect, rtol=1e-4, atol=1e-4):
-                return layout, None
+                return Probed(layout, channels_last_out=_channels_last(x, y))
             tried.append(f"{layout}: different values")
     finally:
         m.train(was_training)
-    return None, (f"its forward matches no known layout of a {family} "
-                  f"(probed {', '.join(tried)}); convert it by hand or exclude it")
+    return Probed(None, f"its forward matches no known layout of a {family} "
+                        f"(probed {', '.join(tried)}); convert it by hand or exclude it")

@@ -104,6 +104,7 @@ class SiteFacts:
     training: bool = True
     act: Optional[nn.Module] = None        # timm's *Act norms: drop, then activation
     drop: Optional[nn.Module] = None
+    channels_last_out: bool = False        # NCHW in, channels-last out (graph/layout.py's Probed)
 
     @property
     def channel_dim(self) -> int:
@@ -212,12 +213,12 @@ def find_module_sites(model: nn.Module) -> List[Site]:
             continue
         site = Site(name=name, kind="module", family=fam, original=type(m).__name__,
                     types=type_names(m), module=m)
-        layout = torch_layout(m, fam)
+        layout, channels_last_out = torch_layout(m, fam), False   # (torch's norms keep the input's format)
         if layout is None:
-            layout, why = probe_layout(m, fam)
-            site.skip_reason = why
+            probed = probe_layout(m, fam)
+            layout, site.skip_reason, channels_last_out = probed.layout, probed.reason, probed.channels_last_out
         if layout is not None:
-            site.facts = module_facts(m, fam, layout)
+            site.facts = replace(module_facts(m, fam, layout), channels_last_out=channels_last_out)
         by_id[id(m)] = site
         sites.append(site)
     return sites

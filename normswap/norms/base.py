@@ -51,9 +51,21 @@ class NormalizerBase(nn.Module):
 
     Attributes:
         l1_alpha: coefficient of the L1 penalty on the centered input (0 disables it).
+        channels_last_out: return a contiguous NCHW input's result in the channels-last
+            memory format, as the module this one replaced did (``transform`` sets it from
+            what the original did on a probe, e.g. timm's ``LayerNorm2d``); otherwise the
+            output keeps the input's format.
     """
 
     l1_alpha: float
+    channels_last_out: bool = False
+
+    def _output_format(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` in the memory format this layer returns for ``x`` (see the class doc)."""
+        if self.channels_last_out and x.dim() == 4 and y.shape == x.shape \
+                and not y.is_contiguous(memory_format=torch.channels_last):
+            return y.contiguous(memory_format=torch.channels_last)
+        return in_input_format(x, y)
 
     def __init__(self, l1_alpha: float = 0.0):
         super().__init__()

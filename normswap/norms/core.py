@@ -37,7 +37,7 @@ from torch import nn
 from .. import kernels
 from . import fused
 from .areas import Area, BatchArea
-from .base import (NormalizerBase, _SigmaMixin, in_input_format, check_bool, check_int, check_momentum,
+from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
 from .functional import C_L1, STATS, reshape_source, stat_dtype, stat_norm
 from .running import all_finite, update_running_
@@ -229,7 +229,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
             y = fused.fused_call(self._stats_forward, x)
         else:
             y = self._stats_forward(x)
-        return in_input_format(x, y)
+        return self._output_format(x, y)
 
     def _stats_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize with the statistics of ``x`` itself (training; areas with no running stats)."""

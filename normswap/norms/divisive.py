@@ -212,7 +212,7 @@ class DivisiveNorm2d(_DivisiveBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_channels(self, x, (4,), self.num_channels, what="(N, C, H, W)")
-        return self._normalize(x, self.sum_window, self.sup_window, (1, -1, 1, 1))
+        return self._output_format(x, self._normalize(x, self.sum_window, self.sup_window, (1, -1, 1, 1)))
 
     def extra_repr(self) -> str:
         s = f"sum_window={self.sum_window}, sup_window={self.sup_window}, {self._sigma_repr()}, eps={self.eps:g}"

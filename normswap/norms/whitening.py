@@ -29,7 +29,7 @@ from torch import nn
 
 from . import fused
 from .areas import BatchArea
-from .base import (NormalizerBase, in_input_format, check_bool, check_channels, check_int, check_momentum,
+from .base import (NormalizerBase, check_bool, check_channels, check_int, check_momentum,
                    check_number)
 from .batch import make_ranked
 from .functional import stat_dtype
@@ -286,7 +286,7 @@ class _IterNorm(NormalizerBase):
         check_channels(self, x, self._dims, self.num_features)
         if self._runs_fused(x):
             return fused.fused_call(self.forward, x)
-        return in_input_format(x, self._forward(x))
+        return self._output_format(x, self._forward(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         N, C = x.shape[0], x.shape[1]
