@@ -20,9 +20,11 @@ step step_r18 ${STEP_S:-900} $PY scripts/bench_train_step.py --models resnet18 -
   --threads 1 --clock cpu --json "$OUT/step_cpu_resnet18.json"
 step step_r50 ${STEP_S:-900} $PY scripts/bench_train_step.py --models resnet50 --no-compile --reps 4 \
   --presets l1bn topkbn 'bn*' 'dn*' meanonly bwn --threads 1 --clock cpu --json "$OUT/step_cpu_resnet50.json"
+step step_small ${STEP_S:-900} $PY scripts/bench_train_step.py --models vit_tiny_patch16_224 convnext_atto \
+  efficientnet_b0 --no-compile --reps 6 --threads 1 --clock cpu --json "$OUT/step_cpu_small_models.json"
 step step_compiled ${COMPILED_S:-1800} $PY scripts/bench_train_step.py --models resnet18 --compiled-only \
   --reps 8 --batch 16 --presets l1bn topkbn 'bn*' 'dn*' meanonly iternorm bwn --threads 1 --clock cpu \
   --json "$OUT/step_cpu_resnet18_compiled.json"
 $PY scripts/bench_train_step.py --from-json "$OUT/step_cpu_resnet18.json" "$OUT/step_cpu_resnet50.json" \
-  "$OUT/step_cpu_resnet18_compiled.json" --plot "$OUT/train_step_cpu.png" > /dev/null
+  "$OUT/step_cpu_resnet18_compiled.json" "$OUT/step_cpu_small_models.json" --plot "$OUT/train_step_cpu.png" > /dev/null
 cat "$OUT/steps.txt"
