@@ -102,7 +102,9 @@ SCAN_GE_GENERIC(double, f64)
  * constant at every call). With AVX-512: four vector partial sums and a shuffle-tree
  * reduction; gcc ends an `omp simd reduction` with a scalar loop over the stored lanes
  * (16 dependent additions per sum, after one dependent vector addition per 16 values),
- * which made these sums the larger part of a short row's forward. */
+ * which made these sums the larger part of a short row's forward. sum_range_f32 adds in
+ * the same order (the backward computes top-k rows' means again and needs them bit for
+ * bit). */
 #if defined(__AVX512F__)
 #define NS_TERM(v, mv, ABSF, SUBF, MULF) (mode == 0 ? (v) : mode == 1 ? ABSF(SUBF(v, mv)) \
                                           : MULF(SUBF(v, mv), SUBF(v, mv)))
@@ -216,6 +218,7 @@ static inline int sums_vec_f64(const double *xr, const double *dyr, const double
     return 0;
 }
 
+#define NS_ROWS_AT_ONCE 4   /* rows of rows_topk_f32 taken one step at a time (measured: 2 and 8 slower) */
 #if defined(__AVX512F__) && !defined(NS_NO_FAST_CANDIDATES)
 /* Selection in registers for float32 with AVX-512 (k <= 16). The forward needs of a row
  * only the sum of its k largest |v| and the k-th largest (which copy of a tied value is
@@ -327,8 +330,9 @@ static inline float sum_range_f32(const float *x, int64_t n, __m512 *hi, __m512 
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
-/* The candidates for the k largest |x - m| of x[0..n) (k <= 16), given mx from
- * lane_max_dev_f32: the lane maxima are values of 16 disjoint subsets, so their k-th
+/* The candidates for the k largest |x - m| of x[0..n) (k <= 16), given mx (lane l: the
+ * largest |x - m| of the subset x[l], x[l + 16], ...; lane_max_dev_f32 or sum_range_f32):
+ * the lane maxima are values of 16 disjoint subsets, so their k-th
  * largest, tau, is at most the row's k-th largest; the values at or above it (about k + a
  * few for Gaussian rows) are packed into cv a vector at a time (register compress, then a
  * full store: cv needs 16 values of room past the candidates). Returns their count, or -1
@@ -361,7 +365,6 @@ static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
 }
 static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
 
-#define NS_ROWS_AT_ONCE 4   /* rows of rows_topk_f32 taken one step at a time */
 /* The selection of nb <= NS_ROWS_AT_ONCE contiguous rows x[j * n .. (j + 1) * n), read
  * from x itself (no copy), one step at a time over the rows (their means, then their lane
  * maxima, candidates, ranks), so that the rows' chains of dependent steps overlap: row j's
@@ -400,7 +403,6 @@ static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
     return -1;
 }
 static const int fast_candidates_f32 = 0;
-#define NS_ROWS_AT_ONCE 4
 static void rows_topk_f32(const float *x, int64_t nb, int64_t n, int64_t k, float *cv, float *mean,
                           float *sum, float *thr, int *ok) {
     (void)x; (void)n; (void)k; (void)cv; (void)mean; (void)sum; (void)thr;

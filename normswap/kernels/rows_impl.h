@@ -259,7 +259,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
             const int64_t step = stat == STAT_TOPK && P == 1 ? NS_ROWS_AT_ONCE : 1;
             for (int64_t rb = r0; rb < r1; rb += step) {
                 const int64_t nb = r1 - rb < step ? r1 - rb : step;
-                T bm[NS_ROWS_AT_ONCE], bs[NS_ROWS_AT_ONCE], bt[NS_ROWS_AT_ONCE];
+                T bm[NS_ROWS_AT_ONCE] = {0}, bs[NS_ROWS_AT_ONCE] = {0}, bt[NS_ROWS_AT_ONCE] = {0};
                 int ok[NS_ROWS_AT_ONCE] = {0};
                 if (step > 1) FN(rows_topk_)(x + rb * n, nb, n, k, a + n, bm, bs, bt, ok);
                 for (int64_t r = rb; r < rb + nb; r++) {
