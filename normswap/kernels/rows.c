@@ -60,26 +60,21 @@ static int thread_count(void) {
  * vector "any" test and a branch-free copy. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static int64_t scan_ge_f32(const float *a, int64_t n, float tau, float *cv) {
-    const __m512 t = _mm512_set1_ps(tau);
-    int64_t c = 0, i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(a + i), t, _CMP_GE_OQ);
-        while (m) { cv[c++] = a[i + __builtin_ctz(m)]; m &= (__mmask16)(m - 1); }
+/* One AVX-512 body for both element types: VT the vector type, MT its lane mask type, W its
+ * lanes, PS the intrinsics' suffix (ps / pd). */
+#define SCAN_GE_AVX512(T, SUF, VT, MT, W, PS)                                                 \
+    static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {                       \
+        const VT t = _mm512_set1_##PS(tau);                                                    \
+        int64_t c = 0, i = 0;                                                                  \
+        for (; i + W <= n; i += W) {                                                           \
+            MT m = _mm512_cmp_##PS##_mask(_mm512_loadu_##PS(a + i), t, _CMP_GE_OQ);            \
+            while (m) { cv[c++] = a[i + __builtin_ctz(m)]; m &= (MT)(m - 1); }                  \
+        }                                                                                      \
+        for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }                                 \
+        return c;                                                                              \
     }
-    for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
-    return c;
-}
-static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
-    const __m512d t = _mm512_set1_pd(tau);
-    int64_t c = 0, i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __mmask8 m = _mm512_cmp_pd_mask(_mm512_loadu_pd(a + i), t, _CMP_GE_OQ);
-        while (m) { cv[c++] = a[i + __builtin_ctz(m)]; m &= (__mmask8)(m - 1); }
-    }
-    for (; i < n; i++) { cv[c] = a[i]; c += a[i] >= tau; }
-    return c;
-}
+SCAN_GE_AVX512(float, f32, __m512, __mmask16, 16, ps)
+SCAN_GE_AVX512(double, f64, __m512d, __mmask8, 8, pd)
 #else
 #define SCAN_GE_GENERIC(T, SUF)                                                     \
     static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
@@ -106,46 +101,32 @@ SCAN_GE_GENERIC(double, f64)
  * the same order (the backward computes top-k rows' means again and needs them bit for
  * bit). */
 #if defined(__AVX512F__)
-#define NS_TERM(v, mv, ABSF, SUBF, MULF) (mode == 0 ? (v) : mode == 1 ? ABSF(SUBF(v, mv)) \
-                                          : MULF(SUBF(v, mv), SUBF(v, mv)))
-static inline __attribute__((always_inline)) float dev_sum_f32(const float *x, int64_t n, float m, const int mode) {
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-#define NS_T32(v) NS_TERM(v, mv, _mm512_abs_ps, _mm512_sub_ps, _mm512_mul_ps)
-    int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        s0 = _mm512_add_ps(s0, NS_T32(_mm512_loadu_ps(x + i)));
-        s1 = _mm512_add_ps(s1, NS_T32(_mm512_loadu_ps(x + i + 16)));
-        s2 = _mm512_add_ps(s2, NS_T32(_mm512_loadu_ps(x + i + 32)));
-        s3 = _mm512_add_ps(s3, NS_T32(_mm512_loadu_ps(x + i + 48)));
+/* (VT, MT, W, PS as for SCAN_GE_AVX512) */
+#define DEV_SUM_AVX512(T, SUF, VT, MT, W, PS)                                                  \
+    static inline __attribute__((always_inline)) T dev_sum_##SUF(const T *x, int64_t n, T m,  \
+                                                                 const int mode) {             \
+        const VT mv = _mm512_set1_##PS(m);                                                     \
+        VT s0 = _mm512_setzero_##PS(), s1 = s0, s2 = s0, s3 = s0;                              \
+        int64_t i = 0;                                                                         \
+        for (; i + 4 * W <= n; i += 4 * W) {                                                   \
+            s0 = _mm512_add_##PS(s0, NS_TERM(PS, _mm512_loadu_##PS(x + i)));                   \
+            s1 = _mm512_add_##PS(s1, NS_TERM(PS, _mm512_loadu_##PS(x + i + W)));               \
+            s2 = _mm512_add_##PS(s2, NS_TERM(PS, _mm512_loadu_##PS(x + i + 2 * W)));           \
+            s3 = _mm512_add_##PS(s3, NS_TERM(PS, _mm512_loadu_##PS(x + i + 3 * W)));           \
+        }                                                                                      \
+        for (; i + W <= n; i += W) s0 = _mm512_add_##PS(s0, NS_TERM(PS, _mm512_loadu_##PS(x + i))); \
+        if (i < n) {                                                                           \
+            const MT tail = (MT)((1u << (n - i)) - 1u);                                        \
+            s1 = _mm512_mask_add_##PS(s1, tail, s1, NS_TERM(PS, _mm512_maskz_loadu_##PS(tail, x + i))); \
+        }                                                                                      \
+        return _mm512_reduce_add_##PS(_mm512_add_##PS(_mm512_add_##PS(s0, s1),                \
+                                                      _mm512_add_##PS(s2, s3)));              \
     }
-    for (; i + 16 <= n; i += 16) s0 = _mm512_add_ps(s0, NS_T32(_mm512_loadu_ps(x + i)));
-    if (i < n) {
-        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
-        s1 = _mm512_mask_add_ps(s1, tail, s1, NS_T32(_mm512_maskz_loadu_ps(tail, x + i)));
-    }
-#undef NS_T32
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-}
-static inline __attribute__((always_inline)) double dev_sum_f64(const double *x, int64_t n, double m, const int mode) {
-    const __m512d mv = _mm512_set1_pd(m);
-    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-#define NS_T64(v) NS_TERM(v, mv, _mm512_abs_pd, _mm512_sub_pd, _mm512_mul_pd)
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm512_add_pd(s0, NS_T64(_mm512_loadu_pd(x + i)));
-        s1 = _mm512_add_pd(s1, NS_T64(_mm512_loadu_pd(x + i + 8)));
-        s2 = _mm512_add_pd(s2, NS_T64(_mm512_loadu_pd(x + i + 16)));
-        s3 = _mm512_add_pd(s3, NS_T64(_mm512_loadu_pd(x + i + 24)));
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm512_add_pd(s0, NS_T64(_mm512_loadu_pd(x + i)));
-    if (i < n) {
-        const __mmask8 tail = (__mmask8)((1u << (n - i)) - 1u);
-        s1 = _mm512_mask_add_pd(s1, tail, s1, NS_T64(_mm512_maskz_loadu_pd(tail, x + i)));
-    }
-#undef NS_T64
-    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
-}
+/* the term of `mode` for a vector v (mv: m broadcast) */
+#define NS_TERM(PS, v) (mode == 0 ? (v) : mode == 1 ? _mm512_abs_##PS(_mm512_sub_##PS(v, mv))        \
+                        : _mm512_mul_##PS(_mm512_sub_##PS(v, mv), _mm512_sub_##PS(v, mv)))
+DEV_SUM_AVX512(float, f32, __m512, __mmask16, 16, ps)
+DEV_SUM_AVX512(double, f64, __m512d, __mmask8, 8, pd)
 #undef NS_TERM
 #else
 #define DEV_SUM_GENERIC(T, SUF, ABSF)                                                              \
@@ -280,23 +261,18 @@ static int rank_small_f32(const float *cv, int64_t c, int64_t k, float *sum, flo
     return 1;
 }
 
-/* Lane l: the largest |x - m| of the interleaved subset x[l], x[l + 16], ... of x[0..n)
- * (n >= 32; two maxima chains). */
-static inline __m512 lane_max_dev_f32(const float *x, float m, int64_t n) {
-    const __m512 mv = _mm512_set1_ps(m), none = _mm512_set1_ps(-1.0f);
-#define NS_ABSDEV(v) _mm512_abs_ps(_mm512_sub_ps(v, mv))
+/* Lane l: the largest of the interleaved subset a[l], a[l + 16], ... of a[0..n) (n >= 32;
+ * two maxima chains). */
+static inline __m512 lane_max_f32(const float *a, int64_t n) {
+    const __m512 none = _mm512_set1_ps(-1.0f);
     __m512 mx0 = none, mx1 = none;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i)));
-        mx1 = _mm512_max_ps(mx1, NS_ABSDEV(_mm512_loadu_ps(x + i + 16)));
+        mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(a + i));
+        mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(a + i + 16));
     }
-    if (i + 16 <= n) { mx0 = _mm512_max_ps(mx0, NS_ABSDEV(_mm512_loadu_ps(x + i))); i += 16; }
-    if (i < n) {
-        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1u);
-        mx1 = _mm512_mask_max_ps(mx1, tail, mx1, NS_ABSDEV(_mm512_maskz_loadu_ps(tail, x + i)));
-    }
-#undef NS_ABSDEV
+    if (i + 16 <= n) { mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(a + i)); i += 16; }
+    if (i < n) mx1 = _mm512_max_ps(mx1, _mm512_mask_loadu_ps(none, (__mmask16)((1u << (n - i)) - 1u), a + i));
     return _mm512_max_ps(mx0, mx1);
 }
 
@@ -331,7 +307,7 @@ static inline float sum_range_f32(const float *x, int64_t n, __m512 *hi, __m512 
 }
 
 /* The candidates for the k largest |x - m| of x[0..n) (k <= 16), given mx (lane l: the
- * largest |x - m| of the subset x[l], x[l + 16], ...; lane_max_dev_f32 or sum_range_f32):
+ * largest |x - m| of the subset x[l], x[l + 16], ...; lane_max_f32 of |v| or sum_range_f32):
  * the lane maxima are values of 16 disjoint subsets, so their k-th
  * largest, tau, is at most the row's k-th largest; the values at or above it (about k + a
  * few for Gaussian rows) are packed into cv a vector at a time (register compress, then a
@@ -361,7 +337,7 @@ static inline int64_t pack_candidates_f32(const float *x, float m, int64_t n, in
 /* The candidates of values a that are already |v| (m = 0); -1 where this does not apply. */
 static int64_t candidates_f32(const float *a, int64_t n, int64_t k, float *cv) {
     if (k > 16 || n < 32) return -1;
-    return pack_candidates_f32(a, 0.0f, n, k, lane_max_dev_f32(a, 0.0f, n), cv);
+    return pack_candidates_f32(a, 0.0f, n, k, lane_max_f32(a, n), cv);
 }
 static const int fast_candidates_f32 = 1;   /* (candidates_f32 applies, for k <= 16) */
 

@@ -52,9 +52,9 @@ def _box_sum_by_prefix(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     61 hidden units, as DivisiveNorm1d's default does, cost 61 additions per value)."""
     n = t.shape[dim]
     s = t.to(torch.float64).cumsum(dim)
-    zeros = s.new_zeros(s.shape[:dim % 4] + (r + 1,) + s.shape[dim % 4 + 1:])
-    total = s.narrow(dim, n - 1, 1)
-    padded = torch.cat([zeros, s, total.expand(zeros.shape[:dim % 4] + (r,) + zeros.shape[dim % 4 + 1:])], dim)
+    before, after = list(s.shape), list(s.shape)
+    before[dim], after[dim] = r + 1, r
+    padded = torch.cat([s.new_zeros(before), s, s.narrow(dim, n - 1, 1).expand(after)], dim)
     return (padded.narrow(dim, 2 * r + 1, n) - padded.narrow(dim, 0, n)).to(t.dtype)
 
 
