@@ -84,8 +84,8 @@ def test_no_graph_break_in_train_and_eval(make, shape, kw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3),
-                                  lambda: N.L1GroupNorm(2, 4)],
-                         ids=["L1BatchNorm2d", "TopKBatchNorm2d", "L1GroupNorm"])
+                                  lambda: N.L1GroupNorm(2, 4), lambda: N.MeanOnlyBatchNorm2d(4)],
+                         ids=["L1BatchNorm2d", "TopKBatchNorm2d", "L1GroupNorm", "MeanOnlyBatchNorm2d"])
 def test_compiled_matches_eager_forward_backward_and_running_stats(make):
     torch._dynamo.reset()
     eager = make()
@@ -107,3 +107,47 @@ def test_compiled_matches_eager_forward_backward_and_running_stats(make):
             torch.testing.assert_close(b, a, msg=n)
     eager.eval(), compiled_mod.eval()
     torch.testing.assert_close(compiled(x), eager(x))
+
+
+def _saved_under(fn, *args):
+    """(dtype, shape) of every tensor autograd saves while ``fn(*args)`` runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t,
+                                                  lambda t: t):
+        fn(*args)
+    return saved
+
+
+def test_compiled_mean_only_stem_saves_no_bool_mask():
+    """conv -> mean-only -> ReLU -> max-pool compiled on CPU: the backward keeps the conv
+    output (as with nn.BatchNorm2d) and recomputes the ReLU mask from it, instead of saving
+    the mask as a bool tensor (whose store inductor's CPU code does one value at a time)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), N.MeanOnlyBatchNorm2d(8),
+                               torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2))
+    compiled = torch.compile(stem, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    compiled(x).sum().backward()   # compiled before the saved tensors are recorded
+    saved = _saved_under(compiled, x)
+    assert (torch.float32, (4, 8, 8, 8)) in saved, saved      # the conv output
+    assert not [s for s in saved if s[0] == torch.bool], saved
+
+
+def test_compiled_mean_only_matches_eager_with_non_finite_input():
+    """The compiled mean-only backward uses its input only through exact zeros: its
+    gradient equals eager mode's, also where the input is inf or NaN (dx = dy - mean(dy))."""
+    torch._dynamo.reset()
+    eager = N.MeanOnlyBatchNorm2d(4)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 5, generator=g)
+    x[0, 1, 2, 3], x[1, 2, 0, 0] = float("inf"), float("nan")
+    dy = torch.randn(2, 4, 5, 5, generator=g)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (eager(xa) * dy).sum().backward()
+    (compiled(xb) * dy).sum().backward()
+    assert torch.isfinite(xa.grad).all()
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(compiled_mod.bias.grad, eager.bias.grad)
