@@ -118,13 +118,16 @@ def _saved_under(fn, *args):
     return saved
 
 
-def test_compiled_mean_only_stem_saves_no_bool_mask():
-    """conv -> mean-only -> ReLU -> max-pool compiled on CPU: the backward keeps the conv
+@pytest.mark.parametrize("make", [lambda: N.MeanOnlyBatchNorm2d(8), lambda: N.TopKBatchNorm2d(8, k=3),
+                                  lambda: N.L1BatchNorm2d(8), lambda: N.BatchNormStar2d(8)],
+                         ids=["MeanOnlyBatchNorm2d", "TopKBatchNorm2d", "L1BatchNorm2d", "BatchNormStar2d"])
+def test_compiled_stem_saves_no_bool_mask(make):
+    """conv -> batch layer -> ReLU -> max-pool compiled on CPU: the backward keeps the conv
     output (as with nn.BatchNorm2d) and recomputes the ReLU mask from it, instead of saving
     the mask as a bool tensor (whose store inductor's CPU code does one value at a time)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), N.MeanOnlyBatchNorm2d(8),
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), make(),
                                torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2))
     compiled = torch.compile(stem, fullgraph=True)
     x = torch.randn(4, 3, 8, 8)
