@@ -407,7 +407,8 @@ def test_kernels_keep_no_more_for_backward_than_the_native_layer(make, native, s
 def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path, monkeypatch):
     """rows.c scans long rows for top-k candidates with AVX-512 bit masks where the compiler
     targets it, else with portable code; a build without AVX-512 gives the same layers'
-    values and gradients (rows of 1,568 and 3,136 values, and the batch area)."""
+    values and gradients (rows of 1,568 and 3,136 values, and the batch area); so does its
+    portable 16 x 16 product of IterNorm's Newton iteration."""
     import ctypes
     cc = kernels._compiler()
     default = kernels.library()
@@ -425,7 +426,7 @@ def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path,
     portable = ctypes.CDLL(str(target))
     kernels._declare(portable)
     cases = [(N.TopKGroupNorm(8, 64, k=10), (4, 64, 14, 14)), (N.TopKInstanceNorm2d(8, k=10), (2, 8, 56, 56)),
-             (N.TopKBatchNorm2d(8, k=10), (4, 8, 20, 20))]
+             (N.TopKBatchNorm2d(8, k=10), (4, 8, 20, 20)), (N.IterNorm2d(32), (4, 32, 6, 6))]
     for m, shape in cases:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
         w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
@@ -438,3 +439,51 @@ def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path,
             results.append((y.detach(), xs.grad))
         torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def _newton_reference(cov: torch.Tensor, T: int) -> torch.Tensor:
+    """IterNorm's whitening matrix re-computed from PAPERS.md: S = Sigma / tr(Sigma),
+    P_0 = I, P_k = (3 P_{k-1} - P_{k-1}^3 S) / 2, W = P_T / sqrt(tr(Sigma))."""
+    tr = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    s = cov / tr
+    p = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
+    for _ in range(T):
+        p = (3 * p - p @ p @ p @ s) / 2
+    return p / tr.sqrt()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d,T,G", [(16, 5, 7), (16, 1, 3), (5, 2, 4), (33, 5, 2), (4, 0, 3)])
+def test_newton_kernel_matches_a_float64_recomputation_forward_and_backward(dtype, d, T, G):
+    """The kernels' Newton iteration (d = 16 has a fixed-size product of its own) against
+    the iteration in float64, its backward against autograd through that iteration."""
+    from normswap.norms.whitening import _newton_kernel
+    g = torch.Generator().manual_seed(d * 10 + T)
+    a = torch.randn(G, d, 3 * d, generator=g, dtype=torch.float64)
+    cov = a @ a.mT / (3 * d) + 1e-3 * torch.eye(d, dtype=torch.float64)
+    grad = torch.randn(G, d, d, generator=g, dtype=torch.float64)
+    c = cov.clone().requires_grad_()
+    want = _newton_reference(c, T)
+    want_grad, = torch.autograd.grad(want, c, grad)
+    got = _newton_kernel(cov.to(dtype), None, T)
+    got_grad = _newton_kernel(cov.to(dtype), grad.to(dtype), T)
+    assert got is not None and got_grad is not None and got.dtype == dtype
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(got.double(), want.detach(), **tol)
+    torch.testing.assert_close(got_grad.double(), want_grad, **tol)
+
+
+def test_newton_kernel_gives_the_same_bits_on_one_and_two_threads():
+    from normswap.norms.whitening import _newton_kernel
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 64, 200, generator=g)
+    cov, grad = a @ a.mT / 200 + 1e-3 * torch.eye(64), torch.randn(8, 64, 64, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append((_newton_kernel(cov, None, 5), _newton_kernel(cov, grad, 5)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

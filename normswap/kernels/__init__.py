@@ -7,6 +7,9 @@ with PyTorch operations take about eight passes over the data each step. ``rows.
 a group's statistics, output and gradient while its values are in cache, with the same
 formulas as :class:`normswap.norms.functional.StatNormFn` (see its docstring), and finds
 a group's k largest ``|v|`` by a bound and a count instead of ``torch.topk``.
+``newton.h`` (included by it) runs IterNorm's Newton iteration and its backward for a
+batch of small covariance matrices in one call (in PyTorch, dozens of small products per
+layer and step).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``;
 about a second) into a cache directory (``$NORMSWAP_CACHE_DIR``, else
@@ -41,7 +44,7 @@ from typing import Optional
 __all__ = ["available", "ready", "disabled", "library", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
-_HEADERS = (Path(__file__).with_name("rows_impl.h"),)
+_HEADERS = (Path(__file__).with_name("rows_impl.h"), Path(__file__).with_name("newton.h"))
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
 _OPENMP = ("-fopenmp",)
 
@@ -114,6 +117,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"ns_backward_{suf}")
         bwd.argtypes = [P, P, I64, I64, I64, I32, I64, D, P, P, P, I64, I64, P, P, P, P, P, P, I32]
         bwd.restype = I32
+        nfwd = getattr(lib, f"ns_newton_forward_{suf}")
+        nfwd.argtypes = [P, I64, I64, I32, P, I32]
+        nfwd.restype = I32
+        nbwd = getattr(lib, f"ns_newton_backward_{suf}")
+        nbwd.argtypes = [P, P, I64, I64, I32, P, I32]
+        nbwd.restype = I32
 
 
 def library() -> Optional[ctypes.CDLL]:

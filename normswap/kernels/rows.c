@@ -420,3 +420,5 @@ static void rows_topk_f64(const double *x, int64_t nb, int64_t n, int64_t k, dou
 #undef SUF
 #undef ABS
 #undef NEXTAFTER
+
+#include "newton.h"

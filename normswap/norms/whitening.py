@@ -12,10 +12,13 @@ per channel and centered values ``V = x - mu`` (``d x m``)::
 ``P_T`` approximates ``Sigma_N^{-1/2}``, so ``y`` approximately has identity covariance.
 Eval mode uses ``running_mean`` and ``running_wm`` (the whitening matrix
 ``P_T / sqrt(tr(Sigma))`` per group), kept with PyTorch's momentum convention
-``running = (1 - momentum) * running + momentum * batch_value``. Gradients flow
-through the iterations by autograd in eager mode; under torch.compile the iteration is
-one custom operator whose backward is the same chain rule written out (a small graph to
-compile). Computed in float32 for half-precision inputs.
+``running = (1 - momentum) * running + momentum * batch_value``. The training forward
+of equal groups has its backward written out (``_GroupWhitenFn``), with the iteration's
+chain rule recomputing the steps; on CPU the iteration and that chain rule run in the
+compiled kernels (normswap/kernels/newton.h, in double precision) where they are
+available. Under torch.compile the iteration is one custom operator with the same
+written-out backward (a small graph to compile). Other cases (unequal groups, synchronized
+batches) keep autograd through the steps. Computed in float32 for half-precision inputs.
 Under ``sync=True`` the mean and covariance are taken over every process.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import kernels
 from . import fused
 from .areas import BatchArea
 from .base import (NormalizerBase, check_bool, check_channels, check_int, check_momentum,
@@ -74,8 +78,40 @@ def _newton_steps(cov: torch.Tensor, T: int):
     return tr, sig_n, eye, steps, p
 
 
+def _newton_kernel(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """The compiled kernels' iteration (normswap/kernels/newton.h): ``P_T / sqrt(tr(Sigma))``
+    when ``grad`` is None, else ``dL/dSigma`` for ``dL/d(P_T / sqrt(tr(Sigma))) = grad``; in
+    double precision inside. None where they do not apply (not a float32 / float64 CPU
+    tensor, no kernels): the caller then runs the PyTorch formulation."""
+    if cov.device.type != "cpu" or cov.dtype not in (torch.float32, torch.float64) or cov.dim() < 2:
+        return None
+    lib = kernels.library()
+    if lib is None:
+        return None
+    d = cov.shape[-1]
+    cov = cov.contiguous()
+    G = cov.numel() // (d * d)
+    out = torch.empty_like(cov)
+    threads = min(torch.get_num_threads(), G) if G * d ** 3 * max(T, 1) >= 1 << 20 else 1
+    suf = "f32" if cov.dtype == torch.float32 else "f64"
+    if grad is None:
+        failed = getattr(lib, f"ns_newton_forward_{suf}")(cov.data_ptr(), G, d, int(T), out.data_ptr(), threads)
+    else:
+        grad = grad.to(cov.dtype).contiguous()
+        failed = getattr(lib, f"ns_newton_backward_{suf}")(cov.data_ptr(), grad.data_ptr(), G, d, int(T),
+                                                            out.data_ptr(), threads)
+    if failed:
+        raise MemoryError("normswap Newton kernel: out of memory")
+    return out
+
+
 def _newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
-    """``P_T / sqrt(tr(Sigma))`` for a batch of covariance matrices ``Sigma`` (..., d, d)."""
+    """``P_T / sqrt(tr(Sigma))`` for a batch of covariance matrices ``Sigma`` (..., d, d)
+    (by the kernels where no gradient is recorded: autograd cannot see through them)."""
+    if not (torch.is_grad_enabled() and cov.requires_grad):
+        out = _newton_kernel(cov, None, T)
+        if out is not None:
+            return out
     tr, _, _, _, p = _newton_steps(cov, T)
     return p / torch.sqrt(tr)
 
@@ -98,6 +134,9 @@ def _(cov: torch.Tensor, T: int) -> torch.Tensor:
 
 @torch.library.custom_op("normswap::newton_whitening_backward", mutates_args=())
 def _newton_whitening_backward(cov: torch.Tensor, grad: torch.Tensor, T: int) -> torch.Tensor:
+    out = _newton_kernel(cov, grad, T)
+    if out is not None:
+        return out
     tr, s_n, eye, steps, p = _newton_steps(cov, T)   # the forward again, with its products
     rs = torch.rsqrt(tr)
     g_p = grad * rs                                                     # dL/dP_T
