@@ -84,8 +84,10 @@ def test_no_graph_break_in_train_and_eval(make, shape, kw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3),
-                                  lambda: N.L1GroupNorm(2, 4), lambda: N.MeanOnlyBatchNorm2d(4)],
-                         ids=["L1BatchNorm2d", "TopKBatchNorm2d", "L1GroupNorm", "MeanOnlyBatchNorm2d"])
+                                  lambda: N.L1GroupNorm(2, 4), lambda: N.MeanOnlyBatchNorm2d(4),
+                                  lambda: N.DivisiveNorm2d(3, 3, learn_sigma=True, l1_alpha=0.1)],
+                         ids=["L1BatchNorm2d", "TopKBatchNorm2d", "L1GroupNorm", "MeanOnlyBatchNorm2d",
+                              "DivisiveNorm2d"])
 def test_compiled_matches_eager_forward_backward_and_running_stats(make):
     torch._dynamo.reset()
     eager = make()
@@ -119,10 +121,12 @@ def _saved_under(fn, *args):
 
 
 @pytest.mark.parametrize("make", [lambda: N.MeanOnlyBatchNorm2d(8), lambda: N.TopKBatchNorm2d(8, k=3),
-                                  lambda: N.L1BatchNorm2d(8), lambda: N.BatchNormStar2d(8)],
-                         ids=["MeanOnlyBatchNorm2d", "TopKBatchNorm2d", "L1BatchNorm2d", "BatchNormStar2d"])
+                                  lambda: N.L1BatchNorm2d(8), lambda: N.BatchNormStar2d(8),
+                                  lambda: N.DivisiveNorm2d(3, 3)],
+                         ids=["MeanOnlyBatchNorm2d", "TopKBatchNorm2d", "L1BatchNorm2d", "BatchNormStar2d",
+                              "DivisiveNorm2d"])
 def test_compiled_stem_saves_no_bool_mask(make):
-    """conv -> batch layer -> ReLU -> max-pool compiled on CPU: the backward keeps the conv
+    """conv -> norm layer -> ReLU -> max-pool compiled on CPU: the backward keeps the conv
     output (as with nn.BatchNorm2d) and recomputes the ReLU mask from it, instead of saving
     the mask as a bool tensor (whose store inductor's CPU code does one value at a time)."""
     torch._dynamo.reset()
