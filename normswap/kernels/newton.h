@@ -115,12 +115,12 @@ static double nt_steps(const double *cov, int64_t d, int T, double *S, double *s
 static int64_t nt_scratch(int64_t d, int T) { return (int64_t)(3 * (T > 1 ? T - 1 : 0) + 8) * d * d; }
 
 #define NS_NEWTON(T_, SUF_)                                                                         \
-int ns_newton_forward_##SUF_(const T_ *cov, int64_t G, int64_t d, int T, T_ *out, int threads) {   \
+int ns_newton_forward_##SUF_(const T_ *cov, int64_t G, int64_t d, int T, T_ *out, int threads) {    \
     int64_t dd = d * d;                                                                             \
     int failed = 0;                                                                                 \
-    _Pragma("omp parallel num_threads(threads)")                                                  \
+    _Pragma("omp parallel num_threads(threads)")                                                    \
     {                                                                                               \
-        double *w = (double *)malloc(sizeof(double) * (size_t)(nt_scratch(d, T) + dd));              \
+        double *w = (double *)malloc(sizeof(double) * (size_t)(nt_scratch(d, T) + dd));             \
         if (!w) {                                                                                   \
             _Pragma("omp atomic write")                                                             \
             failed = 1;                                                                             \
@@ -138,13 +138,13 @@ int ns_newton_forward_##SUF_(const T_ *cov, int64_t G, int64_t d, int T, T_ *out
     return failed ? -1 : 0;                                                                         \
 }                                                                                                   \
                                                                                                     \
-int ns_newton_backward_##SUF_(const T_ *cov, const T_ *grad, int64_t G, int64_t d, int T, T_ *dcov,  \
+int ns_newton_backward_##SUF_(const T_ *cov, const T_ *grad, int64_t G, int64_t d, int T, T_ *dcov, \
                               int threads) {                                                        \
     int64_t dd = d * d;                                                                             \
     int failed = 0;                                                                                 \
-    _Pragma("omp parallel num_threads(threads)")                                                  \
+    _Pragma("omp parallel num_threads(threads)")                                                    \
     {                                                                                               \
-        double *w = (double *)malloc(sizeof(double) * (size_t)(nt_scratch(d, T) + 2 * dd));          \
+        double *w = (double *)malloc(sizeof(double) * (size_t)(nt_scratch(d, T) + 2 * dd));         \
         if (!w) {                                                                                   \
             _Pragma("omp atomic write")                                                             \
             failed = 1;                                                                             \
@@ -153,7 +153,7 @@ int ns_newton_backward_##SUF_(const T_ *cov, const T_ *grad, int64_t G, int64_t 
         for (int64_t g = 0; g < G; g++) {                                                           \
             if (!w) continue;                                                                       \
             double *c = w, *S = c + dd, *p = S + dd, *gp = p + dd, *gs = gp + dd, *h = gs + dd,     \
-                   *t1 = h + dd, *t2 = t1 + dd, *tt = t2 + dd, *steps = tt + dd;                                   \
+                   *t1 = h + dd, *t2 = t1 + dd, *tt = t2 + dd, *steps = tt + dd;                    \
             for (int64_t i = 0; i < dd; i++) c[i] = (double)cov[g * dd + i];                        \
             double tr = nt_steps(c, d, T, S, steps, p), rs = 1.0 / sqrt(tr);                        \
             double gtr = 0.0;                                                                       \
@@ -166,17 +166,17 @@ int ns_newton_backward_##SUF_(const T_ *cov, const T_ *grad, int64_t G, int64_t 
             gtr = -0.5 * gtr * rs / tr;                                                             \
             for (int s = T - 2; s >= 0; s--) {                                                      \
                 const double *P = steps + 3 * s * dd, *PP = P + dd, *PPP = PP + dd;                 \
-                nt_matmul(PPP, 1, gp, 0, t1, d, tt);                                                    \
+                nt_matmul(PPP, 1, gp, 0, t1, d, tt);                                                \
                 for (int64_t i = 0; i < dd; i++) gs[i] -= 0.5 * t1[i];                              \
-                nt_matmul(gp, 0, S, 1, h, d, tt);                                                       \
+                nt_matmul(gp, 0, S, 1, h, d, tt);                                                   \
                 for (int64_t i = 0; i < dd; i++) h[i] *= -0.5;                                      \
                 for (int64_t i = 0; i < dd; i++) gp[i] *= 1.5;                                      \
-                nt_matmul(h, 0, PP, 1, t1, d, tt);                                                      \
+                nt_matmul(h, 0, PP, 1, t1, d, tt);                                                  \
                 for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                    \
-                nt_matmul(P, 1, h, 0, t2, d, tt);                                                       \
-                nt_matmul(t2, 0, P, 1, t1, d, tt);                                                      \
+                nt_matmul(P, 1, h, 0, t2, d, tt);                                                   \
+                nt_matmul(t2, 0, P, 1, t1, d, tt);                                                  \
                 for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                    \
-                nt_matmul(PP, 1, h, 0, t1, d, tt);                                                      \
+                nt_matmul(PP, 1, h, 0, t1, d, tt);                                                  \
                 for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                    \
             }                                                                                       \
             if (T >= 1)                                                                             \
