@@ -190,7 +190,10 @@ def test_non_finite_instance_batch_leaves_running_stats_untouched():
 
 
 # -- IterNorm ------------------------------------------------------------------------
-ITER_CASES = [((8, 6, 3, 3), 4, 5), ((6, 8, 2, 2), 4, 3), ((10, 3), 16, 5), ((4, 5, 6), 2, 4)]
+# unequal groups (autograd through the steps); equal groups with L = H W <= 16 (the Function's
+# (G, d, N L) layout) and L > 16 (its (N, G, d, L) layout); a 1d input; unequal 3d
+ITER_CASES = [((8, 6, 3, 3), 4, 5), ((6, 8, 2, 2), 4, 3), ((3, 8, 5, 4), 4, 5), ((10, 3), 16, 5),
+              ((4, 5, 6), 2, 4)]
 
 
 def _iter(C, g, T, shape, **kw):
@@ -229,7 +232,7 @@ def test_iter_norm_whitens():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("shape,g,T", ITER_CASES[:2])
+@pytest.mark.parametrize("shape,g,T", ITER_CASES[:3])
 def test_iter_norm_gradcheck(shape, g, T, mode):
     m = _iter(shape[1], g, T, shape)
     m(_input(shape, seed=4))
