@@ -15,7 +15,7 @@ Eval mode uses ``running_mean`` and ``running_wm`` (the whitening matrix
 ``running = (1 - momentum) * running + momentum * batch_value``. The training forward
 of equal groups has its backward written out (``_GroupWhitenFn``), with the iteration's
 chain rule recomputing the steps; on CPU the iteration and that chain rule run in the
-compiled kernels (normswap/kernels/newton.h, in double precision) where they are
+compiled kernels (normswap/kernels/newton.h, in the input's precision) where they are
 available. Under torch.compile the iteration is one custom operator with the same
 written-out backward (a small graph to compile). Other cases (unequal groups, synchronized
 batches) keep autograd through the steps. Computed in float32 for half-precision inputs.
@@ -81,7 +81,7 @@ def _newton_steps(cov: torch.Tensor, T: int):
 def _newton_kernel(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
     """The compiled kernels' iteration (normswap/kernels/newton.h): ``P_T / sqrt(tr(Sigma))``
     when ``grad`` is None, else ``dL/dSigma`` for ``dL/d(P_T / sqrt(tr(Sigma))) = grad``; in
-    double precision inside. None where they do not apply (not a float32 / float64 CPU
+    the input's precision. None where they do not apply (not a float32 / float64 CPU
     tensor, no kernels): the caller then runs the PyTorch formulation."""
     if cov.device.type != "cpu" or cov.dtype not in (torch.float32, torch.float64) or cov.dim() < 2:
         return None
