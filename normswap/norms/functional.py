@@ -173,7 +173,9 @@ def recomputable_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     output can be recomputed from ``x`` (which the backward keeps anyway), ``scale`` and
     ``shift``. Callers fold their centering into ``shift`` (``(x - mu) * s + b`` as
     ``x * s + (b - mu * s)``, as ATen's CPU batch norm computes it), since a centered
-    ``x - mu`` computed before the unfusible operation would be such a use again."""
+    ``x - mu`` computed before the unfusible operation would be such a use again; the
+    result then differs from eager mode's ``(x - mu) * s + b`` by rounding, relative to
+    ``|mu * s|`` rather than to ``|y|`` (as nn.BatchNorm2d's does on CPU)."""
     if torch.compiler.is_compiling() and x.device.type == "cpu":
         return torch.addcmul(shift, x.unsqueeze(0), scale).squeeze(0).clone()
     return torch.addcmul(shift, x, scale)
