@@ -29,7 +29,7 @@ from torch import nn
 
 from . import fused
 from .base import NormalizerBase, check_channels, register_normalizer
-from .functional import recomputable_affine, stat_dtype
+from .functional import compiling_on_cpu, recomputable_affine, stat_dtype
 from .layer import _SigmaMixin
 
 
@@ -148,7 +148,7 @@ class DivisiveNormFn(torch.autograd.Function):
         v = x - m
         r = torch.rsqrt(box_mean_2d(_chan_dot(v, v) / C, sup_window) + (sigma * sigma + eps))
         mad = _abs_sum(v) / v.numel() if need_mad else x.new_zeros(())
-        if torch.compiler.is_compiling() and x.device.type == "cpu":
+        if compiling_on_cpu(x):
             y = recomputable_affine(x, r, -(m * r))   # recomputable after the box sums (see there)
         else:
             y = v.mul_(r)

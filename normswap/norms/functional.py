@@ -145,6 +145,13 @@ def _affine_g(t3: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tenso
                                                  out=out, save_mean=empty, save_invstd=empty.clone())[0]
 
 
+def compiling_on_cpu(x: torch.Tensor) -> bool:
+    """Under torch.compile with ``x`` on CPU: where inductor's CPU code stores a saved bool
+    mask one value at a time, so the layers shape what AOT autograd's partitioner saves
+    (:func:`_input_dependence`, :func:`recomputable_affine`)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 def _input_dependence(x: torch.Tensor) -> torch.Tensor:
     """Zeros computed from ``x``: added to the mean-only backward under torch.compile on CPU.
 
@@ -176,7 +183,7 @@ def recomputable_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     ``x - mu`` computed before the unfusible operation would be such a use again; the
     result then differs from eager mode's ``(x - mu) * s + b`` by rounding, relative to
     ``|mu * s|`` rather than to ``|y|`` (as nn.BatchNorm2d's does on CPU)."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
+    if compiling_on_cpu(x):
         return torch.addcmul(shift, x.unsqueeze(0), scale).squeeze(0).clone()
     return torch.addcmul(shift, x, scale)
 
@@ -274,7 +281,7 @@ class StatNormFn(torch.autograd.Function):
             y = torch.add(x3, shift.to(x3.dtype)[None, :, None],  # a fresh tensor, not a view
                           **({"out": ybase.view(x3.shape)} if ybase is not None else {}))
             y = ybase if ybase is not None else y
-            keep_x = torch.compiler.is_compiling() and x3.device.type == "cpu"
+            keep_x = compiling_on_cpu(x3)
             ctx.meta = _Meta("mean-lite", k, group, x3.shape, False, bias is not None, False, False, sdt,
                              input_for_partitioner=keep_x)
             ctx.m = m
@@ -341,7 +348,7 @@ class StatNormFn(torch.autograd.Function):
         gamma = weight.to(sdt) if weight is not None else torch.ones(G, dtype=sdt, device=x3.device)
         scale = gamma / d
         ydt = v3.dtype
-        if stat == "topk" and not recompute and torch.compiler.is_compiling() and x3.device.type == "cpu":
+        if stat == "topk" and not recompute and compiling_on_cpu(x3):
             sc = scale.to(x3.dtype)
             shift = (bias.to(x3.dtype) if bias is not None else 0) - mu.to(x3.dtype) * sc
             y = recomputable_affine(x3, sc[None, :, None], shift[None, :, None])
