@@ -61,6 +61,10 @@ static int nt_mm16_f32(const float *A, const float *B, float *C) { (void)A; (voi
 static int nt_mm16_f64(const double *A, const double *B, double *C) { (void)A; (void)B; (void)C; return 0; }
 #endif
 
+/* scratch values per thread, in d x d matrices: the forward uses S, p and the steps
+ * (3 (T - 1)); the backward six more (gp, gs, h, t1, t2, tt) */
+static int64_t nt_scratch(int64_t d, int T) { return (int64_t)(3 * (T > 1 ? T - 1 : 0) + 8) * d * d; }
+
 #define NS_NEWTON(T_, SUF_)                                                                         \
 /* C = A B for d x d row-major matrices (the inner loop along C's and B's rows: vectors) */         \
 static void nt_mm_##SUF_(const T_ *restrict A, const T_ *restrict B, T_ *restrict C, int64_t d) {   \
@@ -107,84 +111,82 @@ static T_ nt_steps_##SUF_(const T_ *cov, int64_t d, int T, T_ *S, T_ *steps, T_ 
     return tr;                                                                                      \
 }                                                                                                   \
                                                                                                     \
-int ns_newton_forward_##SUF_(const T_ *cov, int64_t G, int64_t d, int T, T_ *out, int threads) {   \
+/* one matrix: P_T / sqrt(tr) of cov into out; w: nt_scratch(d, T) values */                        \
+static void nt_forward_one_##SUF_(const T_ *cov, const T_ *grad, int64_t d, int T, T_ *out, T_ *w) { \
+    (void)grad;                                                                                     \
+    int64_t dd = d * d;                                                                             \
+    T_ *S = w, *p = S + dd, *steps = p + dd;                                                        \
+    T_ rs = (T_)1 / SQRT_(nt_steps_##SUF_(cov, d, T, S, steps, p));                                 \
+    for (int64_t i = 0; i < dd; i++) out[i] = p[i] * rs;                                            \
+}                                                                                                   \
+                                                                                                    \
+/* one matrix: dL/dSigma into dcov for dL/dout = gr; w: nt_scratch(d, T) values */                  \
+static void nt_backward_one_##SUF_(const T_ *c, const T_ *gr, int64_t d, int T, T_ *dcov, T_ *w) {  \
+    int64_t dd = d * d;                                                                             \
+    T_ *S = w, *p = S + dd, *gp = p + dd, *gs = gp + dd, *h = gs + dd,                              \
+       *t1 = h + dd, *t2 = t1 + dd, *tt = t2 + dd, *steps = tt + dd;                                \
+    T_ tr = nt_steps_##SUF_(c, d, T, S, steps, p), rs = (T_)1 / SQRT_(tr);                          \
+    T_ gtr = 0;                                                                                     \
+    for (int64_t i = 0; i < dd; i++) {                                                              \
+        gp[i] = gr[i] * rs;                                                                         \
+        gtr += gr[i] * p[i];                                                                        \
+        gs[i] = 0;                                                                                  \
+    }                                                                                               \
+    gtr = (T_)-0.5 * gtr * rs / tr;                                                                 \
+    for (int s = T - 2; s >= 0; s--) {                                                              \
+        const T_ *P = steps + 3 * s * dd, *PP = P + dd, *PPP = PP + dd;                             \
+        nt_matmul_##SUF_(PPP, 1, gp, 0, t1, d, tt);                                                 \
+        for (int64_t i = 0; i < dd; i++) gs[i] -= (T_)0.5 * t1[i];                                  \
+        nt_matmul_##SUF_(gp, 0, S, 1, h, d, tt);                                                    \
+        for (int64_t i = 0; i < dd; i++) h[i] *= (T_)-0.5;                                          \
+        for (int64_t i = 0; i < dd; i++) gp[i] *= (T_)1.5;                                          \
+        nt_matmul_##SUF_(h, 0, PP, 1, t1, d, tt);                                                   \
+        for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                            \
+        nt_matmul_##SUF_(P, 1, h, 0, t2, d, tt);                                                    \
+        nt_matmul_##SUF_(t2, 0, P, 1, t1, d, tt);                                                   \
+        for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                            \
+        nt_matmul_##SUF_(PP, 1, h, 0, t1, d, tt);                                                   \
+        for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                            \
+    }                                                                                               \
+    if (T >= 1)                                                                                     \
+        for (int64_t i = 0; i < dd; i++) gs[i] -= (T_)0.5 * gp[i];                                  \
+    T_ sgc = 0;                                                                                     \
+    for (int64_t i = 0; i < dd; i++) sgc += gs[i] * c[i];                                           \
+    gtr -= sgc / (tr * tr);                                                                         \
+    for (int64_t i = 0; i < dd; i++)                                                                \
+        dcov[i] = gs[i] / tr + (i % (d + 1) == 0 ? gtr : (T_)0);                                    \
+}                                                                                                   \
+                                                                                                    \
+/* `one` for each of the G matrices (grad may be NULL), one per OpenMP iteration, each              \
+ * thread with its own scratch; -1 when that cannot be allocated */                                 \
+static int nt_each_##SUF_(void (*one)(const T_ *, const T_ *, int64_t, int, T_ *, T_ *),            \
+                          const T_ *cov, const T_ *grad, int64_t G, int64_t d, int T, T_ *out,      \
+                          int threads) {                                                            \
     int64_t dd = d * d;                                                                             \
     int failed = 0;                                                                                 \
     _Pragma("omp parallel num_threads(threads)")                                                    \
     {                                                                                               \
-        T_ *w = (T_ *)malloc(sizeof(T_) * (size_t)(nt_scratch(d, T) + dd));                         \
+        T_ *w = (T_ *)malloc(sizeof(T_) * (size_t)nt_scratch(d, T));                                \
         if (!w) {                                                                                   \
             _Pragma("omp atomic write")                                                             \
             failed = 1;                                                                             \
         }                                                                                           \
         _Pragma("omp for schedule(static)")                                                         \
-        for (int64_t g = 0; g < G; g++) {                                                           \
-            if (!w) continue;                                                                       \
-            T_ *S = w, *p = S + dd, *steps = p + dd;                                                \
-            T_ rs = (T_)1 / SQRT_(nt_steps_##SUF_(cov + g * dd, d, T, S, steps, p));                \
-            for (int64_t i = 0; i < dd; i++) out[g * dd + i] = p[i] * rs;                           \
-        }                                                                                           \
+        for (int64_t g = 0; g < G; g++)                                                             \
+            if (w) one(cov + g * dd, grad ? grad + g * dd : NULL, d, T, out + g * dd, w);           \
         free(w);                                                                                    \
     }                                                                                               \
     return failed ? -1 : 0;                                                                         \
 }                                                                                                   \
                                                                                                     \
+int ns_newton_forward_##SUF_(const T_ *cov, int64_t G, int64_t d, int T, T_ *out, int threads) {    \
+    return nt_each_##SUF_(nt_forward_one_##SUF_, cov, NULL, G, d, T, out, threads);                 \
+}                                                                                                   \
+                                                                                                    \
 int ns_newton_backward_##SUF_(const T_ *cov, const T_ *grad, int64_t G, int64_t d, int T, T_ *dcov, \
                               int threads) {                                                        \
-    int64_t dd = d * d;                                                                             \
-    int failed = 0;                                                                                 \
-    _Pragma("omp parallel num_threads(threads)")                                                    \
-    {                                                                                               \
-        T_ *w = (T_ *)malloc(sizeof(T_) * (size_t)(nt_scratch(d, T) + 2 * dd));                     \
-        if (!w) {                                                                                   \
-            _Pragma("omp atomic write")                                                             \
-            failed = 1;                                                                             \
-        }                                                                                           \
-        _Pragma("omp for schedule(static)")                                                         \
-        for (int64_t g = 0; g < G; g++) {                                                           \
-            if (!w) continue;                                                                       \
-            const T_ *c = cov + g * dd, *gr = grad + g * dd;                                        \
-            T_ *S = w, *p = S + dd, *gp = p + dd, *gs = gp + dd, *h = gs + dd,                      \
-               *t1 = h + dd, *t2 = t1 + dd, *tt = t2 + dd, *steps = tt + dd;                        \
-            T_ tr = nt_steps_##SUF_(c, d, T, S, steps, p), rs = (T_)1 / SQRT_(tr);                  \
-            T_ gtr = 0;                                                                             \
-            for (int64_t i = 0; i < dd; i++) {                                                      \
-                gp[i] = gr[i] * rs;                                                                 \
-                gtr += gr[i] * p[i];                                                                \
-                gs[i] = 0;                                                                          \
-            }                                                                                       \
-            gtr = (T_)-0.5 * gtr * rs / tr;                                                         \
-            for (int s = T - 2; s >= 0; s--) {                                                      \
-                const T_ *P = steps + 3 * s * dd, *PP = P + dd, *PPP = PP + dd;                     \
-                nt_matmul_##SUF_(PPP, 1, gp, 0, t1, d, tt);                                         \
-                for (int64_t i = 0; i < dd; i++) gs[i] -= (T_)0.5 * t1[i];                          \
-                nt_matmul_##SUF_(gp, 0, S, 1, h, d, tt);                                            \
-                for (int64_t i = 0; i < dd; i++) h[i] *= (T_)-0.5;                                  \
-                for (int64_t i = 0; i < dd; i++) gp[i] *= (T_)1.5;                                  \
-                nt_matmul_##SUF_(h, 0, PP, 1, t1, d, tt);                                           \
-                for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                    \
-                nt_matmul_##SUF_(P, 1, h, 0, t2, d, tt);                                            \
-                nt_matmul_##SUF_(t2, 0, P, 1, t1, d, tt);                                           \
-                for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                    \
-                nt_matmul_##SUF_(PP, 1, h, 0, t1, d, tt);                                           \
-                for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                    \
-            }                                                                                       \
-            if (T >= 1)                                                                             \
-                for (int64_t i = 0; i < dd; i++) gs[i] -= (T_)0.5 * gp[i];                          \
-            T_ sgc = 0;                                                                             \
-            for (int64_t i = 0; i < dd; i++) sgc += gs[i] * c[i];                                   \
-            gtr -= sgc / (tr * tr);                                                                 \
-            for (int64_t i = 0; i < dd; i++)                                                        \
-                dcov[g * dd + i] = gs[i] / tr + (i % (d + 1) == 0 ? gtr : (T_)0);                   \
-        }                                                                                           \
-        free(w);                                                                                    \
-    }                                                                                               \
-    return failed ? -1 : 0;                                                                         \
+    return nt_each_##SUF_(nt_backward_one_##SUF_, cov, grad, G, d, T, dcov, threads);               \
 }
-
-/* scratch values per thread, in d x d matrices: the forward uses S, p and the steps
- * (3 (T - 1)); the backward six more (gp, gs, h, t1, t2, tt) */
-static int64_t nt_scratch(int64_t d, int T) { return (int64_t)(3 * (T > 1 ? T - 1 : 0) + 8) * d * d; }
 
 #define SQRT_ sqrtf
 NS_NEWTON(float, f32)
