@@ -91,6 +91,7 @@ def layers(c: int):
         ("LayerNormStar(C)", mk("LayerNormStar", c, elementwise_affine=True), ln, "nhwc"),
         ("L1LayerNorm(C)", mk("L1LayerNorm", c), ln, "nhwc"),
         ("TopKLayerNorm(C)", mk("TopKLayerNorm", c), ln, "nhwc"),
+        ("DivisiveNorm1d(30)", mk("DivisiveNorm1d", 30), ln, "nhwc"),
         ("LayerNormStar2d", mk("LayerNormStar2d", c, affine=True), ln2d, "nchw"),
         ("L1LayerNorm2d", mk("L1LayerNorm2d", c), ln2d, "nchw"),
         ("TopKLayerNorm2d", mk("TopKLayerNorm2d", c), ln2d, "nchw"),

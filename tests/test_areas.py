@@ -42,19 +42,6 @@ AREA_LAYERS = [
 IDS = [f"{i}-{a}-{o}" for i, (_, a, o, _, _) in enumerate(AREA_LAYERS)]
 
 
-@pytest.fixture(params=["kernels", "pytorch"])
-def path(request):
-    """Both implementations of the row areas: the compiled CPU kernels (normswap.kernels)
-    and the PyTorch formulation (used under torch.compile, on other devices, in half)."""
-    import normswap.kernels as kernels
-    if request.param == "pytorch":
-        with kernels.disabled():
-            yield request.param
-    else:
-        assert kernels.available(), "the compiled CPU kernels did not build (is a C compiler installed?)"
-        yield request.param
-
-
 def _make(factory, dtype=torch.float64):
     torch.manual_seed(0)
     m = factory().to(dtype)

@@ -407,8 +407,9 @@ def test_kernels_keep_no_more_for_backward_than_the_native_layer(make, native, s
 def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path, monkeypatch):
     """rows.c scans long rows for top-k candidates with AVX-512 bit masks where the compiler
     targets it, else with portable code; a build without AVX-512 gives the same layers'
-    values and gradients (rows of 1,568 and 3,136 values, and the batch area); so does its
-    portable 16 x 16 product of IterNorm's Newton iteration."""
+    values and gradients (rows of 1,568 and 3,136 values, and the batch area); so do its
+    portable 16 x 16 product of IterNorm's Newton iteration and the one-at-a-time prefix
+    sums of DN along rows."""
     import ctypes
     cc = kernels._compiler()
     default = kernels.library()
@@ -426,7 +427,8 @@ def test_the_portable_candidate_scan_gives_the_vectorized_ones_results(tmp_path,
     portable = ctypes.CDLL(str(target))
     kernels._declare(portable)
     cases = [(N.TopKGroupNorm(8, 64, k=10), (4, 64, 14, 14)), (N.TopKInstanceNorm2d(8, k=10), (2, 8, 56, 56)),
-             (N.TopKBatchNorm2d(8, k=10), (4, 8, 20, 20)), (N.IterNorm2d(32), (4, 32, 6, 6))]
+             (N.TopKBatchNorm2d(8, k=10), (4, 8, 20, 20)), (N.IterNorm2d(32), (4, 32, 6, 6)),
+             (N.DivisiveNorm1d(30, l1_alpha=0.1), (4, 30, 100))]
     for m, shape in cases:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
         w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
@@ -487,3 +489,118 @@ def test_newton_kernel_gives_the_same_bits_on_one_and_two_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# -- divisive normalization along rows (normswap/kernels/divisive.h) ---------------------
+DN_ROW_CASES = [   # (layer, input shape): windows wider than the row, one unit, unequal radii
+    (lambda: N.DivisiveNorm1d(30, sigma=0.5), (4, 5, 64)),
+    (lambda: N.DivisiveNorm1d(2, sup_radius=5, sigma=0.3, learn_sigma=True), (3, 17)),
+    (lambda: N.DivisiveNorm1d(30, sigma=0.5), (2, 9)),
+    (lambda: N.DivisiveNorm1d(0, sup_radius=1, sigma=1.0), (6, 3)),
+    (lambda: N.DivisiveNorm1d(3, sigma=0.5), (5, 1)),
+    (lambda: N.DivisiveNorm2d((1, 5), (1, 3), sigma=0.5), (2, 1, 3, 11)),   # C = 1, windows along W
+]
+DN_IDS = ["r30-n64", "learned-sigma", "window-wider-than-row", "r0", "one-unit", "2d-rows"]
+
+
+@pytest.fixture
+def dn_spy(monkeypatch):
+    from normswap.norms import divisive
+    calls = []
+    real = divisive._dn_rows_call
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(divisive, "_dn_rows_call", counting)
+    return calls
+
+
+def _dn_reference_2d(layer, x):
+    """PAPERS.md's DN of (N, 1, H, W) rows, re-computed in float64 (tests/reference.py)."""
+    from . import reference as ref
+    if isinstance(layer, N.DivisiveNorm1d):
+        return ref.divisive_norm_1d(x, layer.radius, layer.sup_radius, layer._sigma_value())
+    return ref.divisive_norm_2d(x, layer.sum_window, layer.sup_window, layer._sigma_value())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("make,shape", DN_ROW_CASES, ids=DN_IDS)
+def test_divisive_rows_kernel_matches_a_float64_recomputation_and_gradcheck(make, shape, mode, dn_spy):
+    """DN along rows runs the kernel (forward and backward), whose output is PAPERS.md's DN
+    re-computed in float64 and whose gradients (input, learned sigma, the L1 penalty's
+    mean |v|) pass gradcheck, in train and eval mode."""
+    m = getattr(make().double(), mode)()
+    m.l1_alpha = 0.25
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 + 0.5
+    torch.testing.assert_close(m(x), _dn_reference_2d(m, x), rtol=1e-10, atol=1e-10)
+    assert dn_spy == [torch.float64]
+    w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    params = tuple(m.parameters())
+    assert torch.autograd.gradcheck(lambda x, *p: (m(x) * w).sum() + normswap.penalty(m),
+                                    (x.clone().requires_grad_(),) + params)
+    assert len(dn_spy) > 2 and set(dn_spy) == {torch.float64}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_divisive_rows_kernel_gives_the_pytorch_formulations_values_and_gradients(dtype, threads, dn_spy):
+    """On a ViT-sized input (split between threads), with the L1 penalty and a learned
+    sigma: the kernel and the PyTorch formulation (kernels switched off) agree; a bfloat16
+    input is computed in float32 by the kernel."""
+    shape = (32, 17, 192)
+    assert torch.tensor(shape).prod() >= rows._SMALL
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        pdtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        make = lambda: _layer(lambda: N.DivisiveNorm1d(30, sigma=0.5, learn_sigma=True), pdtype)
+        fast = _step(make(), x, dy)
+        assert dn_spy == [torch.float32 if dtype == torch.bfloat16 else dtype] * 2
+        with kernels.disabled():
+            slow = _step(make(), x, dy)
+    finally:
+        torch.set_num_threads(before)
+    tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5),
+           torch.bfloat16: dict(rtol=1e-2, atol=2e-2)}[dtype]
+    assert len(fast) == len(slow) == 4   # y, penalty, dx, dsigma
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_divisive_rows_kernel_gives_the_same_bits_on_one_and_two_threads():
+    m = N.DivisiveNorm1d(30, learn_sigma=True, l1_alpha=0.1)
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(64, 17, 192, generator=g), torch.randn(64, 17, 192, generator=g)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_step(m, x, dy))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_divisive_rows_kernel_keeps_no_more_for_backward_than_layer_norm(dn_spy):
+    """The kernel's Function keeps the input alone (its backward computes the local means
+    and scales again); the PyTorch formulation kept three more maps of the input's size."""
+    x = torch.randn(8, 17, 192, requires_grad=True)
+    ours = _saved_bytes(N.DivisiveNorm1d(30).train(), x)
+    assert dn_spy and ours <= _saved_bytes(torch.nn.LayerNorm(192).train(), x)
+    with kernels.disabled():
+        assert _saved_bytes(N.DivisiveNorm1d(30).train(), x) >= 3 * ours
+
+
+def test_divisive_rows_with_non_finite_values_stay_in_their_rows():
+    x = torch.randn(4, 50)
+    x[1, 7], x[2, 40] = float("inf"), float("nan")
+    x.requires_grad_()
+    y = N.DivisiveNorm1d(5)(x)
+    y.sum().backward()
+    assert torch.isfinite(y[[0, 3]]).all() and torch.isfinite(x.grad[[0, 3]]).all()
+    assert not torch.isfinite(y[1]).all() and not torch.isfinite(y[2]).all()

@@ -176,7 +176,7 @@ def test_divisive_norm_2d_matches_reference(sum_w, sup_w):
 
 
 @pytest.mark.parametrize("shape,radius,sup", [((3, 20), 4, None), ((2, 3, 17), 3, 5), ((2, 9), 30, None)])
-def test_divisive_norm_1d_matches_reference(shape, radius, sup):
+def test_divisive_norm_1d_matches_reference(shape, radius, sup, path):
     m = N.DivisiveNorm1d(radius=radius, sup_radius=sup, sigma=0.5).double()
     x = _input(shape)
     want = ref.divisive_norm_1d(x, radius, radius if sup is None else sup, 0.5)
@@ -252,7 +252,7 @@ def test_batch_gradcheck(cls, kind, shape, kw, mode):
     (lambda: N.DivisiveNorm2d(5, 5, sigma=0.5), (2, 3, 5, 5)),
     (lambda: N.DivisiveNorm1d(radius=2, sigma=0.5, learn_sigma=True), (2, 3, 9)),
 ], ids=["LNs-learned", "LNs", "LNs2d-learned", "DN-learned", "DN", "DN1d-learned"])
-def test_per_example_gradcheck(make, shape, mode):
+def test_per_example_gradcheck(make, shape, mode, path):
     m = getattr(make().double(), mode)()
     x = _input(shape)
     w = _input(shape, seed=7)

@@ -9,7 +9,8 @@ formulas as :class:`normswap.norms.functional.StatNormFn` (see its docstring), a
 a group's k largest ``|v|`` by a bound and a count instead of ``torch.topk``.
 ``newton.h`` (included by it) runs IterNorm's Newton iteration and its backward for a
 batch of small covariance matrices in one call (in PyTorch, dozens of small products per
-layer and step).
+layer and step); ``divisive.h`` the divisive normalization of rows (DivisiveNorm1d),
+whose sliding windows are prefix-sum differences computed while a row is in cache.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``;
 about a second) into a cache directory (``$NORMSWAP_CACHE_DIR``, else
@@ -44,8 +45,8 @@ from typing import Optional
 __all__ = ["available", "ready", "disabled", "library", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
-_HEADERS = (Path(__file__).with_name("rows_impl.h"), Path(__file__).with_name("newton.h"))
-_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
+_HEADERS = tuple(Path(__file__).with_name(h) for h in ("rows_impl.h", "newton.h", "divisive.h"))
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c99")
 _OPENMP = ("-fopenmp",)
 
 _lock = threading.Lock()
@@ -123,6 +124,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         nbwd = getattr(lib, f"ns_newton_backward_{suf}")
         nbwd.argtypes = [P, P, I64, I64, I32, P, I32]
         nbwd.restype = I32
+        dn = getattr(lib, f"ns_dn_rows_{suf}")
+        dn.argtypes = [P, P, I64, I64, I64, I64, D, D, P, P, I32]
+        dn.restype = I32
 
 
 def library() -> Optional[ctypes.CDLL]:

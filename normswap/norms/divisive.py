@@ -21,16 +21,19 @@ slides over the hidden-unit index of the last dim, width ``2 * radius + 1``.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from . import fused
 from .base import NormalizerBase, check_channels, register_normalizer
 from .functional import compiling_on_cpu, recomputable_affine, stat_dtype
 from .layer import _SigmaMixin
+from .rows import _threads
 
 
 def _pair(w: Union[int, Tuple[int, int]], layer: str, arg: str) -> Tuple[int, int]:
@@ -183,6 +186,70 @@ class DivisiveNormFn(torch.autograd.Function):
         return dx, gsigma, None, None, None, None
 
 
+def rows_kernel_shape(x: torch.Tensor, sum_window, sup_window) -> Optional[Tuple[int, int]]:
+    """``(rows, n)`` when DN of ``x`` (N, C, H, W) is DN along the rows of its last dim that
+    the kernels run (normswap/kernels/divisive.h): one channel, windows along W alone (or
+    H = 1: DivisiveNorm1d's view), a float32 / float64 CPU tensor, eager mode; else None."""
+    n_, c, h, w = x.shape
+    if c != 1 or not (h == 1 or (sum_window[0] == 1 and sup_window[0] == 1)) or x.numel() == 0:
+        return None
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if torch.compiler.is_compiling() or kernels.library() is None:
+        return None
+    return n_ * h, w
+
+
+def _dn_rows_call(x2: torch.Tensor, dy2: Optional[torch.Tensor], radii: Tuple[int, int], s: float,
+                  g: float) -> Tuple[torch.Tensor, float]:
+    """One call of ``ns_dn_rows``: ``(y, sum |v|)`` (``dy2`` None) or ``(dx, sum dq)``."""
+    out = torch.empty_like(x2)
+    total = ctypes.c_double(0.0)
+    suf = "f32" if x2.dtype == torch.float32 else "f64"
+    failed = getattr(kernels.library(), f"ns_dn_rows_{suf}")(
+        x2.data_ptr(), None if dy2 is None else dy2.data_ptr(), x2.shape[0], x2.shape[1],
+        radii[0], radii[1], s, g, out.data_ptr(), ctypes.byref(total), _threads(x2.numel()))
+    if failed:
+        raise MemoryError("normswap divisive-normalization kernel: out of memory")
+    return out, total.value
+
+
+class DivisiveRowsFn(torch.autograd.Function):
+    """DN along the rows of a contiguous (rows, n) tensor by the compiled kernels: the
+    C = 1 case of :class:`DivisiveNormFn` with windows of radius ``a`` (mean) and ``b``
+    (variance) along each row::
+
+        m = box_a(x) / cnt_a    v = x - m    r = (box_b(v^2) / cnt_b + sigma^2 + eps)^(-1/2)
+        y = v r
+        dq = -r^3 / 2 dy v      dv = dy r + 2 box_b(dq / cnt_b) v [+ g_mad sign(v) / numel]
+        dx = dv - box_a(dv / cnt_a)          dL/dsigma = 2 sigma sum(dq)
+
+    It saves only ``x`` (the backward computes ``m``, ``v`` and ``r`` again while a row is
+    in cache). ``need_mad`` also returns ``mean|v|`` as a differentiable scalar."""
+
+    @staticmethod
+    def forward(ctx, x2, sigma, a: int, b: int, eps: float, need_mad: bool):
+        ctx.set_materialize_grads(False)
+        s = float(sigma) ** 2 + eps
+        y, abs_sum = _dn_rows_call(x2, None, (a, b), s, 0.0)
+        mad = x2.new_tensor(abs_sum / x2.numel()) if need_mad else x2.new_zeros(())
+        ctx.save_for_backward(x2, sigma if isinstance(sigma, torch.Tensor) else None)
+        ctx.radii, ctx.s, ctx.need_mad = (a, b), s, need_mad
+        return y, mad
+
+    @staticmethod
+    def backward(ctx, dy, gmad):
+        x2, sigma = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x2)
+        g = float(gmad) / x2.numel() if ctx.need_mad and gmad is not None else 0.0
+        dx, dq_sum = _dn_rows_call(x2, dy.to(x2.dtype).contiguous(), ctx.radii, ctx.s, g)
+        gsigma = None
+        if sigma is not None and ctx.needs_input_grad[1]:
+            gsigma = (2.0 * dq_sum) * sigma.detach().reshape(sigma.shape)
+        return dx, gsigma, None, None, None, None
+
+
 class _DivisiveBase(_SigmaMixin, NormalizerBase):
     def _init_affine(self, num_channels, affine, device, dtype):
         self.num_channels = num_channels
@@ -201,8 +268,14 @@ class _DivisiveBase(_SigmaMixin, NormalizerBase):
         if self._runs_fused(x4):
             return fused.fused_call(self._normalize, x4, sum_window, sup_window, bshape)
         need_mad = self._wants_penalty()
-        y, mad = DivisiveNormFn.apply(x4.to(stat_dtype(x4.dtype)), self.sigma, sum_window,
-                                      sup_window, self.eps, need_mad)
+        xs = x4.to(stat_dtype(x4.dtype))
+        rows = rows_kernel_shape(xs, sum_window, sup_window)
+        if rows is not None:
+            y, mad = DivisiveRowsFn.apply(xs.reshape(rows).contiguous(), self.sigma, sum_window[1] // 2,
+                                          sup_window[1] // 2, self.eps, need_mad)
+            y = y.view(xs.shape)
+        else:
+            y, mad = DivisiveNormFn.apply(xs, self.sigma, sum_window, sup_window, self.eps, need_mad)
         if need_mad:
             self._record_penalty(mad)
         if self.weight is not None:

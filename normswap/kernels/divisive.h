@@ -1,0 +1,195 @@
+/* Divisive normalization along rows, forward and backward (included by rows.c).
+ *
+ * DivisiveNorm1d (and DN on (N, 1, H, W) with windows along W only) normalizes each row
+ * x of n values by local windows of radius a (mean) and b (variance), cut at the row's
+ * ends and averaged over the values they cover:
+ *
+ *   m_j = box_a(x)_j / cnt_a(j),   v = x - m,   q_j = box_b(v^2)_j / cnt_b(j),
+ *   r = (q + s)^(-1/2)   (s = sigma^2 + eps),   y = v r,
+ *
+ * with box_w(t)_j = sum of t_i over |i - j| <= w, 0 <= i < n, and cnt_w(j) = box_w(1)_j.
+ * The backward, for dy and g = dL/d(sum |v|) (the C = 1 case of normswap's
+ * DivisiveNormFn; a centred box sum is its own adjoint):
+ *
+ *   dq = -r^3 / 2 dy v,   c = 2 box_b(dq / cnt_b),   dv = dy r + c v + g sign(v),
+ *   dx = dv - box_a(dv / cnt_a),   and sum(dq) for dL/dsigma = 2 sigma sum(dq).
+ *
+ * The forward keeps nothing but x: the backward computes m, v and r again (two more box
+ * sums on a row that is in cache), so the layer saves what nn.LayerNorm saves. A box sum
+ * is the difference of two prefix sums, sp[j + 2w + 1] - sp[j] on a padded prefix array,
+ * two operations per value whatever the width (a window of 61 units is DivisiveNorm1d's
+ * default); everything is computed in double precision. In PyTorch these are about 40
+ * calls per layer and step on float64 copies of the input. Rows are split between OpenMP
+ * threads; the sums over rows (sum |v|, sum dq) are added in row order after the
+ * parallel loop, so every result depends on the inputs alone.
+ */
+
+/* sp[0 .. w] = 0, sp[w + 1 + i] = t_0 + ... + t_i, sp[n + w + 1 .. n + 2 w] = the total, so
+ * that box_w(t)_j = sp[j + 2 w + 1] - sp[j]; t of type T_, the sums in double. With
+ * AVX-512 eight values at a time (an in-register scan of three shifted adds, then the
+ * running total), else one at a time. A scan is one chain of additions; here one addition
+ * per eight values is on it. */
+#if defined(__AVX512F__)
+#define DN_LOAD8_f32(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define DN_LOAD8_f64(p) _mm512_loadu_pd(p)
+#define DN_PREFIX_SIMD(SUF_)                                                                   \
+    const __m512i by1 = _mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 0);                              \
+    const __m512i by2 = _mm512_set_epi64(5, 4, 3, 2, 1, 0, 0, 0);                              \
+    const __m512i by4 = _mm512_set_epi64(3, 2, 1, 0, 0, 0, 0, 0);                              \
+    const __m512i last = _mm512_set1_epi64(7);                                                 \
+    __m512d carry = _mm512_setzero_pd();                                                       \
+    for (; i + 8 <= n; i += 8) {                                                               \
+        __m512d v = DN_LOAD8_##SUF_(t + i);                                                    \
+        v = _mm512_add_pd(v, _mm512_maskz_permutexvar_pd(0xFE, by1, v));                       \
+        v = _mm512_add_pd(v, _mm512_maskz_permutexvar_pd(0xFC, by2, v));                       \
+        v = _mm512_add_pd(v, _mm512_maskz_permutexvar_pd(0xF0, by4, v));                       \
+        _mm512_storeu_pd(s + i, _mm512_add_pd(v, carry));                                      \
+        /* the next carry is the stored s[i + 7]: same operands, same rounding */              \
+        carry = _mm512_add_pd(carry, _mm512_permutexvar_pd(last, v));                          \
+    }                                                                                          \
+    if (i) acc = s[i - 1];
+#else
+#define DN_PREFIX_SIMD(SUF_)
+#endif
+
+#define DN_PREFIX(T_, SUF_)                                                                    \
+static void dn_prefix_##SUF_(const T_ *restrict t, int64_t n, int64_t w, double *restrict sp) { \
+    for (int64_t i = 0; i <= w; i++) sp[i] = 0;                                                \
+    double *s = sp + w + 1, acc = 0;                                                           \
+    int64_t i = 0;                                                                             \
+    DN_PREFIX_SIMD(SUF_)                                                                       \
+    for (; i < n; i++) {                                                                       \
+        acc += (double)t[i];                                                                   \
+        s[i] = acc;                                                                            \
+    }                                                                                          \
+    for (int64_t j = 0; j < w; j++) s[n + j] = acc;                                            \
+}
+DN_PREFIX(float, f32)
+DN_PREFIX(double, f64)
+#undef DN_PREFIX
+#undef DN_PREFIX_SIMD
+
+/* 1 / cnt_w(j) for j < n (w < n) */
+static void dn_inverse_counts(int64_t n, int64_t w, double *inv) {
+    for (int64_t j = 0; j < n; j++) {
+        int64_t hi = j + w < n - 1 ? j + w : n - 1, lo = j - w > 0 ? j - w : 0;
+        inv[j] = 1.0 / (double)(hi - lo + 1);
+    }
+}
+
+/* Per element type T_: RSQRT_(q) = 1 / sqrt(q) in T_'s precision (for float rows a double
+ * square root and division cost about four times as much and were half the forward's
+ * time; the output has float precision anyway).
+ *
+ * dn_centre: v = x - m and sp = the prefix sums of v^2 (radius b), vv a scratch row.
+ * dn_forward_row: y = v r into y, returns sum |v|.
+ * dn_backward_row: dx into dx, returns sum dq; r, t and dv are scratch rows. */
+#define NS_DIVISIVE(T_, SUF_, RSQRT_)                                                                \
+static void dn_centre_##SUF_(const T_ *restrict x, int64_t n, int64_t a, int64_t b,                  \
+                             const double *restrict ia, double *restrict sp, double *restrict v,     \
+                             double *restrict vv) {                                                  \
+    dn_prefix_##SUF_(x, n, a, sp);                                                                   \
+    for (int64_t j = 0; j < n; j++) {                                                                \
+        v[j] = (double)x[j] - (sp[j + 2 * a + 1] - sp[j]) * ia[j];                                   \
+        vv[j] = v[j] * v[j];                                                                         \
+    }                                                                                                \
+    dn_prefix_f64(vv, n, b, sp);                                                                     \
+}                                                                                                    \
+                                                                                                     \
+static double dn_forward_row_##SUF_(const T_ *restrict x, int64_t n, int64_t a, int64_t b, double s, \
+                                    const double *restrict ia, const double *restrict ib,            \
+                                    double *restrict sp, double *restrict v, double *restrict vv,    \
+                                    T_ *restrict y) {                                                \
+    dn_centre_##SUF_(x, n, a, b, ia, sp, v, vv);                                                     \
+    double abs_sum = 0;                                                                              \
+    _Pragma("omp simd reduction(+:abs_sum)")                                                         \
+    for (int64_t j = 0; j < n; j++) {                                                                \
+        double r = RSQRT_((sp[j + 2 * b + 1] - sp[j]) * ib[j] + s);                                  \
+        y[j] = (T_)(v[j] * r);                                                                       \
+        abs_sum += fabs(v[j]);                                                                       \
+    }                                                                                                \
+    return abs_sum;                                                                                  \
+}                                                                                                    \
+                                                                                                     \
+static double dn_backward_row_##SUF_(const T_ *restrict x, const T_ *restrict dy, int64_t n,         \
+                                     int64_t a, int64_t b, double s, double g,                       \
+                                     const double *restrict ia, const double *restrict ib,           \
+                                     double *restrict sp, double *restrict v, double *restrict r,    \
+                                     double *restrict t, double *restrict dv, T_ *restrict dx) {     \
+    dn_centre_##SUF_(x, n, a, b, ia, sp, v, t);                                                      \
+    double dq_sum = 0;                                                                               \
+    _Pragma("omp simd reduction(+:dq_sum)")                                                          \
+    for (int64_t j = 0; j < n; j++) {                                                                \
+        r[j] = RSQRT_((sp[j + 2 * b + 1] - sp[j]) * ib[j] + s);                                      \
+        double dq = -0.5 * r[j] * r[j] * r[j] * (double)dy[j] * v[j];                                \
+        dq_sum += dq;                                                                                \
+        t[j] = dq * ib[j];                                                                           \
+    }                                                                                                \
+    dn_prefix_f64(t, n, b, sp);                                                                      \
+    for (int64_t j = 0; j < n; j++) {                                                                \
+        double c = 2.0 * (sp[j + 2 * b + 1] - sp[j]);                                                \
+        dv[j] = (double)dy[j] * r[j] + c * v[j] + g * (double)SIGN(v[j]);                            \
+        t[j] = dv[j] * ia[j];                                                                        \
+    }                                                                                                \
+    dn_prefix_f64(t, n, a, sp);                                                                      \
+    for (int64_t j = 0; j < n; j++) dx[j] = (T_)(dv[j] - (sp[j + 2 * a + 1] - sp[j]));               \
+    return dq_sum;                                                                                   \
+}                                                                                                    \
+                                                                                                     \
+/* Both directions: dy == NULL: the forward (y into out, sum |v| into *total), else the             \
+ * backward (dx into out, sum dq into *total); total may be NULL. -1: out of memory. */              \
+int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_t a, int64_t b,      \
+                      double s, double g, T_ *out, double *total, int threads) {                    \
+    if (n < 1 || rows < 1) {                                                                         \
+        if (total) *total = 0;                                                                       \
+        return 0;                                                                                    \
+    }                                                                                                \
+    if (a > n - 1) a = n - 1;                                                                        \
+    if (b > n - 1) b = n - 1;                                                                        \
+    int64_t w = a > b ? a : b;                                                                       \
+    double *ia = (double *)malloc(sizeof(double) * (size_t)(2 * n));                                 \
+    double *per_row = (double *)malloc(sizeof(double) * (size_t)rows);                               \
+    int failed = !ia || !per_row;                                                                    \
+    if (!failed) {                                                                                   \
+        double *ib = ia + n;                                                                         \
+        dn_inverse_counts(n, a, ia);                                                                 \
+        dn_inverse_counts(n, b, ib);                                                                 \
+        _Pragma("omp parallel num_threads(threads)")                                                 \
+        {                                                                                            \
+            int64_t ld = n + 20; /* rows not a multiple of 4 KiB apart (store-load aliasing) */      \
+            double *v = (double *)malloc(sizeof(double) * (size_t)(4 * ld + n + 2 * w + 1));         \
+            if (!v) {                                                                                \
+                _Pragma("omp atomic write")                                                          \
+                failed = 1;                                                                          \
+            }                                                                                        \
+            double *r = v + ld, *t = r + ld, *dv = t + ld, *sp = dv + ld;                            \
+            _Pragma("omp for schedule(static)")                                                      \
+            for (int64_t row = 0; row < rows; row++) {                                               \
+                if (!v) continue;                                                                    \
+                if (dy)                                                                              \
+                    per_row[row] = dn_backward_row_##SUF_(x + row * n, dy + row * n, n, a, b, s, g,  \
+                                                          ia, ib, sp, v, r, t, dv, out + row * n);   \
+                else                                                                                 \
+                    per_row[row] = dn_forward_row_##SUF_(x + row * n, n, a, b, s, ia, ib, sp, v, t,  \
+                                                         out + row * n);                             \
+            }                                                                                        \
+            free(v);                                                                                 \
+        }                                                                                            \
+        if (!failed && total) {                                                                      \
+            double sum = 0;                                                                          \
+            for (int64_t row = 0; row < rows; row++) sum += per_row[row];                            \
+            *total = sum;                                                                            \
+        }                                                                                            \
+    }                                                                                                \
+    free(ia);                                                                                        \
+    free(per_row);                                                                                   \
+    return failed ? -1 : 0;                                                                          \
+}
+
+#define DN_RSQRT_f32(q) ((double)(1.0f / sqrtf((float)(q))))
+#define DN_RSQRT_f64(q) (1.0 / sqrt(q))
+NS_DIVISIVE(float, f32, DN_RSQRT_f32)
+NS_DIVISIVE(double, f64, DN_RSQRT_f64)
+#undef NS_DIVISIVE
+#undef DN_RSQRT_f32
+#undef DN_RSQRT_f64
