@@ -604,3 +604,27 @@ def test_divisive_rows_with_non_finite_values_stay_in_their_rows():
     y.sum().backward()
     assert torch.isfinite(y[[0, 3]]).all() and torch.isfinite(x.grad[[0, 3]]).all()
     assert not torch.isfinite(y[1]).all() and not torch.isfinite(y[2]).all()
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_compiled_divisive_rows_call_the_kernel_with_eager_values_and_gradients(learn):
+    """Under torch.compile DN along rows is the normswap::dn_rows_forward operator (no
+    graph break), with the eager layer's output, penalty and gradients."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._inductor.compile(gm, example_inputs)
+
+    torch._dynamo.reset()
+    m = _layer(lambda: N.DivisiveNorm1d(4, sup_radius=2, learn_sigma=learn), torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 40, generator=g, dtype=torch.float64)
+    dy = torch.randn(3, 7, 40, generator=g, dtype=torch.float64)
+    eager = _step(m, x, dy)
+    got = _step(torch.compile(m, backend=backend, fullgraph=True), x, dy)
+    assert len(graphs) == 1
+    assert torch.ops.normswap.dn_rows_forward.default in [n.target for n in graphs[0].graph.nodes]
+    assert len(got) == len(eager) == (4 if learn else 3)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

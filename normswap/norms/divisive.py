@@ -22,7 +22,7 @@ slides over the hidden-unit index of the last dim, width ``2 * radius + 1``.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -189,13 +189,14 @@ class DivisiveNormFn(torch.autograd.Function):
 def rows_kernel_shape(x: torch.Tensor, sum_window, sup_window) -> Optional[Tuple[int, int]]:
     """``(rows, n)`` when DN of ``x`` (N, C, H, W) is DN along the rows of its last dim that
     the kernels run (normswap/kernels/divisive.h): one channel, windows along W alone (or
-    H = 1: DivisiveNorm1d's view), a float32 / float64 CPU tensor, eager mode; else None."""
+    H = 1: DivisiveNorm1d's view), a float32 / float64 CPU tensor; else None. Under
+    torch.compile only when the kernels are already loaded (nothing is built while tracing)."""
     n_, c, h, w = x.shape
     if c != 1 or not (h == 1 or (sum_window[0] == 1 and sup_window[0] == 1)) or x.numel() == 0:
         return None
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
-    if torch.compiler.is_compiling() or kernels.library() is None:
+    if not (kernels.ready() if torch.compiler.is_compiling() else kernels.library() is not None):
         return None
     return n_ * h, w
 
@@ -214,8 +215,32 @@ def _dn_rows_call(x2: torch.Tensor, dy2: Optional[torch.Tensor], radii: Tuple[in
     return out, total.value
 
 
+def _dn_rows_forward(x2: torch.Tensor, s: float, radii: Tuple[int, int], need_mad: bool):
+    """``(y, mean|v|)`` (the latter a zero scalar unless ``need_mad``)."""
+    y, abs_sum = _dn_rows_call(x2.contiguous(), None, radii, s, 0.0)
+    return y, x2.new_tensor(abs_sum / x2.numel()) if need_mad else x2.new_zeros(())
+
+
+def _dn_rows_backward(x2: torch.Tensor, dy: Optional[torch.Tensor], s: float, radii: Tuple[int, int],
+                      gmad: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    """``(dx, sum dq)`` for ``dL/dy = dy`` and ``dL/d mean|v| = gmad``."""
+    dy = torch.zeros_like(x2) if dy is None else dy.to(x2.dtype).contiguous()
+    g = float(gmad) / x2.numel() if gmad is not None else 0.0
+    return _dn_rows_call(x2.contiguous(), dy, radii, s, g)
+
+
+def _smoothing(sigma, eps: float) -> float:
+    """``s = sigma^2 + eps`` as a Python float (``sigma`` a float or a learned scalar)."""
+    return float(sigma) ** 2 + eps
+
+
+def _sigma_grad(sigma: Optional[torch.Tensor], dq_sum: float) -> torch.Tensor:
+    """``dL/dsigma = 2 sigma sum(dq)`` in sigma's shape."""
+    return (2.0 * dq_sum) * sigma.detach()
+
+
 class DivisiveRowsFn(torch.autograd.Function):
-    """DN along the rows of a contiguous (rows, n) tensor by the compiled kernels: the
+    """DN along the rows of a (rows, n) tensor by the compiled kernels (eager mode): the
     C = 1 case of :class:`DivisiveNormFn` with windows of radius ``a`` (mean) and ``b``
     (variance) along each row::
 
@@ -225,14 +250,14 @@ class DivisiveRowsFn(torch.autograd.Function):
         dx = dv - box_a(dv / cnt_a)          dL/dsigma = 2 sigma sum(dq)
 
     It saves only ``x`` (the backward computes ``m``, ``v`` and ``r`` again while a row is
-    in cache). ``need_mad`` also returns ``mean|v|`` as a differentiable scalar."""
+    in cache). ``need_mad`` also returns ``mean|v|`` as a differentiable scalar. Under
+    torch.compile the same kernel is the ``normswap::dn_rows_forward`` operator."""
 
     @staticmethod
     def forward(ctx, x2, sigma, a: int, b: int, eps: float, need_mad: bool):
         ctx.set_materialize_grads(False)
-        s = float(sigma) ** 2 + eps
-        y, abs_sum = _dn_rows_call(x2, None, (a, b), s, 0.0)
-        mad = x2.new_tensor(abs_sum / x2.numel()) if need_mad else x2.new_zeros(())
+        s = _smoothing(sigma, eps)
+        y, mad = _dn_rows_forward(x2, s, (a, b), need_mad)
         ctx.save_for_backward(x2, sigma if isinstance(sigma, torch.Tensor) else None)
         ctx.radii, ctx.s, ctx.need_mad = (a, b), s, need_mad
         return y, mad
@@ -240,18 +265,72 @@ class DivisiveRowsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, gmad):
         x2, sigma = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x2)
-        g = float(gmad) / x2.numel() if ctx.need_mad and gmad is not None else 0.0
-        dx, dq_sum = _dn_rows_call(x2, dy.to(x2.dtype).contiguous(), ctx.radii, ctx.s, g)
-        gsigma = None
-        if sigma is not None and ctx.needs_input_grad[1]:
-            gsigma = (2.0 * dq_sum) * sigma.detach().reshape(sigma.shape)
+        dx, dq_sum = _dn_rows_backward(x2, dy, ctx.s, ctx.radii, gmad if ctx.need_mad else None)
+        gsigma = _sigma_grad(sigma, dq_sum) if sigma is not None and ctx.needs_input_grad[1] else None
         return dx, gsigma, None, None, None, None
+
+
+# The kernel as operators for torch.compile (one opaque call each way; inductor's code from
+# the PyTorch formulation took 1.7x the kernel's time on a ViT-sized input). ``sigma`` is a
+# learned scalar or None with its value in ``sigma_value``.
+@torch.library.custom_op("normswap::dn_rows_forward", mutates_args=(), device_types="cpu")
+def _dn_rows_op(x2: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: float, a: int, b: int,
+                eps: float, need_mad: bool) -> List[torch.Tensor]:
+    y, mad = _dn_rows_forward(x2, _smoothing(sigma if sigma is not None else sigma_value, eps), (a, b), need_mad)
+    return [y, mad]
+
+
+@_dn_rows_op.register_fake
+def _(x2, sigma, sigma_value, a, b, eps, need_mad):
+    return [x2.new_empty(x2.shape), x2.new_empty(())]
+
+
+@torch.library.custom_op("normswap::dn_rows_backward", mutates_args=(), device_types="cpu")
+def _dn_rows_backward_op(x2: torch.Tensor, dy: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: float,
+                         a: int, b: int, eps: float, gmad: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    dx, dq_sum = _dn_rows_backward(x2, dy, _smoothing(sigma if sigma is not None else sigma_value, eps),
+                                   (a, b), gmad)
+    return [dx, x2.new_tensor(dq_sum)]
+
+
+@_dn_rows_backward_op.register_fake
+def _(x2, dy, sigma, sigma_value, a, b, eps, gmad):
+    return [x2.new_empty(x2.shape), x2.new_empty(())]
+
+
+def _dn_op_setup(ctx, inputs, output):
+    x2, sigma, sigma_value, a, b, eps, need_mad = inputs
+    ctx.save_for_backward(x2, sigma)
+    ctx.setup = (sigma_value, a, b, eps, need_mad)
+
+
+def _dn_op_backward(ctx, grads):
+    dy, gmad = grads
+    x2, sigma = ctx.saved_tensors
+    sigma_value, a, b, eps, need_mad = ctx.setup
+    if dy is None:
+        dy = torch.zeros_like(x2)
+    dx, dq_sum = _dn_rows_backward_op(x2, dy, sigma, sigma_value, a, b, eps, gmad if need_mad else None)
+    gsigma = 2.0 * dq_sum * sigma if sigma is not None and ctx.needs_input_grad[1] else None
+    return dx, gsigma, None, None, None, None, None
+
+
+_dn_rows_op.register_autograd(_dn_op_backward, setup_context=_dn_op_setup)
+
+
+def dn_rows(x2: torch.Tensor, sigma, a: int, b: int, eps: float, need_mad: bool):
+    """DN along the rows of ``x2`` (rows, n) by the kernels: ``(y, mean|v|)``. Eager:
+    :class:`DivisiveRowsFn`; under torch.compile the ``normswap::dn_rows_forward`` operator."""
+    if torch.compiler.is_compiling():
+        learned = sigma if isinstance(sigma, torch.Tensor) else None
+        y, mad = _dn_rows_op(x2, learned, 0.0 if learned is not None else float(sigma), a, b, eps, need_mad)
+        return y, mad
+    return DivisiveRowsFn.apply(x2, sigma, a, b, eps, need_mad)
 
 
 class _DivisiveBase(_SigmaMixin, NormalizerBase):
     def _init_affine(self, num_channels, affine, device, dtype):
+        kernels.library()  # build the CPU kernels now: torch.compile cannot while tracing
         self.num_channels = num_channels
         self.affine = affine
         if affine:
@@ -271,8 +350,8 @@ class _DivisiveBase(_SigmaMixin, NormalizerBase):
         xs = x4.to(stat_dtype(x4.dtype))
         rows = rows_kernel_shape(xs, sum_window, sup_window)
         if rows is not None:
-            y, mad = DivisiveRowsFn.apply(xs.reshape(rows).contiguous(), self.sigma, sum_window[1] // 2,
-                                          sup_window[1] // 2, self.eps, need_mad)
+            y, mad = dn_rows(xs.reshape(rows).contiguous(), self.sigma, sum_window[1] // 2,
+                             sup_window[1] // 2, self.eps, need_mad)
             y = y.view(xs.shape)
         else:
             y, mad = DivisiveNormFn.apply(xs, self.sigma, sum_window, sup_window, self.eps, need_mad)
