@@ -12,6 +12,11 @@
  *
  *   dL/dS += -1/2 (P^3)^T G,   H = -1/2 G S^T,   dL/dP = 3/2 G + H (P^2)^T + P^T H P^T + (P^2)^T H.
  *
+ * S and every P_k (a polynomial in S) are symmetric, so the transposes are left out:
+ * dL/dS += -1/2 P^3 G, H = -1/2 G S, dL/dP = 3/2 G + H P^2 + P H P + P^2 H (the computed
+ * P^3 and P_k differ from their transposes by rounding only; transposing them cost 40% of
+ * the backward's time).
+ *
  * Computed in the input's precision, as the PyTorch version is (d is small: a product is
  * d^3 multiply-adds); one matrix per OpenMP iteration, on `threads` threads. In PyTorch
  * these are about 15 (forward) and 45 (backward) calls per layer and step, whose dispatch
@@ -62,8 +67,8 @@ static int nt_mm16_f64(const double *A, const double *B, double *C) { (void)A; (
 #endif
 
 /* scratch values per thread, in d x d matrices: the forward uses S, p and the steps
- * (3 (T - 1)); the backward six more (gp, gs, h, t1, t2, tt) */
-static int64_t nt_scratch(int64_t d, int T) { return (int64_t)(3 * (T > 1 ? T - 1 : 0) + 8) * d * d; }
+ * (3 (T - 1)); the backward five more (gp, gs, h, t1, t2) */
+static int64_t nt_scratch(int64_t d, int T) { return (int64_t)(3 * (T > 1 ? T - 1 : 0) + 7) * d * d; }
 
 #define NS_NEWTON(T_, SUF_)                                                                         \
 /* C = A B for d x d row-major matrices (the inner loop along C's and B's rows: vectors) */         \
@@ -78,17 +83,6 @@ static void nt_mm_##SUF_(const T_ *restrict A, const T_ *restrict B, T_ *restric
             for (int64_t j = 0; j < d; j++) c[j] += a * b[j];                                       \
         }                                                                                           \
     }                                                                                               \
-}                                                                                                   \
-                                                                                                    \
-/* C = op(A) op(B), op(M) = M or M^T; tmp: d x d scratch for a transposed operand */                \
-static void nt_matmul_##SUF_(const T_ *A, int ta, const T_ *B, int tb, T_ *C, int64_t d, T_ *tmp) { \
-    if (ta || tb) {                                                                                 \
-        const T_ *M = ta ? A : B;                                                                   \
-        for (int64_t i = 0; i < d; i++)                                                             \
-            for (int64_t j = 0; j < d; j++) tmp[j * d + i] = M[i * d + j];                          \
-        if (ta) A = tmp; else B = tmp;                                                              \
-    }                                                                                               \
-    nt_mm_##SUF_(A, B, C, d);                                                                       \
 }                                                                                                   \
                                                                                                     \
 /* tr(Sigma), S = Sigma / tr and the steps: P_k into steps[3 (k - 1)] for k = 1..T-1 with           \
@@ -124,7 +118,7 @@ static void nt_forward_one_##SUF_(const T_ *cov, const T_ *grad, int64_t d, int 
 static void nt_backward_one_##SUF_(const T_ *c, const T_ *gr, int64_t d, int T, T_ *dcov, T_ *w) {  \
     int64_t dd = d * d;                                                                             \
     T_ *S = w, *p = S + dd, *gp = p + dd, *gs = gp + dd, *h = gs + dd,                              \
-       *t1 = h + dd, *t2 = t1 + dd, *tt = t2 + dd, *steps = tt + dd;                                \
+       *t1 = h + dd, *t2 = t1 + dd, *steps = t2 + dd;                                               \
     T_ tr = nt_steps_##SUF_(c, d, T, S, steps, p), rs = (T_)1 / SQRT_(tr);                          \
     T_ gtr = 0;                                                                                     \
     for (int64_t i = 0; i < dd; i++) {                                                              \
@@ -135,17 +129,17 @@ static void nt_backward_one_##SUF_(const T_ *c, const T_ *gr, int64_t d, int T, 
     gtr = (T_)-0.5 * gtr * rs / tr;                                                                 \
     for (int s = T - 2; s >= 0; s--) {                                                              \
         const T_ *P = steps + 3 * s * dd, *PP = P + dd, *PPP = PP + dd;                             \
-        nt_matmul_##SUF_(PPP, 1, gp, 0, t1, d, tt);                                                 \
+        nt_mm_##SUF_(PPP, gp, t1, d);                                                               \
         for (int64_t i = 0; i < dd; i++) gs[i] -= (T_)0.5 * t1[i];                                  \
-        nt_matmul_##SUF_(gp, 0, S, 1, h, d, tt);                                                    \
+        nt_mm_##SUF_(gp, S, h, d);                                                                  \
         for (int64_t i = 0; i < dd; i++) h[i] *= (T_)-0.5;                                          \
         for (int64_t i = 0; i < dd; i++) gp[i] *= (T_)1.5;                                          \
-        nt_matmul_##SUF_(h, 0, PP, 1, t1, d, tt);                                                   \
+        nt_mm_##SUF_(h, PP, t1, d);                                                                 \
         for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                            \
-        nt_matmul_##SUF_(P, 1, h, 0, t2, d, tt);                                                    \
-        nt_matmul_##SUF_(t2, 0, P, 1, t1, d, tt);                                                   \
+        nt_mm_##SUF_(P, h, t2, d);                                                                  \
+        nt_mm_##SUF_(t2, P, t1, d);                                                                 \
         for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                            \
-        nt_matmul_##SUF_(PP, 1, h, 0, t1, d, tt);                                                   \
+        nt_mm_##SUF_(PP, h, t1, d);                                                                 \
         for (int64_t i = 0; i < dd; i++) gp[i] += t1[i];                                            \
     }                                                                                               \
     if (T >= 1)                                                                                     \
