@@ -234,7 +234,7 @@ def _smoothing(sigma, eps: float) -> float:
     return float(sigma) ** 2 + eps
 
 
-def _sigma_grad(sigma: Optional[torch.Tensor], dq_sum: float) -> torch.Tensor:
+def _sigma_grad(sigma: torch.Tensor, dq_sum: float) -> torch.Tensor:
     """``dL/dsigma = 2 sigma sum(dq)`` in sigma's shape."""
     return (2.0 * dq_sum) * sigma.detach()
 
@@ -329,8 +329,11 @@ def dn_rows(x2: torch.Tensor, sigma, a: int, b: int, eps: float, need_mad: bool)
 
 
 class _DivisiveBase(_SigmaMixin, NormalizerBase):
-    def _init_affine(self, num_channels, affine, device, dtype):
+    def __init__(self, l1_alpha: float = 0.0):
+        super().__init__(l1_alpha=l1_alpha)
         kernels.library()  # build the CPU kernels now: torch.compile cannot while tracing
+
+    def _init_affine(self, num_channels, affine, device, dtype):
         self.num_channels = num_channels
         self.affine = affine
         if affine:
