@@ -84,6 +84,28 @@ def test_row_layers_take_the_kernels_in_every_float_dtype(name, factory, shape, 
     assert len(spy) == 2, "a model cast to bfloat16 computes in float32 in the kernels"
 
 
+@pytest.mark.parametrize("make,x", [
+    (lambda: N.L1BatchNorm2d(24), torch.randn(8, 24, 12, 16).to(memory_format=torch.channels_last)),
+    (lambda: N.TopKBatchNorm2d(24, k=7), torch.randn(8, 24, 12, 16).to(memory_format=torch.channels_last)),
+    (lambda: N.L1BatchNorm1d(48, channel_dim=-1), torch.randn(16, 40, 48)),     # tokens, channels last
+    (lambda: N.TopKBatchNorm1d(48, k=5, channel_dim=-1), torch.randn(16, 40, 48)),
+], ids=["l1-channels-last", "topk-channels-last", "l1-tokens", "topk-tokens"])
+def test_strided_rows_are_copied_into_the_kernels(make, x, spy):
+    """A batch norm whose rows are strided in the input (channels-last maps, tokens with
+    their channels last) runs the kernels on one contiguous copy (the PyTorch formulation
+    took 5-8x nn.BatchNorm2d on such input), with the PyTorch formulation's values and
+    gradients and the input's layout."""
+    dy = torch.randn_like(x)
+    fast = _step(_layer(make, torch.float32), x, dy)
+    assert len(spy) == 1
+    with kernels.disabled():
+        slow = _step(_layer(make, torch.float32), x, dy)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    if x.dim() == 4:
+        assert fast[0].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("param_dtype", ["float32", "half"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])

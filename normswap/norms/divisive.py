@@ -14,7 +14,10 @@ It is computed as a zero-padded box sum divided by the count map ``box_sum(1)``,
 which also gives its adjoint for backward, ``box_sum(u / count)``.
 
 Both layers run one fused autograd Function, :class:`DivisiveNormFn`, with a
-hand-written backward that saves only the input and per-position maps.
+hand-written backward that saves only the input and per-position maps. DN along rows
+(DivisiveNorm1d; one channel with windows along W) runs on CPU the compiled kernel of
+normswap/kernels/divisive.h instead (:class:`DivisiveRowsFn`, the ``normswap::dn_rows_*``
+operators under torch.compile), which saves the input alone.
 
 For fully-connected / recurrent pre-activations (:class:`DivisiveNorm1d`) the window
 slides over the hidden-unit index of the last dim, width ``2 * radius + 1``.
