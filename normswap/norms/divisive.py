@@ -274,8 +274,9 @@ class DivisiveRowsFn(torch.autograd.Function):
 
 
 # The kernel as operators for torch.compile (one opaque call each way; inductor's code from
-# the PyTorch formulation took 1.7x the kernel's time on a ViT-sized input). ``sigma`` is a
-# learned scalar or None with its value in ``sigma_value``.
+# the PyTorch formulation took 1.3x their time on a ViT-sized input, 1.0-1.08 against
+# 0.75-0.83 ms fwd+bwd on (32, 17, 192)). ``sigma`` is a learned scalar or None with its
+# value in ``sigma_value``.
 @torch.library.custom_op("normswap::dn_rows_forward", mutates_args=(), device_types="cpu")
 def _dn_rows_op(x2: torch.Tensor, sigma: Optional[torch.Tensor], sigma_value: float, a: int, b: int,
                 eps: float, need_mad: bool) -> List[torch.Tensor]:

@@ -552,7 +552,7 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     if (qweight is not None or qbias is not None) and post_shape is None:
         post_shape = tuple(x3.shape)
     from .rows import row_norm, row_plan, rows_in_place  # (rows imports this module)
-    x3 = rows_in_place(x3)
+    x3 = rows_in_place(x3, stat, group)
     plan = row_plan(x3, weight, bias, qweight, qbias, post_shape, stat, group, delta, kernel_when_compiled)
     if plan is not None:  # the compiled CPU kernels (eager, contiguous rows)
         y, mu, batch_stat, mad = row_norm(x3, plan, stat, delta, k, eps, need_mad, out_shape)

@@ -104,14 +104,15 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     return RowPlan(flat[0], flat[1], seg, cq)
 
 
-def rows_in_place(x3: torch.Tensor) -> torch.Tensor:
-    """``x3`` contiguous where the kernels would run it (eager, CPU, loaded): a strided
-    ``(P, G, Q)`` view (a channels-last batch norm input, tokens with their channels last)
-    is copied once, which costs less than the PyTorch formulation's passes over it
-    (channels-last ``L1BatchNorm2d`` on (32, 64, 56, 56): 5.4x ``nn.BatchNorm2d`` in the
-    PyTorch formulation)."""
+def rows_in_place(x3: torch.Tensor, stat: str, group) -> torch.Tensor:
+    """``x3`` contiguous where the kernels would run it (eager, CPU, loaded, a statistic they
+    compute, one process): a strided ``(P, G, Q)`` view (a channels-last batch norm input,
+    tokens with their channels last) is copied once, which costs less than the PyTorch
+    formulation's passes over it (channels-last ``L1BatchNorm2d`` on (32, 64, 56, 56): 5.4x
+    ``nn.BatchNorm2d`` in the PyTorch formulation, 1.8x with the copy)."""
     if x3.is_contiguous() or x3.device.type != "cpu" or torch.compiler.is_compiling() \
-            or not kernels.ready() or not (x3.dtype in _DTYPE_SUFFIX or x3.dtype in _HALF):
+            or group is not None or stat not in _STAT_CODE or not kernels.ready() \
+            or not (x3.dtype in _DTYPE_SUFFIX or x3.dtype in _HALF):
         return x3
     return x3.contiguous()
 
