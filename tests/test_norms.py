@@ -165,8 +165,17 @@ def test_layer_norm_star_2d_matches_reference():
     torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.fixture(params=["pooled", "shifted"])
+def box_sums(request, monkeypatch):
+    """Both eager forms of DN's box sums: one avg_pool2d call (small maps) and shifted
+    slices (larger maps, and torch.compile)."""
+    from normswap.norms import divisive
+    monkeypatch.setattr(divisive, "_POOL_MAX_WORK", 1 << 62 if request.param == "pooled" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("sum_w,sup_w", [(5, 5), (3, 3), (5, 7), ((3, 5), 1)])
-def test_divisive_norm_2d_matches_reference(sum_w, sup_w):
+def test_divisive_norm_2d_matches_reference(sum_w, sup_w, box_sums):
     m = N.DivisiveNorm2d(sum_w, sup_w, sigma=0.5).double()
     x = _input((2, 3, 6, 7))
     pair = lambda w: (w, w) if isinstance(w, int) else w
@@ -252,7 +261,7 @@ def test_batch_gradcheck(cls, kind, shape, kw, mode):
     (lambda: N.DivisiveNorm2d(5, 5, sigma=0.5), (2, 3, 5, 5)),
     (lambda: N.DivisiveNorm1d(radius=2, sigma=0.5, learn_sigma=True), (2, 3, 9)),
 ], ids=["LNs-learned", "LNs", "LNs2d-learned", "DN-learned", "DN", "DN1d-learned"])
-def test_per_example_gradcheck(make, shape, mode, path):
+def test_per_example_gradcheck(make, shape, mode, path, box_sums):
     m = getattr(make().double(), mode)()
     x = _input(shape)
     w = _input(shape, seed=7)
