@@ -102,8 +102,8 @@ def test_strided_rows_are_copied_into_the_kernels(make, x, spy):
         slow = _step(_layer(make, torch.float32), x, dy)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
-    if x.dim() == 4:
-        assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    assert fast[0].is_contiguous(memory_format=fmt), "the output keeps the input's layout"
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "half"])

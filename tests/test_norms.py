@@ -420,3 +420,45 @@ def test_bad_input_gives_clear_error(make, x, match):
 def test_bad_arguments_give_clear_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# -- second derivatives ---------------------------------------------------------------
+SECOND_ORDER_LAYERS = [
+    (lambda: N.L1LayerNorm(8), (4, 8)),
+    (lambda: N.TopKBatchNorm2d(4, k=2), (4, 4, 3, 3)),
+    (lambda: N.BatchNormStar2d(4, learn_sigma=True), (4, 4, 3, 3)),
+    (lambda: N.IterNorm2d(16), (4, 16, 3, 3)),
+    (lambda: N.DivisiveNorm1d(2), (3, 20)),
+    (lambda: N.DivisiveNorm2d(3, 3), (2, 3, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("make,shape", SECOND_ORDER_LAYERS,
+                         ids=["l1-layer", "topk-batch", "bn*-learned", "iternorm", "dn1d", "dn2d"])
+def test_a_second_derivative_through_a_layer_is_refused_not_silently_wrong(make, shape, path):
+    """The layers' hand-written backwards give first derivatives only. A gradient penalty
+    (create_graph=True, then differentiating the gradient) used to get a gradient that did
+    not depend on x through the layer: a wrong second derivative and no error. Now
+    create_graph=True raises an error that says so; the plain first derivative is unchanged."""
+    m = make().double().train()
+    x = _input(shape).requires_grad_()
+    w = _input(shape, seed=7)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad((m(x) * w).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad((m(x) * w).sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_the_mean_only_layer_keeps_its_second_derivative(path):
+    """The mean-only backward, dx = dy - mean(dy) per channel, uses nothing it saved: a
+    gradient penalty through it stays exact (here d/dx of sum(dx^2) is 0, so the penalty's
+    gradient is that of sum(x^2))."""
+    m = N.MeanOnlyBatchNorm2d(3).double().train()
+    x = _input((4, 3, 2, 2)).requires_grad_()
+    w = _input((4, 3, 2, 2), seed=7).requires_grad_()
+    (g,) = torch.autograd.grad((m(x) * w).sum(), x, create_graph=True)
+    want_g = w - w.mean(dim=(0, 2, 3), keepdim=True)
+    torch.testing.assert_close(g, want_g)
+    gx, gw = torch.autograd.grad(g.square().sum() + x.square().sum(), (x, w))
+    torch.testing.assert_close(gx, 2 * x.detach())
+    torch.testing.assert_close(gw, 2 * want_g.detach())

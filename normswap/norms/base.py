@@ -28,11 +28,18 @@ NORMSWAP_LEAF_MODULES: List[type] = []
 
 
 def in_input_format(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y`` in ``x``'s memory format where ``x`` is channels-last (2d or 3d) and ``y``, of
-    the same shape, is not, as the native norms keep it: a layer that returned NCHW for a
-    channels-last input would change the layout of the rest of the network (a copy at the
-    next layer that wants it back, or convolutions run in the slower layout)."""
-    if y.shape != x.shape or x.dim() not in (4, 5) or x.is_contiguous():
+    """``y`` in ``x``'s memory format, as the native norms keep it: contiguous for a
+    contiguous ``x`` (a layer whose computation ends in a permuted view, e.g. a batch norm
+    over tokens with their channels last, would otherwise return a tensor that ``view``
+    rejects), channels-last where ``x`` is channels-last (2d or 3d) and ``y``, of the same
+    shape, is not: a layer that returned NCHW for a channels-last input would change the
+    layout of the rest of the network (a copy at the next layer that wants it back, or
+    convolutions run in the slower layout)."""
+    if y.shape != x.shape:
+        return y
+    if x.is_contiguous():
+        return y if y.is_contiguous() else y.contiguous()
+    if x.dim() not in (4, 5):
         return y
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     if x.is_contiguous(memory_format=fmt) and not y.is_contiguous(memory_format=fmt):
@@ -62,9 +69,8 @@ class NormalizerBase(nn.Module):
 
     def _output_format(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` in the memory format this layer returns for ``x`` (see the class doc)."""
-        if self.channels_last_out and x.dim() == 4 and y.shape == x.shape \
-                and not y.is_contiguous(memory_format=torch.channels_last):
-            return y.contiguous(memory_format=torch.channels_last)
+        if self.channels_last_out and x.dim() == 4 and y.shape == x.shape:
+            return y.contiguous(memory_format=torch.channels_last)   # (no copy when it is)
         return in_input_format(x, y)
 
     def __init__(self, l1_alpha: float = 0.0):

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .first_order import first_order_only
+
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _CONV_T
 
@@ -100,6 +102,7 @@ class BoundedWeightFn(torch.autograd.Function):
         return v * k
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g):
         v, n, k = ctx.saved_tensors
         p, dims = ctx.p, ctx.dims

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .first_order import first_order_only
 from .. import kernels
 from . import fused
 from .base import NormalizerBase, check_channels, register_normalizer
@@ -188,6 +189,7 @@ class DivisiveNormFn(torch.autograd.Function):
         return y, mad
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, gmad):
         x, m, r, d, sigma = ctx.saved_tensors
         sum_window, sup_window = ctx.windows
@@ -291,6 +293,7 @@ class DivisiveRowsFn(torch.autograd.Function):
         return y, mad
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, gmad):
         x2, sigma = ctx.saved_tensors
         dx, dq_sum = _dn_rows_backward(x2, dy, ctx.s, ctx.radii, gmad if ctx.need_mad else None)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .areas import BatchArea
+from .first_order import first_order_only
 
 C_L1 = math.sqrt(math.pi / 2.0)
 """Makes ``C_L1 * mean|v|`` equal the standard deviation for Gaussian ``v``."""
@@ -285,6 +286,7 @@ class StatNormFn(torch.autograd.Function):
             ctx.meta = _Meta("mean-lite", k, group, x3.shape, False, bias is not None, False, False, sdt,
                              input_for_partitioner=keep_x)
             ctx.m = m
+            ctx.linear_backward = True   # dx = dy - mean(dy): nothing saved enters it
             if keep_x:
                 ctx.save_for_backward(x3)
             outs = (y, mu, empty, mu.new_zeros(0), m if group is not None else mu.new_zeros(0))
@@ -384,6 +386,7 @@ class StatNormFn(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, _gmu, _gstat, gmad, _gcount):
         """Gradients, for each group over its n values (of the global batch).
 

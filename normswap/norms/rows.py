@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from .. import kernels
+from .first_order import first_order_only
 from .functional import c_inf
 
 _STAT_CODE = {"l2": 0, "l1": 1, "topk": 2}
@@ -154,6 +155,7 @@ class RowNormFn(torch.autograd.Function):
         return y, mu, bstat, mad if mad is not None else mu.new_zeros(0)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, _gmu, _gstat, gmad):
         stat, k, seg, channels, has_beta, delta_grad, delta_shape = ctx.setup
         x3, mu, d, gamma, thr = ctx.saved_tensors

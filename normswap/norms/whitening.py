@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .first_order import first_order_only
 from .. import kernels
 from . import fused
 from .areas import BatchArea
@@ -243,6 +244,7 @@ class _GroupWhitenFn(torch.autograd.Function):
         return (y if cdt == x.dtype else y.to(x.dtype)), mu, W
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, _gmu, _gw):
         V, cov, W, Wg, weight = ctx.saved_tensors
         T, m, has_bias, xdt, shape, grouped = ctx.setup
