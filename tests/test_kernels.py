@@ -650,3 +650,26 @@ def test_compiled_divisive_rows_call_the_kernel_with_eager_values_and_gradients(
     assert len(got) == len(eager) == (4 if learn else 3)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_divisive_rows_narrow_windows_are_summed_directly():
+    """Windows up to 9 wide are summed value by value, as the PyTorch formulation sums them:
+    a huge value does not cancel away the precision of windows far from it (prefix-sum
+    differences lost it: with sigma = 0 the error far from a 1e6 outlier was 2.6e3 against
+    the float64 re-computation), and a NaN spoils only the windows that hold it (with prefix
+    sums, the rest of its row)."""
+    from . import reference as ref
+    x = torch.randn(2, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-3
+    x[0, 5] = 1e6
+    m = N.DivisiveNorm1d(2, sigma=0.0, eps=1e-12).double()
+    y = m(x)
+    want = ref.divisive_norm_1d(x, 2, 2, 0.0, eps=1e-12)
+    torch.testing.assert_close(y[:, 20:], want[:, 20:], rtol=1e-10, atol=1e-10)
+    xn = torch.randn(4, 40, generator=torch.Generator().manual_seed(2))
+    xn[1, 3] = float("nan")
+    layer = N.DivisiveNorm1d(2)
+    y = layer(xn)
+    with kernels.disabled():
+        y_pytorch = layer(xn)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(y_pytorch))
+    assert (~torch.isfinite(y[1])).sum() == 8   # |j - 3| <= a + b

@@ -16,16 +16,18 @@
  *
  * The forward keeps nothing but x: the backward computes m, v and r again (two more box
  * sums on a row that is in cache), so the layer saves what nn.LayerNorm saves. A box sum
- * is the difference of two prefix sums, sp[j + 2w + 1] - sp[j] on a padded prefix array,
- * two operations per value whatever the width (a window of 61 units is DivisiveNorm1d's
- * default); everything is computed in double precision. In PyTorch these are about 40
+ * of radius w > DN_DIRECT_MAX is the difference of two prefix sums, sp[j + 2w + 1] - sp[j]
+ * on a padded prefix array, two operations per value whatever the width (a window of 61
+ * units is DivisiveNorm1d's default); narrower windows are summed directly, as the PyTorch
+ * formulation sums them (no cancellation between long sums: a window far from a huge or
+ * non-finite value does not see it). Everything is computed in double precision. In PyTorch these are about 40
  * calls per layer and step on float64 copies of the input. Rows are split between OpenMP
  * threads; the sums over rows (sum |v|, sum dq) are added in row order after the
  * parallel loop, so every result depends on the inputs alone.
  */
 
-/* sp[0 .. w] = 0, sp[w + 1 + i] = t_0 + ... + t_i, sp[n + w + 1 .. n + 2 w] = the total, so
- * that box_w(t)_j = sp[j + 2 w + 1] - sp[j]; t of type T_, the sums in double. With
+/* Prefix sums: sp[0 .. w] = 0, sp[w + 1 + i] = t_0 + ... + t_i, sp[n + w + 1 .. n + 2 w] = the
+ * total, so that box_w(t)_j = sp[j + 2 w + 1] - sp[j]; t of type T_, the sums in double. With
  * AVX-512 eight values at a time (an in-register scan of three shifted adds, then the
  * running total), else one at a time. A scan is one chain of additions; here one addition
  * per eight values is on it. */
@@ -52,8 +54,43 @@
 #define DN_PREFIX_SIMD(SUF_)
 #endif
 
-#define DN_PREFIX(T_, SUF_)                                                                    \
-static void dn_prefix_##SUF_(const T_ *restrict t, int64_t n, int64_t w, double *restrict sp) { \
+#define DN_DIRECT_MAX 4   /* radii up to this are summed directly (windows up to 9 wide) */
+
+/* box_w(t)_j = hi[j] - lo[j]: for w <= DN_DIRECT_MAX hi = the sums, computed directly into
+ * box, and lo = zero (n zeros); else hi and lo point into the prefix sums in sp (n + 2 w + 1
+ * values), read by the caller without another pass */
+typedef struct { const double *hi, *lo; } dn_box_t;
+
+#define DN_BOX(T_, SUF_)                                                                       \
+static dn_box_t dn_box_##SUF_(const T_ *restrict t, int64_t n, int64_t w, double *restrict sp, \
+                              double *restrict box, const double *zero) {                      \
+    if (w <= DN_DIRECT_MAX) { /* t zero-padded in sp, then 2 w + 1 values a position */      \
+        for (int64_t i = 0; i < w; i++) sp[i] = sp[n + w + i] = 0;                             \
+        for (int64_t i = 0; i < n; i++) sp[w + i] = (double)t[i];                              \
+        switch (w) {                                                                           \
+        case 0:                                                                                \
+            for (int64_t j = 0; j < n; j++) box[j] = sp[j];                                    \
+            break;                                                                             \
+        case 1:                                                                                \
+            for (int64_t j = 0; j < n; j++) box[j] = sp[j] + sp[j + 1] + sp[j + 2];            \
+            break;                                                                             \
+        case 2:                                                                                \
+            for (int64_t j = 0; j < n; j++)                                                    \
+                box[j] = sp[j] + sp[j + 1] + sp[j + 2] + sp[j + 3] + sp[j + 4];                \
+            break;                                                                             \
+        case 3:                                                                                \
+            for (int64_t j = 0; j < n; j++)                                                    \
+                box[j] = sp[j] + sp[j + 1] + sp[j + 2] + sp[j + 3] + sp[j + 4] + sp[j + 5]     \
+                         + sp[j + 6];                                                          \
+            break;                                                                             \
+        default: /* 4 */                                                                       \
+            for (int64_t j = 0; j < n; j++)                                                    \
+                box[j] = sp[j] + sp[j + 1] + sp[j + 2] + sp[j + 3] + sp[j + 4] + sp[j + 5]     \
+                         + sp[j + 6] + sp[j + 7] + sp[j + 8];                                  \
+            break;                                                                             \
+        }                                                                                      \
+        return (dn_box_t){box, zero};                                                          \
+    }                                                                                          \
     for (int64_t i = 0; i <= w; i++) sp[i] = 0;                                                \
     double *s = sp + w + 1, acc = 0;                                                           \
     int64_t i = 0;                                                                             \
@@ -63,10 +100,11 @@ static void dn_prefix_##SUF_(const T_ *restrict t, int64_t n, int64_t w, double 
         s[i] = acc;                                                                            \
     }                                                                                          \
     for (int64_t j = 0; j < w; j++) s[n + j] = acc;                                            \
+    return (dn_box_t){sp + 2 * w + 1, sp};                                                     \
 }
-DN_PREFIX(float, f32)
-DN_PREFIX(double, f64)
-#undef DN_PREFIX
+DN_BOX(float, f32)
+DN_BOX(double, f64)
+#undef DN_BOX
 #undef DN_PREFIX_SIMD
 
 /* 1 / cnt_w(j) for j < n (w < n) */
@@ -81,30 +119,30 @@ static void dn_inverse_counts(int64_t n, int64_t w, double *inv) {
  * square root and division cost about four times as much and were half the forward's
  * time; the output has float precision anyway).
  *
- * dn_centre: v = x - m and sp = the prefix sums of v^2 (radius b), vv a scratch row.
+ * dn_centre: v = x - m, returns box_b(v^2) (vv a scratch row).
  * dn_forward_row: y = v r into y, returns sum |v|.
  * dn_backward_row: dx into dx, returns sum dq; r, t and dv are scratch rows. */
 #define NS_DIVISIVE(T_, SUF_, RSQRT_)                                                                \
-static void dn_centre_##SUF_(const T_ *restrict x, int64_t n, int64_t a, int64_t b,                  \
-                             const double *restrict ia, double *restrict sp, double *restrict v,     \
-                             double *restrict vv) {                                                  \
-    dn_prefix_##SUF_(x, n, a, sp);                                                                   \
+static dn_box_t dn_centre_##SUF_(const T_ *restrict x, int64_t n, int64_t a, int64_t b,                  \
+                             const double *restrict ia, double *restrict sp, double *restrict box,   \
+                             const double *zero, double *restrict v, double *restrict vv) {          \
+    dn_box_t m = dn_box_##SUF_(x, n, a, sp, box, zero);                                              \
     for (int64_t j = 0; j < n; j++) {                                                                \
-        v[j] = (double)x[j] - (sp[j + 2 * a + 1] - sp[j]) * ia[j];                                   \
+        v[j] = (double)x[j] - (m.hi[j] - m.lo[j]) * ia[j];                                           \
         vv[j] = v[j] * v[j];                                                                         \
     }                                                                                                \
-    dn_prefix_f64(vv, n, b, sp);                                                                     \
+    return dn_box_f64(vv, n, b, sp, box, zero);                                                      \
 }                                                                                                    \
                                                                                                      \
 static double dn_forward_row_##SUF_(const T_ *restrict x, int64_t n, int64_t a, int64_t b, double s, \
                                     const double *restrict ia, const double *restrict ib,            \
-                                    double *restrict sp, double *restrict v, double *restrict vv,    \
-                                    T_ *restrict y) {                                                \
-    dn_centre_##SUF_(x, n, a, b, ia, sp, v, vv);                                                     \
+                                    double *restrict sp, double *restrict box, const double *zero,   \
+                                    double *restrict v, double *restrict vv, T_ *restrict y) {       \
+    dn_box_t q = dn_centre_##SUF_(x, n, a, b, ia, sp, box, zero, v, vv);                             \
     double abs_sum = 0;                                                                              \
     _Pragma("omp simd reduction(+:abs_sum)")                                                         \
     for (int64_t j = 0; j < n; j++) {                                                                \
-        double r = RSQRT_((sp[j + 2 * b + 1] - sp[j]) * ib[j] + s);                                  \
+        double r = RSQRT_((q.hi[j] - q.lo[j]) * ib[j] + s);                                          \
         y[j] = (T_)(v[j] * r);                                                                       \
         abs_sum += fabs(v[j]);                                                                       \
     }                                                                                                \
@@ -114,25 +152,26 @@ static double dn_forward_row_##SUF_(const T_ *restrict x, int64_t n, int64_t a, 
 static double dn_backward_row_##SUF_(const T_ *restrict x, const T_ *restrict dy, int64_t n,         \
                                      int64_t a, int64_t b, double s, double g,                       \
                                      const double *restrict ia, const double *restrict ib,           \
-                                     double *restrict sp, double *restrict v, double *restrict r,    \
-                                     double *restrict t, double *restrict dv, T_ *restrict dx) {     \
-    dn_centre_##SUF_(x, n, a, b, ia, sp, v, t);                                                      \
+                                     double *restrict sp, double *restrict box, const double *zero,  \
+                                     double *restrict v, double *restrict r, double *restrict t,     \
+                                     double *restrict dv, T_ *restrict dx) {                         \
+    dn_box_t q = dn_centre_##SUF_(x, n, a, b, ia, sp, box, zero, v, t);                              \
     double dq_sum = 0;                                                                               \
     _Pragma("omp simd reduction(+:dq_sum)")                                                          \
     for (int64_t j = 0; j < n; j++) {                                                                \
-        r[j] = RSQRT_((sp[j + 2 * b + 1] - sp[j]) * ib[j] + s);                                      \
+        r[j] = RSQRT_((q.hi[j] - q.lo[j]) * ib[j] + s);                                              \
         double dq = -0.5 * r[j] * r[j] * r[j] * (double)dy[j] * v[j];                                \
         dq_sum += dq;                                                                                \
         t[j] = dq * ib[j];                                                                           \
     }                                                                                                \
-    dn_prefix_f64(t, n, b, sp);                                                                      \
+    dn_box_t c2 = dn_box_f64(t, n, b, sp, box, zero);                                                \
     for (int64_t j = 0; j < n; j++) {                                                                \
-        double c = 2.0 * (sp[j + 2 * b + 1] - sp[j]);                                                \
+        double c = 2.0 * (c2.hi[j] - c2.lo[j]);                                                      \
         dv[j] = (double)dy[j] * r[j] + c * v[j] + g * (double)SIGN(v[j]);                            \
         t[j] = dv[j] * ia[j];                                                                        \
     }                                                                                                \
-    dn_prefix_f64(t, n, a, sp);                                                                      \
-    for (int64_t j = 0; j < n; j++) dx[j] = (T_)(dv[j] - (sp[j + 2 * a + 1] - sp[j]));               \
+    dn_box_t ma = dn_box_f64(t, n, a, sp, box, zero);                                                \
+    for (int64_t j = 0; j < n; j++) dx[j] = (T_)(dv[j] - (ma.hi[j] - ma.lo[j]));                     \
     return dq_sum;                                                                                   \
 }                                                                                                    \
                                                                                                      \
@@ -147,31 +186,33 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
     if (a > n - 1) a = n - 1;                                                                        \
     if (b > n - 1) b = n - 1;                                                                        \
     int64_t w = a > b ? a : b;                                                                       \
-    double *ia = (double *)malloc(sizeof(double) * (size_t)(2 * n));                                 \
+    double *ia = (double *)calloc((size_t)(3 * n), sizeof(double)); /* 1/cnt_a, 1/cnt_b, zeros */   \
     double *per_row = (double *)malloc(sizeof(double) * (size_t)rows);                               \
     int failed = !ia || !per_row;                                                                    \
     if (!failed) {                                                                                   \
         double *ib = ia + n;                                                                         \
+        const double *zero = ia + 2 * n;                                                             \
         dn_inverse_counts(n, a, ia);                                                                 \
         dn_inverse_counts(n, b, ib);                                                                 \
         _Pragma("omp parallel num_threads(threads)")                                                 \
         {                                                                                            \
             int64_t ld = n + 20; /* rows not a multiple of 4 KiB apart (store-load aliasing) */      \
-            double *v = (double *)malloc(sizeof(double) * (size_t)(4 * ld + n + 2 * w + 1));         \
+            double *v = (double *)malloc(sizeof(double) * (size_t)(5 * ld + n + 2 * w + 1));         \
             if (!v) {                                                                                \
                 _Pragma("omp atomic write")                                                          \
                 failed = 1;                                                                          \
             }                                                                                        \
-            double *r = v + ld, *t = r + ld, *dv = t + ld, *sp = dv + ld;                            \
+            double *r = v + ld, *t = r + ld, *dv = t + ld, *box = dv + ld, *sp = box + ld;           \
             _Pragma("omp for schedule(static)")                                                      \
             for (int64_t row = 0; row < rows; row++) {                                               \
                 if (!v) continue;                                                                    \
                 if (dy)                                                                              \
                     per_row[row] = dn_backward_row_##SUF_(x + row * n, dy + row * n, n, a, b, s, g,  \
-                                                          ia, ib, sp, v, r, t, dv, out + row * n);   \
+                                                          ia, ib, sp, box, zero, v, r, t, dv,        \
+                                                          out + row * n);                            \
                 else                                                                                 \
-                    per_row[row] = dn_forward_row_##SUF_(x + row * n, n, a, b, s, ia, ib, sp, v, t,  \
-                                                         out + row * n);                             \
+                    per_row[row] = dn_forward_row_##SUF_(x + row * n, n, a, b, s, ia, ib, sp, box,   \
+                                                         zero, v, t, out + row * n);                 \
             }                                                                                        \
             free(v);                                                                                 \
         }                                                                                            \
