@@ -122,7 +122,9 @@ def _newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
 # a converted model's compile time 2.5-2.8x the original's), with its backward written out:
 # for P' = (3 P - P^3 S) / 2 and G = dL/dP',
 #     dL/dP = 3/2 G - 1/2 (G (P^2 S)^T + P^T G (P S)^T + (P^2)^T G S^T),   dL/dS += -1/2 (P^3)^T G;
-# then S = Sigma / tr(Sigma) and out = P_T / sqrt(tr(Sigma)) by the chain rule.
+# then S = Sigma / tr(Sigma) and out = P_T / sqrt(tr(Sigma)) by the chain rule. Sigma must be
+# symmetric (a covariance, as every caller passes): the C kernel's backward uses S and P_k
+# in place of their transposes.
 @torch.library.custom_op("normswap::newton_whitening", mutates_args=())
 def _newton_whitening_op(cov: torch.Tensor, T: int) -> torch.Tensor:
     return _newton_whitening(cov, T)
