@@ -9,7 +9,7 @@ source "$(dirname "$0")/measure_steps.sh"
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 { uname -m; nproc; uptime
   $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } > "$OUT/machine.txt" 2>&1
-LAYER_AREAS=L1LayerNorm,TopKLayerNorm,L1GroupNorm,TopKGroupNorm,L1InstanceNorm2d,TopKInstanceNorm2d,L1BatchNorm2d,TopKBatchNorm2d
+LAYER_AREAS=L1LayerNorm,TopKLayerNorm,L1GroupNorm,TopKGroupNorm,L1InstanceNorm2d,TopKInstanceNorm2d,L1BatchNorm2d,TopKBatchNorm2d,DivisiveNorm1d
 step norms_eager ${NORMS_S:-900} $PY scripts/bench_norms.py --device cpu --threads 1 --reps 20 \
   --json "$OUT/norms_cpu_eager.json" --markdown
 step norms_compiled ${NORMS_COMPILED_S:-1500} $PY scripts/bench_norms.py --device cpu --threads 1 --reps 20 \
