@@ -20,10 +20,10 @@
  * on a padded prefix array, two operations per value whatever the width (a window of 61
  * units is DivisiveNorm1d's default); narrower windows are summed directly, as the PyTorch
  * formulation sums them (no cancellation between long sums: a window far from a huge or
- * non-finite value does not see it). Everything is computed in double precision. In PyTorch these are about 40
- * calls per layer and step on float64 copies of the input. Rows are split between OpenMP
- * threads; the sums over rows (sum |v|, sum dq) are added in row order after the
- * parallel loop, so every result depends on the inputs alone.
+ * non-finite value does not see it). Everything is computed in double precision. In
+ * PyTorch these are about 40 calls per layer and step on float64 copies of the input.
+ * Rows are split between OpenMP threads; the sums over rows (sum |v|, sum dq) are added in
+ * row order after the parallel loop, so every result depends on the inputs alone.
  */
 
 /* Prefix sums: sp[0 .. w] = 0, sp[w + 1 + i] = t_0 + ... + t_i, sp[n + w + 1 .. n + 2 w] = the
