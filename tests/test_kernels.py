@@ -4,6 +4,7 @@ threads, and how they are built, cached and switched off.
 
 The formulas themselves are checked against the float64 re-computations of PAPERS.md in
 tests/test_areas.py, on both paths (its ``path`` fixture)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -61,6 +62,24 @@ def _step(m, x, dy):
     pen = normswap.penalty(m)
     ((y * dy).sum() + pen).backward()
     return [y.detach(), pen.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@contextlib.contextmanager
+def _num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block (the kernels follow it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _row_inputs(shape, dtype):
+    """The comparison tests' input ``x`` (mean 0.5, sd 2) and gradient ``dy`` in ``dtype``."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    return x, torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
 
 @pytest.fixture
@@ -144,18 +163,12 @@ def test_half_input_is_computed_in_float32_by_the_kernels(name, factory, shape, 
 @pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])
 def test_kernels_give_the_pytorch_formulations_values_and_gradients(name, factory, shape, dtype, threads):
     assert torch.tensor(shape).prod() >= rows._SMALL, "large enough for the threaded path"
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(3)
-        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
-        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    x, dy = _row_inputs(shape, dtype)
+    with _num_threads(threads):
         m_fast, m_slow = _layer(factory, dtype), _layer(factory, dtype)
         fast = _step(m_fast, x, dy) + list(m_fast.buffers())   # running statistics too
         with kernels.disabled():
             slow = _step(m_slow, x, dy) + list(m_slow.buffers())
-    finally:
-        torch.set_num_threads(before)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
@@ -502,14 +515,10 @@ def test_newton_kernel_gives_the_same_bits_on_one_and_two_threads():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(8, 64, 200, generator=g)
     cov, grad = a @ a.mT / 200 + 1e-3 * torch.eye(64), torch.randn(8, 64, 64, generator=g)
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    outs = []
+    for threads in (1, 2):
+        with _num_threads(threads):
             outs.append((_newton_kernel(cov, None, 5), _newton_kernel(cov, grad, 5)))
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -572,20 +581,14 @@ def test_divisive_rows_kernel_gives_the_pytorch_formulations_values_and_gradient
     input is computed in float32 by the kernel."""
     shape = (32, 17, 192)
     assert torch.tensor(shape).prod() >= rows._SMALL
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(3)
-        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
-        dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-        pdtype = torch.float32 if dtype == torch.bfloat16 else dtype
-        make = lambda: _layer(lambda: N.DivisiveNorm1d(30, sigma=0.5, learn_sigma=True), pdtype)
+    x, dy = _row_inputs(shape, dtype)
+    pdtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    make = lambda: _layer(lambda: N.DivisiveNorm1d(30, sigma=0.5, learn_sigma=True), pdtype)
+    with _num_threads(threads):
         fast = _step(make(), x, dy)
-        assert dn_spy == [torch.float32 if dtype == torch.bfloat16 else dtype] * 2
+        assert dn_spy == [pdtype] * 2
         with kernels.disabled():
             slow = _step(make(), x, dy)
-    finally:
-        torch.set_num_threads(before)
     tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5),
            torch.bfloat16: dict(rtol=1e-2, atol=2e-2)}[dtype]
     assert len(fast) == len(slow) == 4   # y, penalty, dx, dsigma
@@ -597,14 +600,10 @@ def test_divisive_rows_kernel_gives_the_same_bits_on_one_and_two_threads():
     m = N.DivisiveNorm1d(30, learn_sigma=True, l1_alpha=0.1)
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(64, 17, 192, generator=g), torch.randn(64, 17, 192, generator=g)
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    outs = []
+    for threads in (1, 2):
+        with _num_threads(threads):
             outs.append(_step(m, x, dy))
-    finally:
-        torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 

@@ -264,9 +264,10 @@ def _smoothing(sigma, eps: float) -> float:
     return float(sigma) ** 2 + eps
 
 
-def _sigma_grad(sigma: torch.Tensor, dq_sum: float) -> torch.Tensor:
-    """``dL/dsigma = 2 sigma sum(dq)`` in sigma's shape."""
-    return (2.0 * dq_sum) * sigma.detach()
+def _sigma_grad(sigma: torch.Tensor, dq_sum) -> torch.Tensor:
+    """``dL/dsigma = 2 sigma sum(dq)`` in sigma's shape (``dq_sum`` a float or a 0-d tensor;
+    backwards run without a graph: see first_order_only)."""
+    return 2.0 * dq_sum * sigma
 
 
 class DivisiveRowsFn(torch.autograd.Function):
@@ -343,7 +344,7 @@ def _dn_op_backward(ctx, grads):
     if dy is None:
         dy = torch.zeros_like(x2)
     dx, dq_sum = _dn_rows_backward_op(x2, dy, sigma, sigma_value, a, b, eps, gmad if need_mad else None)
-    gsigma = 2.0 * dq_sum * sigma if sigma is not None and ctx.needs_input_grad[1] else None
+    gsigma = _sigma_grad(sigma, dq_sum) if sigma is not None and ctx.needs_input_grad[1] else None
     return dx, gsigma, None, None, None, None, None
 
 
