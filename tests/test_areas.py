@@ -178,9 +178,11 @@ def test_non_finite_instance_batch_leaves_running_stats_untouched():
 
 # -- IterNorm ------------------------------------------------------------------------
 # unequal groups (autograd through the steps); equal groups with L = H W <= 16 (the Function's
-# (G, d, N L) layout) and L > 16 (its (N, G, d, L) layout); a 1d input; unequal 3d
+# (G, d, N L) layout) and L > 16 (its (N, G, d, L) layout); a 1d input; unequal 3d; groups of
+# 16 channels (on CPU the compiled kernels' Function, whiten.h: N L above one buffer chunk of
+# 128 double positions in the last case)
 ITER_CASES = [((8, 6, 3, 3), 4, 5), ((6, 8, 2, 2), 4, 3), ((3, 8, 5, 4), 4, 5), ((10, 3), 16, 5),
-              ((4, 5, 6), 2, 4)]
+              ((4, 5, 6), 2, 4), ((4, 32, 3, 3), 16, 5), ((3, 16, 7, 8), 16, 3)]
 
 
 def _iter(C, g, T, shape, **kw):
@@ -219,7 +221,7 @@ def test_iter_norm_whitens():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("shape,g,T", ITER_CASES[:3])
+@pytest.mark.parametrize("shape,g,T", ITER_CASES[:3] + ITER_CASES[-2:])
 def test_iter_norm_gradcheck(shape, g, T, mode):
     m = _iter(shape[1], g, T, shape)
     m(_input(shape, seed=4))

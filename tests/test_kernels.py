@@ -522,6 +522,101 @@ def test_newton_kernel_gives_the_same_bits_on_one_and_two_threads():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+# -- IterNorm's group whitening (normswap/kernels/whiten.h) ------------------------------
+def _iter_norm_autograd(x, gamma, beta, T, eps, d=16):
+    """IterNorm's training forward re-computed from PAPERS.md with autograd (float64 in,
+    float64 out): per group V = x - mean, Sigma = V V^T / m + eps I, S = Sigma / tr(Sigma),
+    P_0 = I, P_k = (3 P - P^3 S) / 2, y = P_T / sqrt(tr) V, then gamma y + beta."""
+    N, C = x.shape[0], x.shape[1]
+    X = x.transpose(0, 1).reshape(C // d, d, -1)
+    m = X.shape[-1]
+    V = X - X.mean(-1, keepdim=True)
+    sigma = V @ V.mT / m + eps * torch.eye(d, dtype=x.dtype)
+    tr = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    P = torch.eye(d, dtype=x.dtype).expand_as(sigma)
+    for _ in range(T):
+        P = (3 * P - P @ P @ P @ (sigma / tr)) / 2
+    y = (P / tr.sqrt() @ V).reshape((C, N) + tuple(x.shape[2:])).transpose(0, 1)
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    if gamma is not None:
+        y = y * gamma.view(shape) + beta.view(shape)
+    return y
+
+
+# (input shape, affine): one position per sample, maps of 3 / 16 / 17 / 300 positions (a
+# sample's columns split between buffer chunks of 256 float / 128 double positions, or
+# several samples in one), three groups
+WHITEN_CASES = [((64, 16), True), ((5, 32, 3), True), ((40, 16, 4, 4), False), ((9, 16, 17), True),
+                ((3, 48, 15, 20), True), ((2, 16, 300), False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,affine", WHITEN_CASES)
+def test_whitening_kernel_matches_a_float64_recomputation(shape, affine, dtype):
+    """IterNorm's training step by the kernels (groups of 16 channels) against PAPERS.md's
+    iteration in float64 with autograd: output, input / gamma / beta gradients, running
+    statistics."""
+    from normswap.norms.whitening import _whiten_kernels
+    C, T, eps = shape[1], 5, 1e-5
+    cls = N.IterNorm2d if len(shape) == 4 else N.IterNorm1d
+    m = cls(C, T=T, eps=eps, affine=affine).to(dtype)
+    g = torch.Generator().manual_seed(C + len(shape))
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.7
+    x64 = x64 + torch.randn((1, C) + shape[2:], generator=g, dtype=torch.float64)  # correlated channels
+    dy64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    if affine:
+        with torch.no_grad():
+            m.weight.copy_(torch.rand(C, generator=g) + 0.5)
+            m.bias.copy_(torch.rand(C, generator=g) - 0.5)
+    x = x64.to(dtype).clone().requires_grad_()
+    assert _whiten_kernels(x, 16) is not None
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "_GroupWhitenKernelFnBackward"   # the kernels ran
+    y.backward(dy64.to(dtype))
+
+    xr = x64.clone().requires_grad_()
+    gamma = m.weight.detach().double().requires_grad_() if affine else None
+    beta = m.bias.detach().double().requires_grad_() if affine else None
+    want = _iter_norm_autograd(xr, gamma, beta, T, eps)
+    want.backward(dy64)
+    tol = {"rtol": 2e-4, "atol": 2e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(y.detach().double(), want.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
+    if affine:
+        gtol = {"rtol": 1e-3, "atol": 1e-3} if dtype == torch.float32 else tol
+        torch.testing.assert_close(m.weight.grad.double(), gamma.grad, **gtol)
+        torch.testing.assert_close(m.bias.grad.double(), beta.grad, **gtol)
+    mean = x64.transpose(0, 1).reshape(C, -1).mean(1)
+    torch.testing.assert_close(m.running_mean.double(), 0.1 * mean, **tol)
+
+
+def test_whitening_kernel_gives_the_same_bits_on_one_and_two_threads():
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(8, 64, 20, 20, generator=g), torch.randn(8, 64, 20, 20, generator=g)
+    outs = []
+    for threads in (1, 2):
+        with _num_threads(threads):
+            m = N.IterNorm2d(64)
+            xs = x.clone().requires_grad_()
+            y = m(xs)
+            y.backward(dy)
+            outs.append((y.detach(), xs.grad, m.weight.grad, m.bias.grad, m.running_wm))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_whitening_kernel_leaves_other_inputs_to_the_pytorch_formulation():
+    """Groups of another size, a channel count not a multiple of 16, half precision, and
+    torch.compile take _GroupWhitenFn / autograd (the kernels are written for 16 channels)."""
+    from normswap.norms.whitening import _whiten_kernels
+    assert _whiten_kernels(torch.zeros(4, 32, 3, 3), 16) is not None
+    assert _whiten_kernels(torch.zeros(4, 32, 3, 3), 8) is None
+    assert _whiten_kernels(torch.zeros(4, 40, 3, 3), 16) is None
+    assert _whiten_kernels(torch.zeros(4, 32, 3, 3, dtype=torch.bfloat16), 16) is None
+    y = N.IterNorm2d(32, group_size=8)(torch.randn(4, 32, 3, 3, requires_grad=True))
+    assert type(y.grad_fn).__name__ != "_GroupWhitenKernelFnBackward"
+
+
 # -- divisive normalization along rows (normswap/kernels/divisive.h) ---------------------
 DN_ROW_CASES = [   # (layer, input shape): windows wider than the row, one unit, unequal radii
     (lambda: N.DivisiveNorm1d(30, sigma=0.5), (4, 5, 64)),

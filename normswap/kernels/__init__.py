@@ -9,8 +9,10 @@ formulas as :class:`normswap.norms.functional.StatNormFn` (see its docstring), a
 a group's k largest ``|v|`` by a bound and a count instead of ``torch.topk``.
 ``newton.h`` (included by it) runs IterNorm's Newton iteration and its backward for a
 batch of small covariance matrices in one call (in PyTorch, dozens of small products per
-layer and step); ``divisive.h`` the divisive normalization of rows (DivisiveNorm1d),
-whose sliding windows are prefix-sum differences computed while a row is in cache.
+layer and step); ``whiten.h`` IterNorm's whole training step for groups of 16 channels
+(covariances, the iteration and the whitening product per group, one call each way);
+``divisive.h`` the divisive normalization of rows (DivisiveNorm1d), whose sliding
+windows are prefix-sum differences computed while a row is in cache.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``;
 about a second) into a cache directory (``$NORMSWAP_CACHE_DIR``, else
@@ -45,7 +47,8 @@ from typing import Optional
 __all__ = ["available", "ready", "disabled", "library", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
-_HEADERS = tuple(Path(__file__).with_name(h) for h in ("rows_impl.h", "newton.h", "divisive.h"))
+_HEADERS = tuple(Path(__file__).with_name(h) for h in ("rows_impl.h", "newton.h", "divisive.h",
+                                                                 "whiten.h", "whiten_impl.h"))
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c99")
 _OPENMP = ("-fopenmp",)
 
@@ -127,6 +130,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         dn = getattr(lib, f"ns_dn_rows_{suf}")
         dn.argtypes = [P, P, I64, I64, I64, I64, D, D, P, P, I32]
         dn.restype = I32
+        wfwd = getattr(lib, f"ns_whiten_forward_{suf}")
+        wfwd.argtypes = [P, I64, I64, I64, I32, D, P, P, P, P, P, P, P, I32]
+        wfwd.restype = I32
+        wbwd = getattr(lib, f"ns_whiten_backward_{suf}")
+        wbwd.argtypes = [P, P, I64, I64, I64, I32, P, P, P, P, P, P, P, P, I32]
+        wbwd.restype = I32
 
 
 def library() -> Optional[ctypes.CDLL]:

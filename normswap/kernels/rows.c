@@ -423,3 +423,4 @@ static void rows_topk_f64(const double *x, int64_t nb, int64_t n, int64_t k, dou
 
 #include "newton.h"
 #include "divisive.h"
+#include "whiten.h"

@@ -16,13 +16,16 @@ Eval mode uses ``running_mean`` and ``running_wm`` (the whitening matrix
 of equal groups has its backward written out (``_GroupWhitenFn``), with the iteration's
 chain rule recomputing the steps; on CPU the iteration and that chain rule run in the
 compiled kernels (normswap/kernels/newton.h, in the input's precision) where they are
-available. Under torch.compile the iteration is one custom operator with the same
+available, and with groups of 16 channels (the default) in float32 / float64 the whole
+layer does, one pass over the data per statistic and per output each way
+(``_GroupWhitenKernelFn``, normswap/kernels/whiten.h). Under torch.compile the iteration is one custom operator with the same
 written-out backward (a small graph to compile). Other cases (unequal groups, synchronized
 batches) keep autograd through the steps. Computed in float32 for half-precision inputs.
 Under ``sync=True`` the mean and covariance are taken over every process.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -182,6 +185,95 @@ def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
     return _newton_whitening(cov, T)   # eager: autograd through the steps (no recomputation)
 
 
+# -- the training forward of equal groups of 16 channels by the kernels (whiten.h) -----
+_KERNEL_GROUP = 16
+_KERNEL_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _whiten_kernels(x: torch.Tensor, d: int):
+    """The kernels' library where they whiten ``x`` (a float32 / float64 CPU tensor, groups
+    of 16 channels, eager), else None."""
+    if d != _KERNEL_GROUP or x.device.type != "cpu" or x.dtype not in _KERNEL_SUFFIX \
+            or x.shape[1] % d or torch.compiler.is_compiling():
+        return None
+    return kernels.library()
+
+
+def _kernel_threads(x3: torch.Tensor) -> int:
+    groups = x3.shape[1] // _KERNEL_GROUP
+    return 1 if x3.numel() < 1 << 15 else max(1, min(torch.get_num_threads(), groups))
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return t.data_ptr() if t is not None else None
+
+
+def _whitening_grads(dWg: torch.Tensor, W: torch.Tensor, weight: Optional[torch.Tensor], cov: torch.Tensor,
+                     T: int, m: int, want_gw: bool):
+    """From ``dW' = sum_n dy_n V_n^T``: ``dgamma = rowsum(dW' * W)`` (None unless wanted) and
+    ``S = (dSigma + dSigma^T) / m`` with ``dSigma`` the Newton iteration's backward of
+    ``diag(gamma) dW'``."""
+    G, d = W.shape[0], W.shape[1]
+    gw = None
+    if weight is not None:
+        if want_gw:
+            gw = (dWg * W).sum(-1).reshape(G * d).to(weight.dtype)
+        dW = dWg * weight.to(dWg.dtype).view(G, d, 1)
+    else:
+        dW = dWg
+    dcov = _newton_whitening_backward(cov, dW.contiguous(), T)
+    return gw, (dcov + dcov.mT) / m
+
+
+class _GroupWhitenKernelFn(torch.autograd.Function):
+    """:class:`_GroupWhitenFn` by the compiled kernels (normswap/kernels/whiten.h) on a
+    float32 / float64 CPU input with groups of 16 channels, one call each way: per group
+    the statistics (one pass over the data), the Newton iteration, ``y = W' (x - mu) + beta``
+    (one pass); backward ``dW'`` and ``dbeta`` (one pass), the iteration's backward, and
+    ``dx = W'^T (dy - mean(dy)) + S (x - mu)`` (one pass: the other Function's
+    ``dx = dV - mean(dV)`` with ``mean(V) = 0``). In the input's precision, the sums of
+    products in double. Saves ``x`` (not a centred copy), ``mu``, ``Sigma``, ``W``, ``W'``.
+    Returns ``(y, mu, W)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, d: int, T: int, eps: float):
+        N, C = x.shape[0], x.shape[1]
+        L, dt = math.prod(x.shape[2:]), x.dtype
+        x3 = x.contiguous().view(N, C, L)
+        gamma = weight.to(dt).contiguous() if weight is not None else None
+        beta = bias.to(dt).contiguous() if bias is not None else None
+        mu = torch.empty(C, dtype=dt)
+        cov, W, Wg = (torch.empty((C // d, d, d), dtype=dt) for _ in range(3))
+        y = torch.empty(x.shape, dtype=dt)   # a tensor of its own (see _GroupWhitenFn)
+        fn = getattr(kernels.library(), f"ns_whiten_forward_{_KERNEL_SUFFIX[dt]}")
+        if fn(x3.data_ptr(), N, C, L, int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
+              cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), y.data_ptr(), _kernel_threads(x3)):
+            raise MemoryError("normswap whitening kernel: out of memory")
+        ctx.save_for_backward(x3, mu, cov, W, Wg, gamma)
+        ctx.setup = (T, weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(mu, W)
+        return y, mu, W
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, dy, _gmu, _gw):
+        x3, mu, cov, W, Wg, gamma = ctx.saved_tensors
+        T, wdt, bdt = ctx.setup
+        N, C, L = x3.shape
+        dt = x3.dtype
+        dy3 = dy.to(dt).contiguous()
+        dx = torch.empty(dy.shape, dtype=dt)
+        dgamma = torch.empty(C, dtype=dt) if gamma is not None and ctx.needs_input_grad[1] else None
+        dbeta = torch.empty(C, dtype=dt) if bdt is not None and ctx.needs_input_grad[2] else None
+        fn = getattr(kernels.library(), f"ns_whiten_backward_{_KERNEL_SUFFIX[dt]}")
+        if fn(x3.data_ptr(), dy3.data_ptr(), N, C, L, int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
+              W.data_ptr(), Wg.data_ptr(), dx.data_ptr(), _ptr(dgamma), _ptr(dbeta), _kernel_threads(x3)):
+            raise MemoryError("normswap whitening kernel: out of memory")
+        gw = dgamma.to(wdt) if dgamma is not None else None
+        gb = dbeta.to(bdt) if dbeta is not None else None
+        return dx, gw, gb, None, None, None
+
+
 _GROUPED_MAX_L = 16
 """Positions per channel (``L = H W``) up to which :class:`_GroupWhitenFn` lays ``V`` out as
 ``(G, d, N L)``: one product per group over the whole batch instead of ``N G`` products of
@@ -262,15 +354,7 @@ class _GroupWhitenFn(torch.autograd.Function):
         else:
             gb = dy4.sum(dim=(0, 3)).reshape(G * d).to(xdt) if has_bias and ctx.needs_input_grad[2] else None
             dWg = torch.matmul(dy4, V.transpose(-1, -2)).sum(0)
-        gw = None
-        if weight is not None:
-            if ctx.needs_input_grad[1]:
-                gw = (dWg * W).sum(-1).reshape(G * d).to(weight.dtype)
-            dW = dWg * weight.to(V.dtype).view(G, d, 1)
-        else:
-            dW = dWg
-        dcov = _newton_whitening_backward(cov, dW.contiguous(), T)
-        S = (dcov + dcov.mT) / m
+        gw, S = _whitening_grads(dWg, W, weight, cov, T, m, ctx.needs_input_grad[1])
         if grouped:
             dV = torch.baddbmm(torch.bmm(Wg.mT, dyv), S, V)
             dV.sub_(dV.mean(dim=-1, keepdim=True))
@@ -378,11 +462,12 @@ class _IterNorm(NormalizerBase):
         cdt = stat_dtype(x.dtype)
         d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
         if self.training and full == len(self._sizes) and not torch.compiler.is_compiling() \
-                and self._sync_group() is None and not self._wants_penalty() and x[0, 0].numel() * N > 1:
+                and self._sync_group() is None and not self._wants_penalty() and math.prod(x.shape[2:]) * N > 1:
             # equal groups, one process, no penalty, eager: the written-out Function (under
             # torch.compile the form below measured faster: compiled resnet18 step 1.17-1.20x
             # the original against 1.26x with the Function)
-            y, mu, wm = _GroupWhitenFn.apply(x, self.weight, self.bias, d, self.T, self.eps)
+            fn = _GroupWhitenKernelFn if _whiten_kernels(x, d) is not None else _GroupWhitenFn
+            y, mu, wm = fn.apply(x, self.weight, self.bias, d, self.T, self.eps)
             self._update_running(mu, [wm])
             return y
         xc = x.to(cdt).transpose(0, 1).reshape(C, -1)                    # (C, m)
@@ -432,12 +517,15 @@ class _IterNorm(NormalizerBase):
     @torch.no_grad()
     def _update_running(self, mu: torch.Tensor, wms: List[torch.Tensor]) -> None:
         rw = self.running_wm
-        new = rw.clone()
-        full = wms[0].shape[0]
-        new[:full] = wms[0].to(rw.dtype)
-        if len(wms) > 1:
-            r = wms[1].shape[-1]
-            new[full, :r, :r] = wms[1].to(rw.dtype)
+        if len(wms) == 1 and wms[0].shape == rw.shape:   # equal groups: no copy to assemble
+            new = wms[0]
+        else:
+            new = rw.clone()
+            full = wms[0].shape[0]
+            new[:full] = wms[0].to(rw.dtype)
+            if len(wms) > 1:
+                r = wms[1].shape[-1]
+                new[full, :r, :r] = wms[1].to(rw.dtype)
         # (the finiteness test covers the new matrices through `new`)
         update_running_([self.running_mean, rw], [mu, new], self.num_batches_tracked, self.momentum)
 

@@ -1,0 +1,47 @@
+/* IterNorm's training step for groups of 16 channels of a contiguous (N, C, L) array,
+ * forward and backward (included by rows.c, after newton.h).
+ *
+ * Group g holds channels 16 g .. 16 g + 15; its m = N L positions are the columns of a
+ * 16 x m matrix X (column p = n L + l is x[n, 16 g + j, l], j = 0 .. 15). Per group, with
+ * V = X - mu (the formulas of normswap.norms.whitening._GroupWhitenFn):
+ *
+ *   ns_whiten_forward   mu = rowmean(X) (rounded to T), Sigma = V V^T / m + eps I,
+ *                       W = newton(Sigma) (newton.h), W' = diag(gamma) W, y = W' V + beta
+ *   ns_whiten_backward  dW' = dy V^T, dbeta = rowsum(dy), dgamma = rowsum(dW' * W),
+ *                       dSigma = newton_backward(Sigma, diag(gamma) dW'),
+ *                       S = (dSigma + dSigma^T) / m,  dx = W'^T dy + S V - W'^T mean(dy)
+ *
+ * (dx = dV - mean(dV) with dV = W'^T dy + S V and mean(V) = 0.) Five passes over the data:
+ * the means, V V^T and y forward, dy V^T and dx backward.
+ *
+ * The columns are taken 1 KiB of each row at a time (256 float / 128 double positions,
+ * across samples when L is small) into a buffer in cache, centred on the way; the
+ * products run on vectors of 64 bytes (16 float / 8 double positions) in 4 x 4 tiles, the
+ * sums of products in T for at most WH_FLUSH chunks, then added into double lanes (the
+ * lanes are added at the end). PyTorch's path (bmm) reads a centred copy and writes and
+ * reads each product's output in passes of their own, and calls about 60 operators per
+ * layer and step. Groups are split between OpenMP threads; a group's sums are added in
+ * one order, so results do not depend on the thread count.
+ */
+#include <string.h>
+
+#define WH_D 16          /* channels per group */
+#define WH_ROW_BYTES 1024 /* of each row of a chunk */
+#define WH_FLUSH 8       /* chunks summed in T before the sums go into double */
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+#define WH_T float
+#define WH_SUF f32
+#include "whiten_impl.h"
+#undef WH_T
+#undef WH_SUF
+
+#define WH_T double
+#define WH_SUF f64
+#include "whiten_impl.h"
+#undef WH_T
+#undef WH_SUF
+
+#pragma GCC pop_options
