@@ -111,6 +111,38 @@ def test_compiled_matches_eager_forward_backward_and_running_stats(make):
     torch.testing.assert_close(compiled(x), eager(x))
 
 
+@pytest.mark.slow
+def test_compiled_iternorm_runs_the_whitening_kernels_and_matches_eager():
+    """IterNorm with groups of 16 channels under torch.compile: one graph, the kernels as the
+    normswap::whiten_forward / whiten_backward operators, eager mode's outputs, gradients
+    and running statistics."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = N.IterNorm2d(32)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.uniform_(-0.5, 0.5)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4, 32, 5, 5), (3, 32, 6, 6)):
+        x = torch.randn(shape, generator=g) * 2 + 1
+        dy = torch.randn(shape, generator=g)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(yb, ya)
+        torch.testing.assert_close(xb.grad, xa.grad)
+        for (n, a), b in zip(eager.named_parameters(), compiled_mod.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, msg=n)
+        for (n, a), b in zip(eager.named_buffers(), compiled_mod.buffers()):
+            torch.testing.assert_close(b, a, msg=n)
+    graph = torch._dynamo.explain(compiled_mod)(x)
+    assert graph.graph_break_count == 0
+    assert "normswap.whiten_forward" in str(graph.graphs[0].code)
+
+
 def _saved_under(fn, *args):
     """(dtype, shape) of every tensor autograd saves while ``fn(*args)`` runs."""
     saved = []

@@ -190,13 +190,12 @@ _KERNEL_GROUP = 16
 _KERNEL_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def _whiten_kernels(x: torch.Tensor, d: int):
-    """The kernels' library where they whiten ``x`` (a float32 / float64 CPU tensor, groups
-    of 16 channels, eager), else None."""
-    if d != _KERNEL_GROUP or x.device.type != "cpu" or x.dtype not in _KERNEL_SUFFIX \
-            or x.shape[1] % d or torch.compiler.is_compiling():
-        return None
-    return kernels.library()
+def _whiten_kernels(x: torch.Tensor, d: int) -> bool:
+    """Whether the kernels whiten ``x``: a float32 / float64 CPU tensor in groups of 16
+    channels, with the kernels loaded (under torch.compile: already built)."""
+    if d != _KERNEL_GROUP or x.device.type != "cpu" or x.dtype not in _KERNEL_SUFFIX or x.shape[1] % d:
+        return False
+    return kernels.ready() if torch.compiler.is_compiling() else kernels.library() is not None
 
 
 def _kernel_threads(x3: torch.Tensor) -> int:
@@ -206,6 +205,138 @@ def _kernel_threads(x3: torch.Tensor) -> int:
 
 def _ptr(t: Optional[torch.Tensor]):
     return t.data_ptr() if t is not None else None
+
+
+def _whiten_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], T: int,
+                    eps: float) -> List[torch.Tensor]:
+    """The kernels' training forward: ``[y, mu, Sigma, W, W']`` (``x`` as (N, C, L), then
+    ``y`` in ``x``'s shape)."""
+    N, C = x.shape[0], x.shape[1]
+    L, dt, d = math.prod(x.shape[2:]), x.dtype, _KERNEL_GROUP
+    x3 = x.contiguous().view(N, C, L)
+    gamma = weight.to(dt).contiguous() if weight is not None else None
+    beta = bias.to(dt).contiguous() if bias is not None else None
+    mu = torch.empty(C, dtype=dt)
+    cov, W, Wg = (torch.empty((C // d, d, d), dtype=dt) for _ in range(3))
+    y = torch.empty(x.shape, dtype=dt)   # a tensor of its own (see _GroupWhitenFn)
+    fn = getattr(kernels.library(), f"ns_whiten_forward_{_KERNEL_SUFFIX[dt]}")
+    if fn(x3.data_ptr(), N, C, L, int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
+          cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), y.data_ptr(), _kernel_threads(x3)):
+        raise MemoryError("normswap whitening kernel: out of memory")
+    return [y, mu, cov, W, Wg]
+
+
+def _whiten_backward(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor], mu: torch.Tensor,
+                     cov: torch.Tensor, W: torch.Tensor, Wg: torch.Tensor, T: int, want_gamma: bool,
+                     want_beta: bool) -> List[Optional[torch.Tensor]]:
+    """The kernels' backward: ``[dx, dgamma, dbeta]`` (in ``x``'s dtype; None where not
+    wanted)."""
+    N, C = x.shape[0], x.shape[1]
+    L, dt = math.prod(x.shape[2:]), x.dtype
+    x3 = x.contiguous().view(N, C, L)
+    dy3 = dy.to(dt).contiguous()
+    gamma = weight.to(dt).contiguous() if weight is not None else None
+    dx = torch.empty(x.shape, dtype=dt)
+    dgamma = torch.empty(C, dtype=dt) if want_gamma else None
+    dbeta = torch.empty(C, dtype=dt) if want_beta else None
+    fn = getattr(kernels.library(), f"ns_whiten_backward_{_KERNEL_SUFFIX[dt]}")
+    if fn(x3.data_ptr(), dy3.data_ptr(), N, C, L, int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
+          W.data_ptr(), Wg.data_ptr(), dx.data_ptr(), _ptr(dgamma), _ptr(dbeta), _kernel_threads(x3)):
+        raise MemoryError("normswap whitening kernel: out of memory")
+    return [dx, dgamma, dbeta]
+
+
+class _GroupWhitenKernelFn(torch.autograd.Function):
+    """:class:`_GroupWhitenFn` by the compiled kernels (normswap/kernels/whiten.h) on a
+    float32 / float64 CPU input with groups of 16 channels, one call each way: per group
+    the statistics (one pass over the data), the Newton iteration, ``y = W' (x - mu) + beta``
+    (one pass); backward ``dW'`` and ``dbeta`` (one pass), the iteration's backward, and
+    ``dx = W'^T (dy - mean(dy)) + S (x - mu)`` (one pass: the other Function's
+    ``dx = dV - mean(dV)`` with ``mean(V) = 0``). In the input's precision, the sums of
+    products in double. Saves ``x`` (not a centred copy), ``mu``, ``Sigma``, ``W``, ``W'``.
+    Returns ``(y, mu, W)``. Under torch.compile the same kernels are the
+    ``normswap::whiten_forward`` / ``whiten_backward`` operators."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, d: int, T: int, eps: float):
+        y, mu, cov, W, Wg = _whiten_forward(x, weight, bias, T, eps)
+        ctx.save_for_backward(x, mu, cov, W, Wg, weight)
+        ctx.setup = (T, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(mu, W)
+        return y, mu, W
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, dy, _gmu, _gw):
+        x, mu, cov, W, Wg, weight = ctx.saved_tensors
+        T, bdt = ctx.setup
+        dx, dgamma, dbeta = _whiten_backward(x, dy, weight, mu, cov, W, Wg, T,
+                                             weight is not None and ctx.needs_input_grad[1],
+                                             bdt is not None and ctx.needs_input_grad[2])
+        return (dx, dgamma.to(weight.dtype) if dgamma is not None else None,
+                dbeta.to(bdt) if dbeta is not None else None, None, None, None)
+
+
+# The kernels as operators for torch.compile (one opaque call each way; inductor's code from
+# the PyTorch formulation runs the products as bmm calls with passes of their own around
+# them). Outputs [y, mu, Sigma, W, W']; backward [dx, dgamma, dbeta] (zero-size where the
+# layer has no gamma / beta).
+@torch.library.custom_op("normswap::whiten_forward", mutates_args=(), device_types="cpu")
+def _whiten_forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], T: int,
+                       eps: float) -> List[torch.Tensor]:
+    return _whiten_forward(x, weight, bias, T, eps)
+
+
+@_whiten_forward_op.register_fake
+def _(x, weight, bias, T, eps):
+    C, d = x.shape[1], _KERNEL_GROUP
+    return [x.new_empty(x.shape), x.new_empty(C)] + [x.new_empty((C // d, d, d)) for _ in range(3)]
+
+
+@torch.library.custom_op("normswap::whiten_backward", mutates_args=(), device_types="cpu")
+def _whiten_backward_op(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor], mu: torch.Tensor,
+                        cov: torch.Tensor, W: torch.Tensor, Wg: torch.Tensor, T: int,
+                        has_bias: bool) -> List[torch.Tensor]:
+    dx, dgamma, dbeta = _whiten_backward(x, dy, weight, mu, cov, W, Wg, T, weight is not None, has_bias)
+    return [dx, dgamma if dgamma is not None else x.new_empty(0), dbeta if dbeta is not None else x.new_empty(0)]
+
+
+@_whiten_backward_op.register_fake
+def _(x, dy, weight, mu, cov, W, Wg, T, has_bias):
+    C = x.shape[1]
+    return [x.new_empty(x.shape), x.new_empty(C if weight is not None else 0), x.new_empty(C if has_bias else 0)]
+
+
+def _whiten_op_setup(ctx, inputs, output):
+    x, weight, bias, T, eps = inputs
+    _, mu, cov, W, Wg = output
+    ctx.save_for_backward(x, weight, mu, cov, W, Wg)
+    ctx.setup = (T, bias is not None)
+
+
+def _whiten_op_backward(ctx, grads):
+    dy = grads[0]
+    x, weight, mu, cov, W, Wg = ctx.saved_tensors
+    T, has_bias = ctx.setup
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, dgamma, dbeta = _whiten_backward_op(x, dy, weight, mu, cov, W, Wg, T, has_bias)
+    return (dx, dgamma.to(weight.dtype) if weight is not None else None,
+            dbeta.to(dy.dtype) if has_bias else None, None, None)
+
+
+_whiten_forward_op.register_autograd(_whiten_op_backward, setup_context=_whiten_op_setup)
+
+
+def group_whiten_kernels(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], T: int,
+                         eps: float):
+    """IterNorm's training forward by the kernels (see :func:`_whiten_kernels`):
+    ``(y, mu, W)``. Eager: :class:`_GroupWhitenKernelFn`; under torch.compile the
+    ``normswap::whiten_forward`` operator."""
+    if torch.compiler.is_compiling():
+        y, mu, _, W, _ = _whiten_forward_op(x, weight, bias, int(T), float(eps))
+        return y, mu.detach(), W.detach()
+    return _GroupWhitenKernelFn.apply(x, weight, bias, _KERNEL_GROUP, T, eps)
 
 
 def _whitening_grads(dWg: torch.Tensor, W: torch.Tensor, weight: Optional[torch.Tensor], cov: torch.Tensor,
@@ -223,55 +354,6 @@ def _whitening_grads(dWg: torch.Tensor, W: torch.Tensor, weight: Optional[torch.
         dW = dWg
     dcov = _newton_whitening_backward(cov, dW.contiguous(), T)
     return gw, (dcov + dcov.mT) / m
-
-
-class _GroupWhitenKernelFn(torch.autograd.Function):
-    """:class:`_GroupWhitenFn` by the compiled kernels (normswap/kernels/whiten.h) on a
-    float32 / float64 CPU input with groups of 16 channels, one call each way: per group
-    the statistics (one pass over the data), the Newton iteration, ``y = W' (x - mu) + beta``
-    (one pass); backward ``dW'`` and ``dbeta`` (one pass), the iteration's backward, and
-    ``dx = W'^T (dy - mean(dy)) + S (x - mu)`` (one pass: the other Function's
-    ``dx = dV - mean(dV)`` with ``mean(V) = 0``). In the input's precision, the sums of
-    products in double. Saves ``x`` (not a centred copy), ``mu``, ``Sigma``, ``W``, ``W'``.
-    Returns ``(y, mu, W)``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, d: int, T: int, eps: float):
-        N, C = x.shape[0], x.shape[1]
-        L, dt = math.prod(x.shape[2:]), x.dtype
-        x3 = x.contiguous().view(N, C, L)
-        gamma = weight.to(dt).contiguous() if weight is not None else None
-        beta = bias.to(dt).contiguous() if bias is not None else None
-        mu = torch.empty(C, dtype=dt)
-        cov, W, Wg = (torch.empty((C // d, d, d), dtype=dt) for _ in range(3))
-        y = torch.empty(x.shape, dtype=dt)   # a tensor of its own (see _GroupWhitenFn)
-        fn = getattr(kernels.library(), f"ns_whiten_forward_{_KERNEL_SUFFIX[dt]}")
-        if fn(x3.data_ptr(), N, C, L, int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
-              cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), y.data_ptr(), _kernel_threads(x3)):
-            raise MemoryError("normswap whitening kernel: out of memory")
-        ctx.save_for_backward(x3, mu, cov, W, Wg, gamma)
-        ctx.setup = (T, weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
-        ctx.mark_non_differentiable(mu, W)
-        return y, mu, W
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, dy, _gmu, _gw):
-        x3, mu, cov, W, Wg, gamma = ctx.saved_tensors
-        T, wdt, bdt = ctx.setup
-        N, C, L = x3.shape
-        dt = x3.dtype
-        dy3 = dy.to(dt).contiguous()
-        dx = torch.empty(dy.shape, dtype=dt)
-        dgamma = torch.empty(C, dtype=dt) if gamma is not None and ctx.needs_input_grad[1] else None
-        dbeta = torch.empty(C, dtype=dt) if bdt is not None and ctx.needs_input_grad[2] else None
-        fn = getattr(kernels.library(), f"ns_whiten_backward_{_KERNEL_SUFFIX[dt]}")
-        if fn(x3.data_ptr(), dy3.data_ptr(), N, C, L, int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
-              W.data_ptr(), Wg.data_ptr(), dx.data_ptr(), _ptr(dgamma), _ptr(dbeta), _kernel_threads(x3)):
-            raise MemoryError("normswap whitening kernel: out of memory")
-        gw = dgamma.to(wdt) if dgamma is not None else None
-        gb = dbeta.to(bdt) if dbeta is not None else None
-        return dx, gw, gb, None, None, None
 
 
 _GROUPED_MAX_L = 16
@@ -415,6 +497,7 @@ class _IterNorm(NormalizerBase):
         self.register_buffer("running_wm", torch.zeros(len(self._sizes), d, d, **sk))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
+        kernels.library()  # build the CPU kernels now: torch.compile cannot while tracing
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -461,13 +544,19 @@ class _IterNorm(NormalizerBase):
         N, C = x.shape[0], x.shape[1]
         cdt = stat_dtype(x.dtype)
         d, full = self._sizes[0], len(self._sizes) - (self._sizes[-1] != self._sizes[0])
-        if self.training and full == len(self._sizes) and not torch.compiler.is_compiling() \
-                and self._sync_group() is None and not self._wants_penalty() and math.prod(x.shape[2:]) * N > 1:
-            # equal groups, one process, no penalty, eager: the written-out Function (under
-            # torch.compile the form below measured faster: compiled resnet18 step 1.17-1.20x
-            # the original against 1.26x with the Function)
-            fn = _GroupWhitenKernelFn if _whiten_kernels(x, d) is not None else _GroupWhitenFn
-            y, mu, wm = fn.apply(x, self.weight, self.bias, d, self.T, self.eps)
+        fast = self.training and full == len(self._sizes) and self._sync_group() is None \
+            and not self._wants_penalty() and math.prod(x.shape[2:]) * N > 1
+        if fast and _whiten_kernels(x, d):
+            # equal groups of 16 channels, one process, no penalty, CPU: the kernels, eager or
+            # compiled
+            y, mu, wm = group_whiten_kernels(x, self.weight, self.bias, self.T, self.eps)
+            self._update_running(mu, [wm])
+            return y
+        if fast and not torch.compiler.is_compiling():
+            # other equal groups, eager: the written-out Function (under torch.compile the
+            # form below measured faster: compiled resnet18 step 1.17-1.20x the original
+            # against 1.26x with the Function)
+            y, mu, wm = _GroupWhitenFn.apply(x, self.weight, self.bias, d, self.T, self.eps)
             self._update_running(mu, [wm])
             return y
         xc = x.to(cdt).transpose(0, 1).reshape(C, -1)                    # (C, m)
