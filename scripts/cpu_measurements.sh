@@ -19,7 +19,7 @@ $PY scripts/bench_norms.py --from-json "$OUT/norms_cpu_eager.json" "$OUT/norms_c
 step step_r18 ${STEP_S:-900} $PY scripts/bench_train_step.py --models resnet18 --no-compile --reps 6 \
   --threads 1 --clock cpu --json "$OUT/step_cpu_resnet18.json"
 step step_r50 ${STEP_S:-900} $PY scripts/bench_train_step.py --models resnet50 --no-compile --reps 4 \
-  --presets l1bn topkbn 'bn*' 'dn*' meanonly bwn --threads 1 --clock cpu --json "$OUT/step_cpu_resnet50.json"
+  --presets l1bn topkbn 'bn*' 'dn*' meanonly iternorm bwn --threads 1 --clock cpu --json "$OUT/step_cpu_resnet50.json"
 step step_small ${STEP_S:-900} $PY scripts/bench_train_step.py --models vit_tiny_patch16_224 convnext_atto \
   efficientnet_b0 --no-compile --reps 6 --threads 1 --clock cpu --json "$OUT/step_cpu_small_models.json"
 step step_compiled ${COMPILED_S:-1800} $PY scripts/bench_train_step.py --models resnet18 --compiled-only \

@@ -231,6 +231,15 @@ def test_iter_norm_gradcheck(shape, g, T, mode):
     assert torch.autograd.gradcheck(lambda x, *p: (m(x) * w).sum(), (x,) + tuple(m.parameters()))
 
 
+def test_iter_norm_gradcheck_channels_last():
+    """The kernels' channels-last layout (groups of 16 channels, (N, H, W, C) in memory)."""
+    shape = (3, 16, 5, 4)
+    m = _iter(16, 16, 3, shape)
+    x = _input(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = _input(shape, seed=7)
+    assert torch.autograd.gradcheck(lambda x, *p: (m(x) * w).sum(), (x,) + tuple(m.parameters()))
+
+
 @pytest.mark.parametrize("T", [0, 1, 2, 5, 7])
 def test_newton_whitening_operator_backward_equals_autograd_of_the_iteration(T):
     """IterNorm's whitening is one operator with a hand-written backward (a small graph for

@@ -550,12 +550,24 @@ WHITEN_CASES = [((64, 16), True), ((5, 32, 3), True), ((40, 16, 4, 4), False), (
                 ((3, 48, 15, 20), True), ((2, 16, 300), False)]
 
 
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (N, C, *) laid out channels first, channels last ((N, *, C) in memory), or in
+    another dense order ((N, H, C, W) for 4d: the kernels read a copy)."""
+    if layout == "last" and t.dim() > 2:
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "other" and t.dim() == 4:
+        return t.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["first", "last", "other"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,affine", WHITEN_CASES)
-def test_whitening_kernel_matches_a_float64_recomputation(shape, affine, dtype):
-    """IterNorm's training step by the kernels (groups of 16 channels) against PAPERS.md's
-    iteration in float64 with autograd: output, input / gamma / beta gradients, running
-    statistics."""
+def test_whitening_kernel_matches_a_float64_recomputation(shape, affine, dtype, layout):
+    """IterNorm's training step by the kernels (groups of 16 channels; input and gradient
+    channels first, channels last, or in another order) against PAPERS.md's iteration in
+    float64 with autograd: output (in the input's layout), input / gamma / beta gradients,
+    running statistics."""
     from normswap.norms.whitening import _whiten_kernels
     C, T, eps = shape[1], 5, 1e-5
     cls = N.IterNorm2d if len(shape) == 4 else N.IterNorm1d
@@ -568,13 +580,14 @@ def test_whitening_kernel_matches_a_float64_recomputation(shape, affine, dtype):
         with torch.no_grad():
             m.weight.copy_(torch.rand(C, generator=g) + 0.5)
             m.bias.copy_(torch.rand(C, generator=g) - 0.5)
-    x = x64.to(dtype).clone().requires_grad_()
+    x = _in_layout(x64.to(dtype), layout).clone().requires_grad_()   # (clone: keeps the layout)
     assert _whiten_kernels(x, 16)
     y = m(x)
     assert type(y.grad_fn).__name__ == "_GroupWhitenKernelFnBackward"   # the kernels ran
-    y.backward(dy64.to(dtype))
+    assert y.stride() == x.stride()
+    y.backward(_in_layout(dy64.to(dtype), layout))
 
-    xr = x64.clone().requires_grad_()
+    xr = x64.detach().clone().requires_grad_()
     gamma = m.weight.detach().double().requires_grad_() if affine else None
     beta = m.bias.detach().double().requires_grad_() if affine else None
     want = _iter_norm_autograd(xr, gamma, beta, T, eps)
@@ -590,16 +603,19 @@ def test_whitening_kernel_matches_a_float64_recomputation(shape, affine, dtype):
     torch.testing.assert_close(m.running_mean.double(), 0.1 * mean, **tol)
 
 
-def test_whitening_kernel_gives_the_same_bits_on_one_and_two_threads():
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_whitening_kernel_gives_the_same_bits_on_one_and_two_threads(layout):
+    """Channels first: one group per thread; channels last: slabs of 512 positions per thread,
+    their partial sums added in slab order (here 3,200 positions)."""
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(8, 64, 20, 20, generator=g), torch.randn(8, 64, 20, 20, generator=g)
     outs = []
     for threads in (1, 2):
         with _num_threads(threads):
             m = N.IterNorm2d(64)
-            xs = x.clone().requires_grad_()
+            xs = _in_layout(x, layout).requires_grad_()
             y = m(xs)
-            y.backward(dy)
+            y.backward(_in_layout(dy, layout))
             outs.append((y.detach(), xs.grad, m.weight.grad, m.bias.grad, m.running_wm))
     for a, b in zip(*outs):
         assert torch.equal(a, b)

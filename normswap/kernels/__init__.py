@@ -131,10 +131,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         dn.argtypes = [P, P, I64, I64, I64, I64, D, D, P, P, I32]
         dn.restype = I32
         wfwd = getattr(lib, f"ns_whiten_forward_{suf}")
-        wfwd.argtypes = [P, I64, I64, I64, I32, D, P, P, P, P, P, P, P, I32]
+        wfwd.argtypes = [P, I64, I64, I64, I32, I32, D, P, P, P, P, P, P, P, I32]
         wfwd.restype = I32
         wbwd = getattr(lib, f"ns_whiten_backward_{suf}")
-        wbwd.argtypes = [P, P, I64, I64, I64, I32, P, P, P, P, P, P, P, P, I32]
+        wbwd.argtypes = [P, P, I64, I64, I64, I32, I32, P, P, P, P, P, P, P, P, I32]
         wbwd.restype = I32
 
 

@@ -226,10 +226,100 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
     }
 }
 
+/* ---- channels last: x[p C + c], a group's 16 channels at a position one vector ---------- */
+typedef WH_T WF(wh_grp) __attribute__((vector_size(WH_D * sizeof(WH_T))));
+#define WG WF(wh_grp)
+
+static inline WG WF(wcl_load)(const WH_T *p) {
+    WG v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void WF(wcl_store)(WH_T *p, WG v) { memcpy(p, &v, sizeof v); }
+
+/* sums[j] += the sum of x[p C + c0 + j] over positions [p0, p1) (blocks of WCL_FLUSH in WH_T) */
+static void WF(wcl_sums)(const WH_T *x, int64_t C, int64_t c0, int64_t p0, int64_t p1, double *sums) {
+    for (int64_t b = p0; b < p1; b += WCL_FLUSH) {
+        const int64_t e = b + WCL_FLUSH < p1 ? b + WCL_FLUSH : p1;
+        WG acc[4] = {{0}};
+        int64_t p = b;
+        for (; p + 4 <= e; p += 4)
+            for (int k = 0; k < 4; k++) acc[k] += WF(wcl_load)(x + (p + k) * C + c0);
+        for (; p < e; p++) acc[0] += WF(wcl_load)(x + p * C + c0);
+        const WG t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (int j = 0; j < WH_D; j++) sums[j] += (double)t[j];
+    }
+}
+
+/* out[16 i + j] += the sum over positions [p0, p1) of (a_i - mu_a_i)(b_j - mu_b_j); asum[i]
+ * (not NULL, mu_a NULL) += the sum of a_i; a == b with mu_a == mu_b: one load a position */
+static void WF(wcl_cross)(const WH_T *a, const WH_T *mu_a, const WH_T *b, const WH_T *mu_b, int64_t C,
+                          int64_t c0, int64_t p0, int64_t p1, double *out, double *asum) {
+    const int sym = a == b && mu_a == mu_b;
+    const WG zero = {0};
+    const WG ma = mu_a ? WF(wcl_load)(mu_a + c0) : zero, mb = mu_b ? WF(wcl_load)(mu_b + c0) : zero;
+    for (int64_t blk = p0; blk < p1; blk += WCL_FLUSH) {
+        const int64_t e = blk + WCL_FLUSH < p1 ? blk + WCL_FLUSH : p1;
+        WG acc[WH_D], as = zero;
+        for (int i = 0; i < WH_D; i++) acc[i] = zero;
+        for (int64_t p = blk; p < e; p++) {
+            const WG va = WF(wcl_load)(a + p * C + c0) - ma;
+            const WG vb = sym ? va : WF(wcl_load)(b + p * C + c0) - mb;
+            WH_T sa[WH_D];
+            memcpy(sa, &va, sizeof va);
+            as += va;
+            for (int i = 0; i < WH_D; i++) acc[i] += sa[i] * vb;
+        }
+        for (int i = 0; i < WH_D; i++)
+            for (int j = 0; j < WH_D; j++) out[i * WH_D + j] += (double)acc[i][j];
+        if (asum)
+            for (int i = 0; i < WH_D; i++) asum[i] += (double)as[i];
+    }
+}
+
+/* out[p C + c0 + i] = (M1 (x1 - mu1) + M2 (x2 - mu2) + bias)_i at positions [p0, p1) (M row-major
+ * 16 x 16 and bias (16) of the group; x2 NULL: no second term; bias NULL: 0), four positions at
+ * a time with M's columns in registers */
+static void WF(wcl_apply)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, const WH_T *x2, const WH_T *mu2,
+                          const WH_T *M2, const WH_T *bias, int64_t C, int64_t c0, int64_t p0, int64_t p1,
+                          WH_T *out) {
+    const WG zero = {0};
+    WG k1[WH_D], k2[WH_D];
+    for (int j = 0; j < WH_D; j++)
+        for (int i = 0; i < WH_D; i++) {
+            k1[j][i] = M1[i * WH_D + j];
+            k2[j][i] = x2 ? M2[i * WH_D + j] : (WH_T)0;
+        }
+    const WG m1 = mu1 ? WF(wcl_load)(mu1 + c0) : zero, m2 = x2 && mu2 ? WF(wcl_load)(mu2 + c0) : zero;
+    const WG b0 = bias ? WF(wcl_load)(bias) : zero;
+    for (int64_t p = p0; p < p1; p += 4) {
+        const int nq = p1 - p < 4 ? (int)(p1 - p) : 4;
+        WH_T s[4][WH_D];
+        WG acc[4];
+        for (int q = 0; q < 4; q++) {
+            const WG v = q < nq ? WF(wcl_load)(x1 + (p + q) * C + c0) - m1 : zero;
+            memcpy(s[q], &v, sizeof v);
+            acc[q] = b0;
+        }
+        for (int j = 0; j < WH_D; j++)
+            for (int q = 0; q < 4; q++) acc[q] += s[q][j] * k1[j];
+        if (x2) {
+            for (int q = 0; q < 4; q++) {
+                const WG v = q < nq ? WF(wcl_load)(x2 + (p + q) * C + c0) - m2 : zero;
+                memcpy(s[q], &v, sizeof v);
+            }
+            for (int j = 0; j < WH_D; j++)
+                for (int q = 0; q < 4; q++) acc[q] += s[q][j] * k2[j];
+        }
+        for (int q = 0; q < nq; q++) WF(wcl_store)(out + (p + q) * C + c0, acc[q]);
+    }
+}
+
 /* what one call does to every group (see the two entry points): the forward's outputs mu,
- * cov, W, Wg are the backward's inputs */
+ * cov, W, Wg are the backward's inputs; channels_last: x[n, l, c] (else x[n, c, l]) */
 typedef struct {
-    int backward;
+    int backward, channels_last;
     int64_t N, C, L;
     int T;
     double eps;
@@ -237,33 +327,29 @@ typedef struct {
     WH_T *mu, *cov, *W, *Wg, *out, *dgamma, *dbeta;
 } WF(wh_call);
 
-/* group g's training forward: mu, Sigma = cov(x) + eps I, W = newton(Sigma), W' = diag(gamma) W,
- * y = W' (x - mu) + beta (nt: the Newton iteration's scratch) */
-static void WF(wh_forward_group)(const WF(wh_call) *q, int64_t g, WF(wh_work) *w, WH_T *nt) {
+/* after the sums of products of group g (sums = sum V V^T): Sigma = sums / m + eps I,
+ * W = newton(Sigma), W' = diag(gamma) W (nt: the Newton iteration's scratch) */
+static void WF(wh_forward_matrices)(const WF(wh_call) *q, int64_t g, const double *sums, WH_T *nt) {
     const int64_t c0 = g * WH_D, dd = WH_D * WH_D, m = q->N * q->L;
     WH_T *cov = q->cov + g * dd, *W = q->W + g * dd, *Wg = q->Wg + g * dd;
-    double sums[WH_D * WH_D];
-    WF(wh_means)(q->x, q->N, q->C, q->L, c0, q->mu);
-    WF(wh_cross_group)(q->x, q->mu, q->x, q->mu, q->N, q->C, q->L, c0, w, sums, NULL);
     for (int64_t i = 0; i < dd; i++)
         cov[i] = (WH_T)(sums[i] / (double)m) + (i % (WH_D + 1) == 0 ? (WH_T)q->eps : (WH_T)0);
     WF(nt_forward_one)(cov, NULL, WH_D, q->T, W, nt);
     for (int i = 0; i < WH_D; i++)
         for (int j = 0; j < WH_D; j++)
             Wg[i * WH_D + j] = q->gamma ? W[i * WH_D + j] * q->gamma[c0 + i] : W[i * WH_D + j];
-    WF(wh_apply_group)(q->x, q->mu, Wg, NULL, NULL, NULL, q->beta ? q->beta + c0 : NULL, q->N, q->C,
-                       q->L, c0, w, q->out);
 }
 
-/* group g's backward: dW' = dy (x - mu)^T, dbeta = rowsum(dy), dgamma = rowsum(dW' * W),
- * dSigma = newton_backward(Sigma, diag(gamma) dW'), S = (dSigma + dSigma^T) / m,
- * dx = W'^T dy + S (x - mu) - W'^T mean(dy) */
-static void WF(wh_backward_group)(const WF(wh_call) *q, int64_t g, WF(wh_work) *w, WH_T *nt) {
+/* after dW' = sums and rowsum(dy) = dysum of group g: dgamma = rowsum(dW' * W), dbeta,
+ * dSigma = newton_backward(Sigma, diag(gamma) dW'), and the matrices of
+ * dx = Wt dy + S (x - mu) + shift: Wt = W'^T, S = (dSigma + dSigma^T) / m, shift = -W'^T mean(dy)
+ * (mats: Wt, S, shift in a row) */
+static void WF(wh_backward_matrices)(const WF(wh_call) *q, int64_t g, const double *sums, const double *dysum,
+                                     WH_T *nt, WH_T *mats) {
     const int64_t c0 = g * WH_D, dd = WH_D * WH_D, m = q->N * q->L;
     const WH_T *cov = q->cov + g * dd, *W = q->W + g * dd, *Wg = q->Wg + g * dd;
-    double sums[WH_D * WH_D], dysum[WH_D];
-    WH_T dW[WH_D * WH_D], dcov[WH_D * WH_D], S[WH_D * WH_D], Wt[WH_D * WH_D], shift[WH_D], dymean[WH_D];
-    WF(wh_cross_group)(q->dy, NULL, q->x, q->mu, q->N, q->C, q->L, c0, w, sums, dysum);
+    WH_T *Wt = mats, *S = mats + dd, *shift = mats + 2 * dd;
+    WH_T dW[WH_D * WH_D], dcov[WH_D * WH_D], dymean[WH_D];
     for (int i = 0; i < WH_D; i++) {
         WH_T gsum = 0;
         for (int j = 0; j < WH_D; j++) {
@@ -285,15 +371,17 @@ static void WF(wh_backward_group)(const WF(wh_call) *q, int64_t g, WF(wh_work) *
         }
         shift[i] = -sh;
     }
-    WF(wh_apply_group)(q->dy, NULL, Wt, q->x, q->mu, S, shift, q->N, q->C, q->L, c0, w, q->out);
 }
 
-static int WF(wh_run)(const WF(wh_call) *q, int threads) {
+#define WH_MATS (2 * WH_D * WH_D + WH_D)   /* Wt, S, shift */
+
+/* (N, C, L): every step of a group in one thread, the groups split between threads */
+static int WF(wh_run_channels_first)(const WF(wh_call) *q, int threads) {
     const int64_t G = q->C / WH_D;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        WF(wh_work) w;
+        WF(wh_work) w = {NULL, NULL, NULL, NULL, NULL, NULL};
         WH_T *nt = (WH_T *)malloc(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T));
         const int ok = WF(wh_work_alloc)(&w) && nt;
         if (!ok) {
@@ -303,10 +391,21 @@ static int WF(wh_run)(const WF(wh_call) *q, int threads) {
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < G; g++) {
             if (!ok) continue;
-            if (q->backward)
-                WF(wh_backward_group)(q, g, &w, nt);
-            else
-                WF(wh_forward_group)(q, g, &w, nt);
+            const int64_t c0 = g * WH_D;
+            double sums[WH_D * WH_D], dysum[WH_D];
+            if (!q->backward) {
+                WF(wh_means)(q->x, q->N, q->C, q->L, c0, q->mu);
+                WF(wh_cross_group)(q->x, q->mu, q->x, q->mu, q->N, q->C, q->L, c0, &w, sums, NULL);
+                WF(wh_forward_matrices)(q, g, sums, nt);
+                WF(wh_apply_group)(q->x, q->mu, q->Wg + g * WH_D * WH_D, NULL, NULL, NULL,
+                                   q->beta ? q->beta + c0 : NULL, q->N, q->C, q->L, c0, &w, q->out);
+            } else {
+                WH_T mats[WH_MATS];
+                WF(wh_cross_group)(q->dy, NULL, q->x, q->mu, q->N, q->C, q->L, c0, &w, sums, dysum);
+                WF(wh_backward_matrices)(q, g, sums, dysum, nt, mats);
+                WF(wh_apply_group)(q->dy, NULL, mats, q->x, q->mu, mats + WH_D * WH_D, mats + 2 * WH_D * WH_D,
+                                   q->N, q->C, q->L, c0, &w, q->out);
+            }
         }
         free(w.block);
         free(nt);
@@ -314,25 +413,110 @@ static int WF(wh_run)(const WF(wh_call) *q, int threads) {
     return failed ? -1 : 0;
 }
 
-/* IterNorm's training forward of x (N, C, L), C a multiple of 16: mu (C), cov = Sigma, W, Wg
- * (C / 16, 16, 16), y (N, C, L); gamma / beta (C) may be NULL. -1 where a buffer cannot be
- * allocated. */
-int WF(ns_whiten_forward)(const WH_T *x, int64_t N, int64_t C, int64_t L, int T, double eps,
+/* (N, L, C): the positions in slabs of WCL_SLAB split between threads, every group of a slab
+ * in one thread; a sum over positions is one partial sum per slab, added in slab order */
+static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
+    const int64_t G = q->C / WH_D, C = q->C, dd = WH_D * WH_D, m = q->N * q->L;
+    const int64_t slabs = (m + WCL_SLAB - 1) / WCL_SLAB, per = G * (dd + WH_D);
+    double *part = (double *)calloc((size_t)(slabs * per), sizeof(double));
+    double *tot = (double *)calloc((size_t)per, sizeof(double));
+    WH_T *mats = (WH_T *)malloc(sizeof(WH_T) * (size_t)(G * WH_MATS));
+    int failed = !part || !tot || !mats;
+    const WH_T *x = q->x;
+    if (!failed && !q->backward) {   /* the means */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t s = 0; s < slabs; s++) {
+            const int64_t p0 = s * WCL_SLAB, p1 = p0 + WCL_SLAB < m ? p0 + WCL_SLAB : m;
+            for (int64_t g = 0; g < G; g++)
+                WF(wcl_sums)(x, C, g * WH_D, p0, p1, part + s * per + G * dd + g * WH_D);
+        }
+        for (int64_t c = 0; c < C; c++) {
+            double t = 0;
+            for (int64_t s = 0; s < slabs; s++) t += part[s * per + G * dd + c];
+            q->mu[c] = (WH_T)(t / (double)m);
+        }
+    }
+    if (!failed) {   /* forward: sum V V^T; backward: sum dy V^T and sum dy */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t s = 0; s < slabs; s++) {
+            const int64_t p0 = s * WCL_SLAB, p1 = p0 + WCL_SLAB < m ? p0 + WCL_SLAB : m;
+            double *ps = part + s * per;
+            memset(ps, 0, sizeof(double) * (size_t)per);
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t c0 = g * WH_D;
+                if (q->backward)
+                    WF(wcl_cross)(q->dy, NULL, x, q->mu, C, c0, p0, p1, ps + g * dd, ps + G * dd + c0);
+                else
+                    WF(wcl_cross)(x, q->mu, x, q->mu, C, c0, p0, p1, ps + g * dd, NULL);
+            }
+        }
+        for (int64_t s = 0; s < slabs; s++)
+            for (int64_t i = 0; i < per; i++) tot[i] += part[s * per + i];
+#pragma omp parallel num_threads(threads)
+        {
+            WH_T *nt = (WH_T *)malloc(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T));
+            if (!nt) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t g = 0; g < G; g++) {
+                if (!nt) continue;
+                if (q->backward)
+                    WF(wh_backward_matrices)(q, g, tot + g * dd, tot + G * dd + g * WH_D, nt, mats + g * WH_MATS);
+                else
+                    WF(wh_forward_matrices)(q, g, tot + g * dd, nt);
+            }
+            free(nt);
+        }
+    }
+    if (!failed) {   /* y or dx */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t s = 0; s < slabs; s++) {
+            const int64_t p0 = s * WCL_SLAB, p1 = p0 + WCL_SLAB < m ? p0 + WCL_SLAB : m;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t c0 = g * WH_D;
+                if (q->backward) {
+                    const WH_T *mg = mats + g * WH_MATS;
+                    WF(wcl_apply)(q->dy, NULL, mg, x, q->mu, mg + dd, mg + 2 * dd, C, c0, p0, p1, q->out);
+                } else {
+                    WF(wcl_apply)(x, q->mu, q->Wg + g * dd, NULL, NULL, NULL, q->beta ? q->beta + c0 : NULL,
+                                  C, c0, p0, p1, q->out);
+                }
+            }
+        }
+    }
+    free(part);
+    free(tot);
+    free(mats);
+    return failed ? -1 : 0;
+}
+
+static int WF(wh_run)(const WF(wh_call) *q, int threads) {
+    return q->channels_last ? WF(wh_run_channels_last)(q, threads) : WF(wh_run_channels_first)(q, threads);
+}
+
+/* IterNorm's training forward of x, C a multiple of 16, laid out (N, C, L) or, channels_last,
+ * (N, L, C): mu (C), cov = Sigma, W, Wg (C / 16, 16, 16), y in x's layout; gamma / beta (C)
+ * may be NULL. -1 where a buffer cannot be allocated. */
+int WF(ns_whiten_forward)(const WH_T *x, int64_t N, int64_t C, int64_t L, int channels_last, int T, double eps,
                           const WH_T *gamma, const WH_T *beta, WH_T *mu, WH_T *cov, WH_T *W, WH_T *Wg,
                           WH_T *y, int threads) {
-    WF(wh_call) q = {0, N, C, L, T, eps, x, NULL, gamma, beta, mu, cov, W, Wg, y, NULL, NULL};
+    WF(wh_call) q = {0, channels_last, N, C, L, T, eps, x, NULL, gamma, beta, mu, cov, W, Wg, y, NULL, NULL};
     return WF(wh_run)(&q, threads);
 }
 
-/* its backward for dy: dx (N, C, L), dgamma / dbeta (C; NULL: not computed) */
-int WF(ns_whiten_backward)(const WH_T *x, const WH_T *dy, int64_t N, int64_t C, int64_t L, int T,
-                           const WH_T *gamma, const WH_T *mu, const WH_T *cov, const WH_T *W,
+/* its backward for dy (in x's layout): dx (x's layout), dgamma / dbeta (C; NULL: not computed) */
+int WF(ns_whiten_backward)(const WH_T *x, const WH_T *dy, int64_t N, int64_t C, int64_t L, int channels_last,
+                           int T, const WH_T *gamma, const WH_T *mu, const WH_T *cov, const WH_T *W,
                            const WH_T *Wg, WH_T *dx, WH_T *dgamma, WH_T *dbeta, int threads) {
-    WF(wh_call) q = {1, N, C, L, T, 0.0, x, dy, gamma, NULL, (WH_T *)mu, (WH_T *)cov, (WH_T *)W,
-                     (WH_T *)Wg, dx, dgamma, dbeta};
+    WF(wh_call) q = {1, channels_last, N, C, L, T, 0.0, x, dy, gamma, NULL, (WH_T *)mu, (WH_T *)cov,
+                     (WH_T *)W, (WH_T *)Wg, dx, dgamma, dbeta};
     return WF(wh_run)(&q, threads);
 }
 
+#undef WH_MATS
+#undef WG
 #undef WTILE
 #undef WCH
 #undef WVL

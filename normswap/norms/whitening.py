@@ -198,51 +198,70 @@ def _whiten_kernels(x: torch.Tensor, d: int) -> bool:
     return kernels.ready() if torch.compiler.is_compiling() else kernels.library() is not None
 
 
-def _kernel_threads(x3: torch.Tensor) -> int:
-    groups = x3.shape[1] // _KERNEL_GROUP
-    return 1 if x3.numel() < 1 << 15 else max(1, min(torch.get_num_threads(), groups))
+def _kernel_threads(x: torch.Tensor) -> int:
+    return 1 if x.numel() < 1 << 15 else max(1, torch.get_num_threads())
 
 
 def _ptr(t: Optional[torch.Tensor]):
     return t.data_ptr() if t is not None else None
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` (N, C, *) is laid out (N, *, C) (channels last), not (N, C, *)."""
+    return not t.is_contiguous() and t.dim() > 2 and t.movedim(1, -1).is_contiguous()
+
+
+def _kernel_layout(x: torch.Tensor, out: torch.Tensor):
+    """``(x, out, channels_last)`` for the kernels: ``x`` in ``out``'s layout when that is one
+    they read ((N, C, L) or (N, L, C)), else both as contiguous copies (``out`` then to be
+    copied back)."""
+    if out.is_contiguous():
+        return x.contiguous(), out, False
+    if _channels_last(out):
+        return x.movedim(1, -1).contiguous().movedim(-1, 1), out, True
+    return x.contiguous(), torch.empty(out.shape, dtype=out.dtype), False
+
+
 def _whiten_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], T: int,
                     eps: float) -> List[torch.Tensor]:
-    """The kernels' training forward: ``[y, mu, Sigma, W, W']`` (``x`` as (N, C, L), then
-    ``y`` in ``x``'s shape)."""
+    """The kernels' training forward: ``[y, mu, Sigma, W, W']``, ``y`` in ``x``'s layout
+    (channels first or last, as ``torch.empty_like``)."""
     N, C = x.shape[0], x.shape[1]
     L, dt, d = math.prod(x.shape[2:]), x.dtype, _KERNEL_GROUP
-    x3 = x.contiguous().view(N, C, L)
+    y = torch.empty_like(x)   # a tensor of its own (see _GroupWhitenFn)
+    xk, yk, cl = _kernel_layout(x, y)
     gamma = weight.to(dt).contiguous() if weight is not None else None
     beta = bias.to(dt).contiguous() if bias is not None else None
     mu = torch.empty(C, dtype=dt)
     cov, W, Wg = (torch.empty((C // d, d, d), dtype=dt) for _ in range(3))
-    y = torch.empty(x.shape, dtype=dt)   # a tensor of its own (see _GroupWhitenFn)
     fn = getattr(kernels.library(), f"ns_whiten_forward_{_KERNEL_SUFFIX[dt]}")
-    if fn(x3.data_ptr(), N, C, L, int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
-          cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), y.data_ptr(), _kernel_threads(x3)):
+    if fn(xk.data_ptr(), N, C, L, int(cl), int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
+          cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), yk.data_ptr(), _kernel_threads(x)):
         raise MemoryError("normswap whitening kernel: out of memory")
+    if yk is not y:
+        y.copy_(yk)
     return [y, mu, cov, W, Wg]
 
 
 def _whiten_backward(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor], mu: torch.Tensor,
                      cov: torch.Tensor, W: torch.Tensor, Wg: torch.Tensor, T: int, want_gamma: bool,
                      want_beta: bool) -> List[Optional[torch.Tensor]]:
-    """The kernels' backward: ``[dx, dgamma, dbeta]`` (in ``x``'s dtype; None where not
-    wanted)."""
+    """The kernels' backward: ``[dx, dgamma, dbeta]`` (in ``x``'s dtype, ``dx`` in its layout;
+    None where not wanted)."""
     N, C = x.shape[0], x.shape[1]
     L, dt = math.prod(x.shape[2:]), x.dtype
-    x3 = x.contiguous().view(N, C, L)
-    dy3 = dy.to(dt).contiguous()
+    dx = torch.empty_like(x)
+    xk, dxk, cl = _kernel_layout(x, dx)
+    dyk = (dy.to(dt).movedim(1, -1).contiguous().movedim(-1, 1) if cl else dy.to(dt).contiguous())
     gamma = weight.to(dt).contiguous() if weight is not None else None
-    dx = torch.empty(x.shape, dtype=dt)
     dgamma = torch.empty(C, dtype=dt) if want_gamma else None
     dbeta = torch.empty(C, dtype=dt) if want_beta else None
     fn = getattr(kernels.library(), f"ns_whiten_backward_{_KERNEL_SUFFIX[dt]}")
-    if fn(x3.data_ptr(), dy3.data_ptr(), N, C, L, int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
-          W.data_ptr(), Wg.data_ptr(), dx.data_ptr(), _ptr(dgamma), _ptr(dbeta), _kernel_threads(x3)):
+    if fn(xk.data_ptr(), dyk.data_ptr(), N, C, L, int(cl), int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
+          W.data_ptr(), Wg.data_ptr(), dxk.data_ptr(), _ptr(dgamma), _ptr(dbeta), _kernel_threads(x)):
         raise MemoryError("normswap whitening kernel: out of memory")
+    if dxk is not dx:
+        dx.copy_(dxk)
     return [dx, dgamma, dbeta]
 
 
@@ -281,7 +300,8 @@ class _GroupWhitenKernelFn(torch.autograd.Function):
 # the PyTorch formulation runs the products as bmm calls with passes of their own around
 # them). Outputs [y, mu, Sigma, W, W']; backward [dx, dgamma, dbeta] (zero-size where the
 # layer has no gamma / beta).
-@torch.library.custom_op("normswap::whiten_forward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("normswap::whiten_forward", mutates_args=(), device_types="cpu",
+                         tags=(torch.Tag.flexible_layout,))
 def _whiten_forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], T: int,
                        eps: float) -> List[torch.Tensor]:
     return _whiten_forward(x, weight, bias, T, eps)
@@ -290,10 +310,11 @@ def _whiten_forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
 @_whiten_forward_op.register_fake
 def _(x, weight, bias, T, eps):
     C, d = x.shape[1], _KERNEL_GROUP
-    return [x.new_empty(x.shape), x.new_empty(C)] + [x.new_empty((C // d, d, d)) for _ in range(3)]
+    return [torch.empty_like(x), x.new_empty(C)] + [x.new_empty((C // d, d, d)) for _ in range(3)]
 
 
-@torch.library.custom_op("normswap::whiten_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("normswap::whiten_backward", mutates_args=(), device_types="cpu",
+                         tags=(torch.Tag.flexible_layout,))
 def _whiten_backward_op(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor], mu: torch.Tensor,
                         cov: torch.Tensor, W: torch.Tensor, Wg: torch.Tensor, T: int,
                         has_bias: bool) -> List[torch.Tensor]:
@@ -304,7 +325,7 @@ def _whiten_backward_op(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torc
 @_whiten_backward_op.register_fake
 def _(x, dy, weight, mu, cov, W, Wg, T, has_bias):
     C = x.shape[1]
-    return [x.new_empty(x.shape), x.new_empty(C if weight is not None else 0), x.new_empty(C if has_bias else 0)]
+    return [torch.empty_like(x), x.new_empty(C if weight is not None else 0), x.new_empty(C if has_bias else 0)]
 
 
 def _whiten_op_setup(ctx, inputs, output):
