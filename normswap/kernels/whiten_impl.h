@@ -56,7 +56,14 @@ static void WF(wh_gather)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64
             const int64_t seg = L - l < cnt - o ? L - l : cnt - o;
             const WH_T *src = x + (n * C + c0 + j) * L + l;
             WH_T *dst = b + o;
-            for (int64_t k = 0; k < seg; k++) dst[k] = src[k] - m;
+            int64_t k = 0;
+            for (; k + WVL <= seg; k += WVL) {   /* whole vectors (a segment may be as short as L) */
+                WV v;
+                memcpy(&v, src + k, sizeof v);
+                v -= m;
+                memcpy(dst + k, &v, sizeof v);
+            }
+            for (; k < seg; k++) dst[k] = src[k] - m;
             /* the row's next chunk: its lines requested now (the hardware prefetcher does not
              * follow 16 or 32 rows read a chunk at a time) */
             if (l + seg + WCH <= L)
@@ -87,8 +94,9 @@ static void WF(wh_scatter)(const WH_T *buf, int64_t C, int64_t L, int64_t c0, in
             const int64_t seg = L - l < cnt - o ? L - l : cnt - o;
             WH_T *dst = x + (n * C + c0 + j) * L + l;
             const WH_T *src = b + o;
-#pragma omp simd
-            for (int64_t k = 0; k < seg; k++) dst[k] = src[k];
+            int64_t k = 0;
+            for (; k + WVL <= seg; k += WVL) memcpy(dst + k, src + k, sizeof(WV));
+            for (; k < seg; k++) dst[k] = src[k];
             o += seg;
             n++;
             l = 0;
@@ -127,23 +135,29 @@ static void WF(wh_flush)(WV *acc, double *accd) {
     memset(acc, 0, sizeof(WV) * WH_D * WH_D);
 }
 
-/* mu[c0 + j] = mean of row j over the group's N L columns (chunks of a plane summed in
- * WH_T, the chunks' sums in double), rounded to WH_T */
-static void WF(wh_means)(const WH_T *x, int64_t N, int64_t C, int64_t L, int64_t c0, WH_T *mu) {
-    for (int j = 0; j < WH_D; j++) {
-        double s = 0;
-        for (int64_t n = 0; n < N; n++) {
-            const WH_T *row = x + (n * C + c0 + j) * L;
-            for (int64_t l0 = 0; l0 < L; l0 += WCH) {
-                const int64_t cnt = L - l0 < WCH ? L - l0 : WCH;
-                WH_T t = 0;
+/* mu[c0 + j] = mean of row j over the group's N L columns, rounded to WH_T: planes of at
+ * least a chunk summed a chunk at a time (in WH_T, the chunks' sums in double); shorter
+ * planes gathered into the buffer and summed there (one lane reduction per chunk and row,
+ * not per plane: on 4 x 4 maps those reductions cost more than the copy) */
+static void WF(wh_means)(const WH_T *x, int64_t N, int64_t C, int64_t L, int64_t c0, WF(wh_work) *w, WH_T *mu) {
+    double s[WH_D] = {0};
+    if (L < WCH) {
+        for (int64_t p0 = 0; p0 < N * L; p0 += WCH)
+            WF(wh_gather)(x, C, L, c0, p0, N * L - p0 < WCH ? N * L - p0 : WCH, NULL, w->a, s);
+    } else {
+        for (int j = 0; j < WH_D; j++)
+            for (int64_t n = 0; n < N; n++) {
+                const WH_T *row = x + (n * C + c0 + j) * L;
+                for (int64_t l0 = 0; l0 < L; l0 += WCH) {
+                    const int64_t cnt = L - l0 < WCH ? L - l0 : WCH;
+                    WH_T t = 0;
 #pragma omp simd reduction(+:t)
-                for (int64_t k = 0; k < cnt; k++) t += row[l0 + k];
-                s += (double)t;
+                    for (int64_t k = 0; k < cnt; k++) t += row[l0 + k];
+                    s[j] += (double)t;
+                }
             }
-        }
-        mu[c0 + j] = (WH_T)(s / (double)(N * L));
     }
+    for (int j = 0; j < WH_D; j++) mu[c0 + j] = (WH_T)(s[j] / (double)(N * L));
 }
 
 /* out[16 i + j] = sum over the group's columns of (a_i - mu_a_i)(b_j - mu_b_j); asum[j] (not
@@ -394,7 +408,7 @@ static int WF(wh_run_channels_first)(const WF(wh_call) *q, int threads) {
             const int64_t c0 = g * WH_D;
             double sums[WH_D * WH_D], dysum[WH_D];
             if (!q->backward) {
-                WF(wh_means)(q->x, q->N, q->C, q->L, c0, q->mu);
+                WF(wh_means)(q->x, q->N, q->C, q->L, c0, &w, q->mu);
                 WF(wh_cross_group)(q->x, q->mu, q->x, q->mu, q->N, q->C, q->L, c0, &w, sums, NULL);
                 WF(wh_forward_matrices)(q, g, sums, nt);
                 WF(wh_apply_group)(q->x, q->mu, q->Wg + g * WH_D * WH_D, NULL, NULL, NULL,
