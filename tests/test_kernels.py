@@ -621,6 +621,23 @@ def test_whitening_kernel_gives_the_same_bits_on_one_and_two_threads(layout):
         assert torch.equal(a, b)
 
 
+def test_whitening_kernel_channels_last_beyond_the_slab_count_cap():
+    """Channels last with more than 1,024 slabs of 512 positions: slabs grow instead (one
+    partial sum per slab is kept); float64 against the autograd re-computation."""
+    m = 512 * 1024 + 300
+    x64 = torch.randn(1, 16, m, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.3
+    dy = torch.randn(1, 16, m, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    layer = N.IterNorm1d(16).double()
+    x = _in_layout(x64, "last").requires_grad_()
+    y = layer(x)
+    y.backward(_in_layout(dy, "last"))
+    xr = x64.clone().requires_grad_()
+    want = _iter_norm_autograd(xr, None, None, 5, 1e-5) * layer.weight.detach()[None, :, None]
+    want.backward(dy)
+    torch.testing.assert_close(y.detach(), want.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-9)
+
+
 def test_whitening_kernel_leaves_other_inputs_to_the_pytorch_formulation():
     """Groups of another size, a channel count not a multiple of 16 and half precision take
     _GroupWhitenFn / autograd (the kernels are written for 16 channels)."""

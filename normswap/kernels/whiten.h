@@ -28,7 +28,8 @@
 #define WH_D 16          /* channels per group */
 #define WH_ROW_BYTES 1024 /* of each row of a chunk */
 #define WH_FLUSH 8       /* chunks summed in T before the sums go into double */
-#define WCL_SLAB 512     /* channels last: positions per unit of work between threads */
+#define WCL_SLAB 512     /* channels last: positions per unit of work between threads ... */
+#define WCL_MAX_SLABS 1024 /* ... at most this many (their partial sums are kept) */
 #define WCL_FLUSH 64     /* channels last: positions whose sums are added in T */
 
 #pragma GCC push_options

@@ -427,11 +427,14 @@ static int WF(wh_run_channels_first)(const WF(wh_call) *q, int threads) {
     return failed ? -1 : 0;
 }
 
-/* (N, L, C): the positions in slabs of WCL_SLAB split between threads, every group of a slab
- * in one thread; a sum over positions is one partial sum per slab, added in slab order */
+/* (N, L, C): the positions in slabs of WCL_SLAB (more for over WCL_MAX_SLABS of them) split
+ * between threads, every group of a slab in one thread; a sum over positions is one partial
+ * sum per slab, added in slab order (the slabs depend on m alone, not on the threads) */
 static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
     const int64_t G = q->C / WH_D, C = q->C, dd = WH_D * WH_D, m = q->N * q->L;
-    const int64_t slabs = (m + WCL_SLAB - 1) / WCL_SLAB, per = G * (dd + WH_D);
+    const int64_t least = (m + WCL_MAX_SLABS - 1) / WCL_MAX_SLABS;
+    const int64_t slab = least > WCL_SLAB ? least : WCL_SLAB;
+    const int64_t slabs = (m + slab - 1) / slab, per = G * (dd + WH_D);
     double *part = (double *)calloc((size_t)(slabs * per), sizeof(double));
     double *tot = (double *)calloc((size_t)per, sizeof(double));
     WH_T *mats = (WH_T *)malloc(sizeof(WH_T) * (size_t)(G * WH_MATS));
@@ -440,7 +443,7 @@ static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
     if (!failed && !q->backward) {   /* the means */
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t s = 0; s < slabs; s++) {
-            const int64_t p0 = s * WCL_SLAB, p1 = p0 + WCL_SLAB < m ? p0 + WCL_SLAB : m;
+            const int64_t p0 = s * slab, p1 = p0 + slab < m ? p0 + slab : m;
             for (int64_t g = 0; g < G; g++)
                 WF(wcl_sums)(x, C, g * WH_D, p0, p1, part + s * per + G * dd + g * WH_D);
         }
@@ -453,7 +456,7 @@ static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
     if (!failed) {   /* forward: sum V V^T; backward: sum dy V^T and sum dy */
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t s = 0; s < slabs; s++) {
-            const int64_t p0 = s * WCL_SLAB, p1 = p0 + WCL_SLAB < m ? p0 + WCL_SLAB : m;
+            const int64_t p0 = s * slab, p1 = p0 + slab < m ? p0 + slab : m;
             double *ps = part + s * per;
             memset(ps, 0, sizeof(double) * (size_t)per);
             for (int64_t g = 0; g < G; g++) {
@@ -487,7 +490,7 @@ static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
     if (!failed) {   /* y or dx */
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t s = 0; s < slabs; s++) {
-            const int64_t p0 = s * WCL_SLAB, p1 = p0 + WCL_SLAB < m ? p0 + WCL_SLAB : m;
+            const int64_t p0 = s * slab, p1 = p0 + slab < m ? p0 + slab : m;
             for (int64_t g = 0; g < G; g++) {
                 const int64_t c0 = g * WH_D;
                 if (q->backward) {
