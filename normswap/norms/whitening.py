@@ -17,10 +17,12 @@ of equal groups has its backward written out (``_GroupWhitenFn``), with the iter
 chain rule recomputing the steps; on CPU the iteration and that chain rule run in the
 compiled kernels (normswap/kernels/newton.h, in the input's precision) where they are
 available, and with groups of 16 channels (the default) in float32 / float64 the whole
-layer does, one pass over the data per statistic and per output each way
-(``_GroupWhitenKernelFn``, normswap/kernels/whiten.h). Under torch.compile the iteration is one custom operator with the same
-written-out backward (a small graph to compile). Other cases (unequal groups, synchronized
-batches) keep autograd through the steps. Computed in float32 for half-precision inputs.
+layer does, one pass over the data per statistic and per output each way, channels first
+or last (``_GroupWhitenKernelFn``, normswap/kernels/whiten.h). Under torch.compile those
+kernels are the ``normswap::whiten_forward`` / ``whiten_backward`` operators; elsewhere the
+iteration is one custom operator with the same written-out backward (a small graph to
+compile). Other cases (unequal groups, synchronized batches, the L1 penalty) keep
+autograd through the steps. Computed in float32 for half-precision inputs.
 Under ``sync=True`` the mean and covariance are taken over every process.
 """
 from __future__ import annotations
