@@ -231,6 +231,24 @@ def test_iter_norm_gradcheck(shape, g, T, mode):
     assert torch.autograd.gradcheck(lambda x, *p: (m(x) * w).sum(), (x,) + tuple(m.parameters()))
 
 
+@pytest.mark.parametrize("group", [8, 16])
+def test_iter_norm_pytorch_function_takes_channels_last_input(group, path):
+    """The PyTorch formulation's Function (other group sizes; the kernels off) on a
+    channels-last input with maps over 16 positions: its backward viewed V's gradient
+    (strided like the input) as (N G, d, L) and raised; gradients equal the channels-first
+    ones."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 5, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(2, 32, 5, 5, generator=g, dtype=torch.float64)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        m = _iter(32, group, 5, (2, 32, 5, 5))
+        xs = x.contiguous(memory_format=fmt).detach().requires_grad_()
+        m(xs).backward(dy.contiguous(memory_format=fmt))
+        grads.append((xs.grad, m.weight.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
 def test_iter_norm_gradcheck_channels_last():
     """The kernels' channels-last layout (groups of 16 channels, (N, H, W, C) in memory)."""
     shape = (3, 16, 5, 4)

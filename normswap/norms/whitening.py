@@ -421,8 +421,9 @@ class _GroupWhitenFn(torch.autograd.Function):
             torch.sub(xs.view(N, G, d, L).permute(1, 2, 0, 3), mu.view(G, d, 1, 1), out=V)
             V = V.view(G, d, m)
             cov = torch.bmm(V, V.mT) / m
-        else:         # V as (N, G, d, L)
-            V = (xs - mu[None, :, None]).view(N, G, d, L)
+        else:         # V as (N, G, d, L), contiguous whatever the input's layout
+            V = torch.sub(xs, mu[None, :, None], out=torch.empty((N, C, L), dtype=cdt, device=x.device))
+            V = V.view(N, G, d, L)
             cov = torch.matmul(V, V.transpose(-1, -2)).sum(0) / m
         cov = cov + eps * torch.eye(d, dtype=cdt, device=x.device)
         W = _newton_whitening(cov, T)   # (eager only: see IterNorm.forward)
