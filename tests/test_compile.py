@@ -143,6 +143,28 @@ def test_compiled_iternorm_runs_the_whitening_kernels_and_matches_eager():
     assert "normswap.whiten_forward" in str(graph.graphs[0].code)
 
 
+@pytest.mark.slow
+def test_compiled_iternorm_stem_saves_no_bool_mask():
+    """conv -> IterNorm -> ReLU(inplace) -> max-pool compiled on CPU: the whitening operator's
+    output is kept for its backward, so the ReLU's mask is recomputed from it instead of
+    kept as bool (see test_compiled_stem_saves_no_bool_mask); the gradients equal eager mode's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), N.IterNorm2d(16),
+                               torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2))
+    eager = copy.deepcopy(stem)
+    compiled = torch.compile(stem, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    compiled(x).sum().backward()   # compiled before the saved tensors are recorded
+    saved = _saved_under(compiled, x)
+    assert not any(dtype == torch.bool for dtype, _ in saved), saved
+    stem.zero_grad()
+    compiled(x).sum().backward()
+    eager(x).sum().backward()
+    for a, b in zip(eager.parameters(), stem.parameters()):   # (gradients of size ~50)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-4)
+
+
 def _saved_under(fn, *args):
     """(dtype, shape) of every tensor autograd saves while ``fn(*args)`` runs."""
     saved = []

@@ -301,7 +301,12 @@ class _GroupWhitenKernelFn(torch.autograd.Function):
 # The kernels as operators for torch.compile (one opaque call each way; inductor's code from
 # the PyTorch formulation runs the products as bmm calls with passes of their own around
 # them). Outputs [y, mu, Sigma, W, W']; backward [dx, dgamma, dbeta] (zero-size where the
-# layer has no gamma / beta).
+# layer has no gamma / beta). The backward operator also takes y, which it does not read:
+# an opaque operator's output cannot be recomputed, so without it AOT autograd's
+# partitioner kept a following ReLU's mask as a bool tensor (whose store inductor's CPU code
+# does one value at a time: 11 ms of a compiled resnet18 step's stem, 2 ms with y kept and
+# the mask recomputed from it). The layer returns a clone of y (fused into the next
+# pointwise kernel), since an in-place ReLU must not modify the saved y.
 @torch.library.custom_op("normswap::whiten_forward", mutates_args=(), device_types="cpu",
                          tags=(torch.Tag.flexible_layout,))
 def _whiten_forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], T: int,
@@ -317,33 +322,33 @@ def _(x, weight, bias, T, eps):
 
 @torch.library.custom_op("normswap::whiten_backward", mutates_args=(), device_types="cpu",
                          tags=(torch.Tag.flexible_layout,))
-def _whiten_backward_op(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor], mu: torch.Tensor,
-                        cov: torch.Tensor, W: torch.Tensor, Wg: torch.Tensor, T: int,
+def _whiten_backward_op(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor],
+                        mu: torch.Tensor, cov: torch.Tensor, W: torch.Tensor, Wg: torch.Tensor, T: int,
                         has_bias: bool) -> List[torch.Tensor]:
     dx, dgamma, dbeta = _whiten_backward(x, dy, weight, mu, cov, W, Wg, T, weight is not None, has_bias)
     return [dx, dgamma if dgamma is not None else x.new_empty(0), dbeta if dbeta is not None else x.new_empty(0)]
 
 
 @_whiten_backward_op.register_fake
-def _(x, dy, weight, mu, cov, W, Wg, T, has_bias):
+def _(x, y, dy, weight, mu, cov, W, Wg, T, has_bias):
     C = x.shape[1]
     return [torch.empty_like(x), x.new_empty(C if weight is not None else 0), x.new_empty(C if has_bias else 0)]
 
 
 def _whiten_op_setup(ctx, inputs, output):
     x, weight, bias, T, eps = inputs
-    _, mu, cov, W, Wg = output
-    ctx.save_for_backward(x, weight, mu, cov, W, Wg)
+    y, mu, cov, W, Wg = output
+    ctx.save_for_backward(x, y, weight, mu, cov, W, Wg)
     ctx.setup = (T, bias is not None)
 
 
 def _whiten_op_backward(ctx, grads):
     dy = grads[0]
-    x, weight, mu, cov, W, Wg = ctx.saved_tensors
+    x, y, weight, mu, cov, W, Wg = ctx.saved_tensors
     T, has_bias = ctx.setup
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, dgamma, dbeta = _whiten_backward_op(x, dy, weight, mu, cov, W, Wg, T, has_bias)
+    dx, dgamma, dbeta = _whiten_backward_op(x, y, dy, weight, mu, cov, W, Wg, T, has_bias)
     return (dx, dgamma.to(weight.dtype) if weight is not None else None,
             dbeta.to(dy.dtype) if has_bias else None, None, None)
 
@@ -358,7 +363,7 @@ def group_whiten_kernels(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
     ``normswap::whiten_forward`` operator."""
     if torch.compiler.is_compiling():
         y, mu, _, W, _ = _whiten_forward_op(x, weight, bias, int(T), float(eps))
-        return y, mu.detach(), W.detach()
+        return y.clone(), mu.detach(), W.detach()   # (the clone: see the operators above)
     return _GroupWhitenKernelFn.apply(x, weight, bias, _KERNEL_GROUP, T, eps)
 
 
