@@ -43,6 +43,7 @@ from .base import (NormalizerBase, check_bool, check_channels, check_int, check_
                    check_number)
 from .batch import make_ranked
 from .functional import stat_dtype
+from .rows import _ptr, _threads
 from .running import update_running_
 
 
@@ -200,14 +201,6 @@ def _whiten_kernels(x: torch.Tensor, d: int) -> bool:
     return kernels.ready() if torch.compiler.is_compiling() else kernels.library() is not None
 
 
-def _kernel_threads(x: torch.Tensor) -> int:
-    return 1 if x.numel() < 1 << 15 else max(1, torch.get_num_threads())
-
-
-def _ptr(t: Optional[torch.Tensor]):
-    return t.data_ptr() if t is not None else None
-
-
 def _channels_last(t: torch.Tensor) -> bool:
     """Whether ``t`` (N, C, *) is laid out (N, *, C) (channels last), not (N, C, *)."""
     return not t.is_contiguous() and t.dim() > 2 and t.movedim(1, -1).is_contiguous()
@@ -238,7 +231,7 @@ def _whiten_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     cov, W, Wg = (torch.empty((C // d, d, d), dtype=dt) for _ in range(3))
     fn = getattr(kernels.library(), f"ns_whiten_forward_{_KERNEL_SUFFIX[dt]}")
     if fn(xk.data_ptr(), N, C, L, int(cl), int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
-          cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), yk.data_ptr(), _kernel_threads(x)):
+          cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), yk.data_ptr(), _threads(x.numel())):
         raise MemoryError("normswap whitening kernel: out of memory")
     if yk is not y:
         y.copy_(yk)
@@ -260,7 +253,7 @@ def _whiten_backward(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.T
     dbeta = torch.empty(C, dtype=dt) if want_beta else None
     fn = getattr(kernels.library(), f"ns_whiten_backward_{_KERNEL_SUFFIX[dt]}")
     if fn(xk.data_ptr(), dyk.data_ptr(), N, C, L, int(cl), int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
-          W.data_ptr(), Wg.data_ptr(), dxk.data_ptr(), _ptr(dgamma), _ptr(dbeta), _kernel_threads(x)):
+          W.data_ptr(), Wg.data_ptr(), dxk.data_ptr(), _ptr(dgamma), _ptr(dbeta), _threads(x.numel())):
         raise MemoryError("normswap whitening kernel: out of memory")
     if dxk is not dx:
         dx.copy_(dxk)
