@@ -82,6 +82,18 @@ def test_no_graph_break_in_train_and_eval(make, shape, kw):
         assert explained.graph_break_count == 0, (mode, [str(b.reason)[:300] for b in explained.break_reasons])
 
 
+def _assert_same_step(eager, compiled_mod, eager_out, compiled_out) -> None:
+    """A training step of the compiled copy equals eager mode's: output, input gradient,
+    parameter gradients and buffers (``*_out``: (output, input))."""
+    (ya, xa), (yb, xb) = eager_out, compiled_out
+    torch.testing.assert_close(yb, ya)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for (n, a), b in zip(eager.named_parameters(), compiled_mod.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=n)
+    for (n, a), b in zip(eager.named_buffers(), compiled_mod.buffers()):
+        torch.testing.assert_close(b, a, msg=n)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3),
                                   lambda: N.L1GroupNorm(2, 4), lambda: N.MeanOnlyBatchNorm2d(4),
@@ -101,12 +113,7 @@ def test_compiled_matches_eager_forward_backward_and_running_stats(make):
         ya, yb = eager(xa), compiled(xb)
         (ya * dy).sum().add(normswap.penalty(eager)).backward()
         (yb * dy).sum().add(normswap.penalty(compiled_mod)).backward()
-        torch.testing.assert_close(yb, ya)
-        torch.testing.assert_close(xb.grad, xa.grad)
-        for (n, a), b in zip(eager.named_parameters(), compiled_mod.parameters()):
-            torch.testing.assert_close(b.grad, a.grad, msg=n)
-        for (n, a), b in zip(eager.named_buffers(), compiled_mod.buffers()):
-            torch.testing.assert_close(b, a, msg=n)
+        _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
     eager.eval(), compiled_mod.eval()
     torch.testing.assert_close(compiled(x), eager(x))
 
@@ -132,12 +139,7 @@ def test_compiled_iternorm_runs_the_whitening_kernels_and_matches_eager():
         ya, yb = eager(xa), compiled(xb)
         ya.backward(dy)
         yb.backward(dy)
-        torch.testing.assert_close(yb, ya)
-        torch.testing.assert_close(xb.grad, xa.grad)
-        for (n, a), b in zip(eager.named_parameters(), compiled_mod.parameters()):
-            torch.testing.assert_close(b.grad, a.grad, msg=n)
-        for (n, a), b in zip(eager.named_buffers(), compiled_mod.buffers()):
-            torch.testing.assert_close(b, a, msg=n)
+        _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
     graph = torch._dynamo.explain(compiled_mod)(x)
     assert graph.graph_break_count == 0
     assert "normswap.whiten_forward" in str(graph.graphs[0].code)

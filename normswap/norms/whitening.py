@@ -206,6 +206,11 @@ def _channels_last(t: torch.Tensor) -> bool:
     return not t.is_contiguous() and t.dim() > 2 and t.movedim(1, -1).is_contiguous()
 
 
+def _in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` laid out (N, *, C) when ``channels_last``, else (N, C, *) (no copy when it is)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
+
+
 def _kernel_layout(x: torch.Tensor, out: torch.Tensor):
     """``(x, out, channels_last)`` for the kernels: ``x`` in ``out``'s layout when that is one
     they read ((N, C, L) or (N, L, C)), else both as contiguous copies (``out`` then to be
@@ -213,7 +218,7 @@ def _kernel_layout(x: torch.Tensor, out: torch.Tensor):
     if out.is_contiguous():
         return x.contiguous(), out, False
     if _channels_last(out):
-        return x.movedim(1, -1).contiguous().movedim(-1, 1), out, True
+        return _in_layout(x, True), out, True
     return x.contiguous(), torch.empty(out.shape, dtype=out.dtype), False
 
 
@@ -247,7 +252,7 @@ def _whiten_backward(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.T
     L, dt = math.prod(x.shape[2:]), x.dtype
     dx = torch.empty_like(x)
     xk, dxk, cl = _kernel_layout(x, dx)
-    dyk = (dy.to(dt).movedim(1, -1).contiguous().movedim(-1, 1) if cl else dy.to(dt).contiguous())
+    dyk = _in_layout(dy.to(dt), cl)
     gamma = weight.to(dt).contiguous() if weight is not None else None
     dgamma = torch.empty(C, dtype=dt) if want_gamma else None
     dbeta = torch.empty(C, dtype=dt) if want_beta else None
@@ -272,7 +277,7 @@ class _GroupWhitenKernelFn(torch.autograd.Function):
     ``normswap::whiten_forward`` / ``whiten_backward`` operators."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, d: int, T: int, eps: float):
+    def forward(ctx, x, weight, bias, T: int, eps: float):
         y, mu, cov, W, Wg = _whiten_forward(x, weight, bias, T, eps)
         ctx.save_for_backward(x, mu, cov, W, Wg, weight)
         ctx.setup = (T, bias.dtype if bias is not None else None)
@@ -288,7 +293,7 @@ class _GroupWhitenKernelFn(torch.autograd.Function):
                                              weight is not None and ctx.needs_input_grad[1],
                                              bdt is not None and ctx.needs_input_grad[2])
         return (dx, dgamma.to(weight.dtype) if dgamma is not None else None,
-                dbeta.to(bdt) if dbeta is not None else None, None, None, None)
+                dbeta.to(bdt) if dbeta is not None else None, None, None)
 
 
 # The kernels as operators for torch.compile (one opaque call each way; inductor's code from
@@ -357,7 +362,7 @@ def group_whiten_kernels(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
     if torch.compiler.is_compiling():
         y, mu, _, W, _ = _whiten_forward_op(x, weight, bias, int(T), float(eps))
         return y.clone(), mu.detach(), W.detach()   # (the clone: see the operators above)
-    return _GroupWhitenKernelFn.apply(x, weight, bias, _KERNEL_GROUP, T, eps)
+    return _GroupWhitenKernelFn.apply(x, weight, bias, T, eps)
 
 
 def _whitening_grads(dWg: torch.Tensor, W: torch.Tensor, weight: Optional[torch.Tensor], cov: torch.Tensor,
