@@ -258,6 +258,7 @@ def plot(rows, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in rows if r["baseline"] != r["layer"]]
     panels = list(dict.fromkeys((r["device"], bool(r.get("compiled"))) for r in rows))
@@ -278,6 +279,10 @@ def plot(rows, path: str) -> None:
         ax.axvline(1.0, color="k", lw=0.8)
         ax.axvline(1.5, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
+        # plain numbers on the log axis (a narrow range gets minor ticks only, as 1.1 x 10^0)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="both", labelsize=6)
         ax.set_title(f"{dev}, {'compiled' if comp else 'eager'}: fwd+bwd time / native", fontsize=9)
         ax.legend(fontsize=7)
     axes[0][0].set_yticks(range(len(layers_)))

@@ -167,7 +167,9 @@ def applicable_presets(model: nn.Module, wanted: List[str]) -> Dict[str, nn.Modu
     return out
 
 
-def bench_model(name: str, presets: List[str], args, modes: List[str]) -> List[Row]:
+def bench_model(name: str, presets: List[str], args, modes: List[str],
+                on_row: Callable[[Row], None] = lambda row: None) -> List[Row]:
+    """Every (mode, preset) row of one model; ``on_row`` is called with each as it is measured."""
     torch.manual_seed(0)
     device, dtype = args.device, DTYPES[args.dtype]
     original = make_model(name, args.size)
@@ -210,6 +212,7 @@ def bench_model(name: str, presets: List[str], args, modes: List[str]) -> List[R
                       compile_s=conv_compile, base_compile_s=base_compile,
                       peak_mem_ratio=mem / base_mem if mem and base_mem else None)
             rows.append(row)
+            on_row(row)
             print(f"{name:22} {preset:9} {mode:8} {row.ratio:6.3f}x  (medians {row.time_s * 1e3:8.1f} ms"
                   f" / {row.base_time_s * 1e3:8.1f} ms" +
                   (f", compile {conv_compile:.0f}s / {base_compile:.0f}s" if compiled else "") + ")",
@@ -319,11 +322,15 @@ def main(argv=None) -> int:
           f"threads {setup.threads}, {args.clock} clock, {args.dtype}, batch {args.batch}, {args.size}x{args.size}, "
           f"reps {args.reps}", flush=True)
     rows: List[Row] = []
-    for name in args.models:
-        rows += bench_model(name, presets, args, modes)
-        if args.json:  # keep partial results of a long run
+
+    def keep(row: Row) -> None:  # written after every row: a run cut short keeps what it measured
+        rows.append(row)
+        if args.json:
             with open(args.json, "w") as f:
                 json.dump({"setup": asdict(setup), "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+    for name in args.models:
+        bench_model(name, presets, args, modes, on_row=keep)
     if args.plot and rows:
         plot(rows, args.plot, f"training step, {setup.device}{' ' + setup.gpu if setup.gpu else ''}, "
                               f"{args.dtype}, batch {args.batch}, {args.size}x{args.size}")

@@ -9,7 +9,8 @@
 - FSDP2 (``torch.distributed.fsdp.fully_shard``, what Accelerate's FSDP2 plugin
   applies) on 2 CPU processes with gloo: the same training as DDP, and sharded
   (torch.distributed.checkpoint) and full checkpoints that resume and load.
-- ``scripts/timm_suite.py``: the patch of ``timm.create_model`` and the tally.
+- ``scripts/timm_suite.py``: the patch of ``timm.create_model`` and the tally;
+  ``scripts/bench_train_step.py``: a run cut short keeps the rows it measured.
 """
 import copy
 import importlib.util
@@ -364,13 +365,16 @@ def test_normswap_save_of_a_fully_sharded_model_writes_the_full_model(tmp_path):
 
 # -- scripts/timm_suite.py --------------------------------------------------------------
 
-def _suite():
-    spec = importlib.util.spec_from_file_location(
-        "timm_suite", os.path.join(HERE, "..", "scripts", "timm_suite.py"))
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "scripts", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["timm_suite"] = mod   # its dataclasses look their module up there
+    sys.modules[name] = mod   # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def _suite():
+    return _script("timm_suite")
 
 
 class _Skipped(Exception):
@@ -425,3 +429,31 @@ def test_timm_suite_counts_regressions_against_the_baseline():
     assert (rows[1].passed, rows[1].applicable, rows[1].na, rows[1].skipped) == (0, 2, 1, 1)
     assert rows[1].regressions == ["a"]   # b failed unconverted too: not a regression
     assert "l1bn | 0/2" in suite.markdown(rows)
+
+
+# -- scripts/bench_train_step.py ----------------------------------------------------------
+
+def test_bench_train_step_keeps_every_measured_row_when_cut_short(tmp_path, monkeypatch):
+    """The device runs end each step at a time limit: the rows measured before the cut must
+    be in --json already (they were written only after each model before)."""
+    bench = _script("bench_train_step")
+    timed = bench.alternate
+    calls = []
+
+    def alternate_then_cut(base, conv, reps):
+        if calls:
+            raise KeyboardInterrupt   # what the time limit does to the second preset
+        calls.append(1)
+        return timed(base, conv, reps)
+
+    monkeypatch.setattr(bench, "alternate", alternate_then_cut)
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--no-compile", "--models", "resnet18",
+                                      "--presets", "l1bn", "meanonly", "--batch", "2", "--size", "32",
+                                      "--reps", "1", "--json", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["preset"], r["mode"]) for r in rows] == [("resnet18", "l1bn", "eager")]
+    assert rows[0]["ratio"] > 0 and rows[0]["converted_sites"] == 20
