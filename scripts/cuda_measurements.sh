@@ -4,6 +4,7 @@
 #   OUT=cuda_out PART=1 bash scripts/cuda_measurements.sh     # layers only (at most 4.5 minutes)
 #   OUT=cuda_out PART=2 bash scripts/cuda_measurements.sh     # training steps (at most 5 minutes)
 #   OUT=cuda_out PART=all-half bash ...                       # also the fp16 / bf16 steps (+2 min)
+#   OUT=cuda_out PART=changed bash ...                        # what changed since the last run (4 min)
 # Each step has its own time limit, so a slow step cannot take the others' results with it;
 # the limits are what the H200 run of 2026-11-27 needed (that run's shorter limits cut the
 # half-precision layer tables, the compiled layers, convnext_atto and most compiled steps).
@@ -20,6 +21,20 @@ reps() { if [ -n "$Q" ]; then echo 2; else echo "$1"; fi; }
           torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   nproc; } > "$OUT/machine.txt" 2>&1
 PART=${PART:-all}
+if [ "$PART" = changed ]; then
+# only what changed since the last device run (2026-11-27 19:00 UTC; about 4 minutes):
+# IterNorm's Triton Newton kernels, the fixed-sigma layers with half-precision input,
+# DivisiveNorm1d's saved memory and pooled box sums
+[ "$DEV" = cuda ] && step probe 30 $PY scripts/cuda_probe.py
+step changed_norms_fp32 40 $PY scripts/bench_norms.py --device $DEV --reps $(reps 30) \
+  --only 'IterNorm,DivisiveNorm1d,Star' --json "$OUT/changed_norms_fp32.json" --markdown
+step changed_norms_bf16 40 $PY scripts/bench_norms.py --device $DEV --reps $(reps 30) --dtype bf16 \
+  --only 'IterNorm,DivisiveNorm1d,Star' --json "$OUT/changed_norms_bf16.json" --markdown
+step changed_step 150 $PY scripts/bench_train_step.py --device $DEV --batch 64 --size 128 --reps $(reps 15) \
+  --models resnet18 --presets iternorm --json "$OUT/changed_step.json"
+cat "$OUT/steps.txt"
+exit 0
+fi
 # Ordered by what the targets need first, each step under its own limit (sum: 9.5 minutes),
 # so that one call of the device tool brings back the most with PACK set.
 [ "$DEV" = cuda ] && step probe 30 $PY scripts/cuda_probe.py

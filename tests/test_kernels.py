@@ -737,12 +737,15 @@ def test_divisive_rows_kernel_gives_the_same_bits_on_one_and_two_threads():
 
 def test_divisive_rows_kernel_keeps_no_more_for_backward_than_layer_norm(dn_spy):
     """The kernel's Function keeps the input alone (its backward computes the local means
-    and scales again); the PyTorch formulation kept three more maps of the input's size."""
+    and scales again); so does the PyTorch formulation (what CUDA runs), which kept three
+    more maps of the input's size before (measured on the H200: 3.9-4.0x nn.LayerNorm)."""
     x = torch.randn(8, 17, 192, requires_grad=True)
+    layer_norm = _saved_bytes(torch.nn.LayerNorm(192).train(), x)
     ours = _saved_bytes(N.DivisiveNorm1d(30).train(), x)
-    assert dn_spy and ours <= _saved_bytes(torch.nn.LayerNorm(192).train(), x)
+    assert dn_spy and ours <= layer_norm   # (dn_spy: the kernel ran)
     with kernels.disabled():
-        assert _saved_bytes(N.DivisiveNorm1d(30).train(), x) >= 3 * ours
+        assert _saved_bytes(N.DivisiveNorm1d(30).train(), x) <= layer_norm
+        assert _saved_bytes(N.DivisiveNorm1d(30, learn_sigma=True).train(), x) <= layer_norm + 64
 
 
 def test_divisive_rows_with_non_finite_values_stay_in_their_rows():

@@ -85,6 +85,13 @@ class Area:
         """PyTorch's own kernel for the L2 operation on this area (None: there is none)."""
         return None
 
+    def native_takes_mixed(self, device: torch.device) -> bool:
+        """Whether ``native_l2``'s kernel on ``device`` takes float16 / bfloat16 input with
+        float32 parameters and statistics itself (else it is given a float32 copy of such
+        input, which it then keeps for backward). ATen's CPU kernels of every area do;
+        on CUDA layer and group norm want one dtype (autocast gives them float32)."""
+        return device.type == "cpu"
+
 
 @dataclass(frozen=True)
 class BatchArea(Area):
@@ -139,6 +146,9 @@ class BatchArea(Area):
     def native_l2(self, x, weight, bias, eps, running_mean, running_var, momentum):
         y = F.batch_norm(self._moved(x), running_mean, running_var, weight, bias, True, momentum, eps)
         return y if self.channel_dim == 1 else y.movedim(1, self.channel_dim)
+
+    def native_takes_mixed(self, device):
+        return True   # cuDNN's and ATen's batch norm: what nn.BatchNorm2d runs under autocast
 
 
 @dataclass(frozen=True)

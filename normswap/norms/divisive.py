@@ -100,8 +100,15 @@ def _pooled(t: torch.Tensor, window: Tuple[int, int]) -> bool:
     a box whatever the map on one CPU thread; the pooling sums each window on its own
     (about 0.6 ns a value and window position): (32, 1, 8, 8) with 5 x 5 windows 27.6
     against 79.7 us, (32, 1, 16, 16) 113 against 85 us, (32, 1, 56, 56) 1,986 against 229 us.
-    The crossover is near ``numel * window area = 2^17``."""
-    return not torch.compiler.is_compiling() and t.numel() * window[0] * window[1] <= _POOL_MAX_WORK
+    The crossover is near ``numel * window area = 2^17``. Off the CPU (a GPU; the meta
+    device of ``scripts/count_ops.py``) always pooling: one kernel launch where the
+    shifted slices or prefix sums are 5 to 20, and a launch, not the window's arithmetic,
+    is what a GPU waits for at these sizes (``DivisiveNorm1d(30)`` fwd+bwd: 45
+    operations, with its backward computing the maps again; 82 with prefix sums when it
+    kept them)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type != "cpu" or t.numel() * window[0] * window[1] <= _POOL_MAX_WORK
 
 
 def _pool_sum(t: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
@@ -157,7 +164,8 @@ class DivisiveNormFn(torch.autograd.Function):
         r = (q + sigma^2 + eps)^(-1/2)             y = v * r   (written over v)
 
     Saved for backward: the input ``x`` and the small maps ``m``, ``r`` and
-    ``d = mean_c v``. Backward, with ``box^T`` the adjoint of a box mean::
+    ``d = mean_c v`` (for ``C = 1`` the maps are as large as ``x``: then ``x`` alone,
+    and backward computes them again, so the layer keeps what ``nn.LayerNorm`` keeps). Backward, with ``box^T`` the adjoint of a box mean::
 
         dq  = -r^3 / 2 * sum_c(dy * v)           sum_c(dy * v) = sum_c(dy * x) - m sum_c(dy)
         c_v = 2 / C * box_B^T(dq)                dv = dy * r + c_v * v  [+ g_mad sign(v) / numel]
@@ -184,8 +192,13 @@ class DivisiveNormFn(torch.autograd.Function):
             y = recomputable_affine(x, r, -(m * r))   # recomputable after the box sums (see there)
         else:
             y = v.mul_(r)
-        ctx.save_for_backward(x, m, r, mbar - m, sigma if isinstance(sigma, torch.Tensor) else None)
-        ctx.windows, ctx.need_mad = (sum_window, sup_window), need_mad
+        sig = sigma if isinstance(sigma, torch.Tensor) else None
+        if C == 1:   # the maps are as large as x: recomputed in backward, x alone is kept
+            ctx.save_for_backward(x, None, None, None, sig)
+            ctx.s = None if sig is not None else sigma * sigma + eps
+        else:
+            ctx.save_for_backward(x, m, r, mbar - m, sig)
+        ctx.windows, ctx.need_mad, ctx.eps = (sum_window, sup_window), need_mad, eps
         return y, mad
 
     @staticmethod
@@ -194,6 +207,11 @@ class DivisiveNormFn(torch.autograd.Function):
         x, m, r, d, sigma = ctx.saved_tensors
         sum_window, sup_window = ctx.windows
         C = x.shape[1]
+        if m is None:   # one channel: the forward's maps again (mbar = x)
+            m = box_mean_2d(x, sum_window)
+            d = x - m
+            s = ctx.s if sigma is None else sigma.detach() * sigma.detach() + ctx.eps
+            r = torch.rsqrt(box_mean_2d(d * d, sup_window) + s)
         if dy is None:
             dy = torch.zeros_like(x)
         s_dy = _chan_sum(dy)

@@ -28,6 +28,7 @@ Under ``sync=True`` the mean and covariance are taken over every process.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -86,10 +87,13 @@ def _newton_steps(cov: torch.Tensor, T: int):
 
 
 def _newton_kernel(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
-    """The compiled kernels' iteration (normswap/kernels/newton.h): ``P_T / sqrt(tr(Sigma))``
-    when ``grad`` is None, else ``dL/dSigma`` for ``dL/d(P_T / sqrt(tr(Sigma))) = grad``; in
-    the input's precision. None where they do not apply (not a float32 / float64 CPU
-    tensor, no kernels): the caller then runs the PyTorch formulation."""
+    """The compiled kernels' iteration (normswap/kernels/newton.h on CPU,
+    triton_newton.py on CUDA): ``P_T / sqrt(tr(Sigma))`` when ``grad`` is None, else
+    ``dL/dSigma`` for ``dL/d(P_T / sqrt(tr(Sigma))) = grad``; in the input's precision.
+    None where they do not apply (CPU: not float32 / float64, no kernels; CUDA: not
+    float32, no Triton): the caller then runs the PyTorch formulation."""
+    if cov.device.type in _TRITON_DEVICES:
+        return _newton_triton(cov, grad, T)
     if cov.device.type != "cpu" or cov.dtype not in (torch.float32, torch.float64) or cov.dim() < 2:
         return None
     lib = kernels.library()
@@ -110,6 +114,34 @@ def _newton_kernel(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> O
     if failed:
         raise MemoryError("normswap Newton kernel: out of memory")
     return out
+
+
+_TRITON_DEVICES = ("cuda",)   # (the tests add "cpu" under Triton's interpreter)
+_triton_failed = []   # the first failure to launch the Triton kernels (then never tried again)
+
+
+def _triton_applies(cov: torch.Tensor) -> bool:
+    """Whether the Triton kernels take ``cov``: float32 on CUDA, Triton importable,
+    kernels not switched off, no earlier failure."""
+    if cov.device.type not in _TRITON_DEVICES or _triton_failed or kernels.switched_off():
+        return False
+    from ..kernels import triton_newton
+    return triton_newton.available() and triton_newton.applies(cov)
+
+
+def _newton_triton(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """The iteration's Triton kernels for float32 CUDA tensors (None: not applicable, or
+    they failed once: a warning says why, and the PyTorch formulation runs from then on)."""
+    if not _triton_applies(cov):
+        return None
+    from ..kernels import triton_newton
+    try:
+        return triton_newton.forward(cov, T) if grad is None else triton_newton.backward(cov, grad, T)
+    except Exception as err:  # noqa: BLE001 - a GPU or Triton it cannot compile for: PyTorch path
+        _triton_failed.append(err)
+        warnings.warn(f"normswap: IterNorm's Triton Newton kernels failed ({type(err).__name__}: {err}); "
+                      f"using the PyTorch formulation (slower, same results)", RuntimeWarning)
+        return None
 
 
 def _newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
@@ -185,7 +217,11 @@ def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
     ``Sigma_N = Sigma / tr(Sigma)``, ``P_0 = I``, ``P_k = (3 P_{k-1} - P_{k-1}^3 Sigma_N) / 2``."""
     if torch.compiler.is_compiling():  # one opaque operator: a small graph to compile
         return torch.ops.normswap.newton_whitening(cov.contiguous(), int(T))
-    return _newton_whitening(cov, T)   # eager: autograd through the steps (no recomputation)
+    if torch.is_grad_enabled() and cov.requires_grad and _triton_applies(cov):
+        # eager on CUDA: the operator too, whose two calls are the Triton kernels (about 130
+        # launches of small products otherwise)
+        return torch.ops.normswap.newton_whitening(cov.contiguous(), int(T))
+    return _newton_whitening(cov, T)   # eager CPU: autograd through the steps (no recomputation)
 
 
 # -- the training forward of equal groups of 16 channels by the kernels (whiten.h) -----
