@@ -132,10 +132,11 @@ def _launch(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> torch.Te
     out = torch.empty_like(cov)
     G = cov.numel() // (d * d)
     block = max(16, 1 << (d - 1).bit_length())
+    warps = 4 if block <= 32 else 8   # (a 64 x 64 matrix is 32 registers a thread with 4 warps)
     if grad is None:
-        fwd[(G,)](cov, out, d, T=int(T), BLOCK=block)
+        fwd[(G,)](cov, out, d, T=int(T), BLOCK=block, num_warps=warps)
     else:
-        bwd[(G,)](cov, grad.to(cov.dtype).contiguous(), out, d, T=int(T), BLOCK=block)
+        bwd[(G,)](cov, grad.to(cov.dtype).contiguous(), out, d, T=int(T), BLOCK=block, num_warps=warps)
     return out
 
 
