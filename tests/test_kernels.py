@@ -803,3 +803,20 @@ def test_divisive_rows_narrow_windows_are_summed_directly():
         y_pytorch = layer(xn)
     assert torch.equal(torch.isfinite(y), torch.isfinite(y_pytorch))
     assert (~torch.isfinite(y[1])).sum() == 8   # |j - 3| <= a + b
+
+
+def test_a_kernel_that_cannot_allocate_its_scratch_raises_memory_error_naming_it(monkeypatch):
+    """Every entry point returns nonzero when its scratch buffers could not be allocated;
+    kernels.call turns that into a MemoryError naming the entry point (not a wrong result)."""
+    class NoMemory:
+        def __getattr__(self, entry):
+            return lambda *args: 1
+    x = torch.randn(2, 4, 3, 3)
+    assert kernels.library() is not None
+    monkeypatch.setattr(kernels, "library", lambda: NoMemory())
+    with pytest.raises(MemoryError, match="ns_forward_f32: out of memory"):
+        N.L1BatchNorm2d(4).train()(x)
+    with pytest.raises(MemoryError, match="ns_whiten_forward_f64"):
+        N.IterNorm2d(16).double().train()(torch.randn(2, 16, 3, 3, dtype=torch.float64))
+    with pytest.raises(MemoryError, match="ns_dn_rows_f32"):
+        N.DivisiveNorm1d(2).train()(torch.randn(3, 9))

@@ -46,7 +46,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["available", "ready", "disabled", "switched_off", "library", "cache_dir"]
+import torch
+
+__all__ = ["available", "ready", "disabled", "switched_off", "library", "call", "SUFFIX", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
 _HEADERS = tuple(Path(__file__).with_name(h) for h in ("rows_impl.h", "newton.h", "divisive.h",
@@ -168,6 +170,20 @@ def switched_off() -> bool:
     """Whether ``NORMSWAP_KERNELS=0`` or a :func:`disabled` block turns every normswap
     kernel off (the GPU ones of ``triton_newton.py`` too)."""
     return bool(_off or _ENV_OFF)
+
+
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+"""The dtypes the kernels take, and the suffix of their entry points for each."""
+
+
+def call(name: str, dtype: torch.dtype, *args) -> None:
+    """Run the entry point ``ns_<name>_f32`` / ``ns_<name>_f64`` (by ``dtype``) with ``args``
+    (ints, floats, pointers). Every entry point returns nonzero when its scratch buffers
+    could not be allocated: then a MemoryError names it. The kernels must be loaded
+    (:func:`library` not None)."""
+    entry = f"ns_{name}_{SUFFIX[dtype]}"
+    if getattr(library(), entry)(*args):
+        raise MemoryError(f"normswap kernel {entry}: out of memory for its scratch buffers")
 
 
 def ready() -> bool:

@@ -254,12 +254,8 @@ def _dn_rows_call(x2: torch.Tensor, dy2: Optional[torch.Tensor], radii: Tuple[in
     """One call of ``ns_dn_rows``: ``(y, sum |v|)`` (``dy2`` None) or ``(dx, sum dq)``."""
     out = torch.empty_like(x2)
     total = ctypes.c_double(0.0)
-    suf = "f32" if x2.dtype == torch.float32 else "f64"
-    failed = getattr(kernels.library(), f"ns_dn_rows_{suf}")(
-        x2.data_ptr(), None if dy2 is None else dy2.data_ptr(), x2.shape[0], x2.shape[1],
-        radii[0], radii[1], s, g, out.data_ptr(), ctypes.byref(total), _threads(x2.numel()))
-    if failed:
-        raise MemoryError("normswap divisive-normalization kernel: out of memory")
+    kernels.call("dn_rows", x2.dtype, x2.data_ptr(), None if dy2 is None else dy2.data_ptr(), x2.shape[0],
+                 x2.shape[1], radii[0], radii[1], s, g, out.data_ptr(), ctypes.byref(total), _threads(x2.numel()))
     return out, total.value
 
 

@@ -24,7 +24,6 @@ from .first_order import first_order_only
 from .functional import c_inf
 
 _STAT_CODE = {"l2": 0, "l1": 1, "topk": 2}
-_DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _HALF = (torch.float16, torch.bfloat16)   # eager only: computed in float32 (converted on the way)
 _SMALL = 1 << 15   # below this many values one thread (OpenMP's start-up costs more)
 
@@ -66,7 +65,7 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     P, G, n = x3.shape
     compiling = torch.compiler.is_compiling()
     half = x3.dtype in _HALF and not compiling
-    if x3.device.type != "cpu" or not (x3.dtype in _DTYPE_SUFFIX or half) or x3.numel() == 0 \
+    if x3.device.type != "cpu" or not (x3.dtype in kernels.SUFFIX or half) or x3.numel() == 0 \
             or P * n >= 2 ** 31:
         return None
     if not compiling and not x3.is_contiguous():
@@ -113,7 +112,7 @@ def rows_in_place(x3: torch.Tensor, stat: str, group) -> torch.Tensor:
     ``nn.BatchNorm2d`` in the PyTorch formulation, 1.8x with the copy)."""
     if x3.is_contiguous() or x3.device.type != "cpu" or torch.compiler.is_compiling() \
             or group is not None or stat not in _STAT_CODE or not kernels.ready() \
-            or not (x3.dtype in _DTYPE_SUFFIX or x3.dtype in _HALF):
+            or not (x3.dtype in kernels.SUFFIX or x3.dtype in _HALF):
         return x3
     return x3.contiguous()
 
@@ -198,7 +197,6 @@ def _kept_mean(x3: torch.Tensor, mu: torch.Tensor, stat: str) -> Optional[torch.
 def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels, out_shape):
     """(y, mu, d, batch_stat, mad or None, thr or None) of a contiguous x3; ``thr`` (top-k
     only): each row's k-th largest ``|v|``, from which the backward finds the k positions."""
-    lib = kernels.library()
     P, G, Q = x3.shape
     n = P * Q
     dt = x3.dtype
@@ -208,12 +206,9 @@ def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channel
     thr = torch.empty(G, dtype=dt) if stat == "topk" else None
     cinf = c_inf(n) if stat == "topk" else 0.0
     dval = float(delta) if delta is not None else 0.0
-    fwd = getattr(lib, f"ns_forward_{_DTYPE_SUFFIX[dt]}")
-    failed = fwd(x3.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma), _ptr(beta),
-                 seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
+    kernels.call("forward", dt, x3.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma),
+                 _ptr(beta), seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
                  _ptr(mad), bstat.data_ptr(), _ptr(thr), _threads(x3.numel()))
-    if failed:
-        raise MemoryError("normswap row kernel: out of memory")
     return y, mu, d, bstat, mad, thr
 
 
@@ -229,12 +224,9 @@ def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, wa
     dbeta = torch.empty(channels, dtype=dt) if want_b else None
     dldd = torch.empty(G, dtype=dt) if want_dldd else None
     cinf = c_inf(n) if stat == "topk" else 0.0
-    bwd = getattr(kernels.library(), f"ns_backward_{_DTYPE_SUFFIX[dt]}")
-    failed = bwd(x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, _ptr(mu),
+    kernels.call("backward", dt, x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, _ptr(mu),
                  d.data_ptr(), _ptr(gamma), seg, channels, _ptr(thr), _ptr(gmad), dx.data_ptr(),
                  _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
-    if failed:
-        raise MemoryError("normswap row kernel: out of memory")
     return dx, dgamma, dbeta, dldd
 
 

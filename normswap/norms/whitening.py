@@ -96,23 +96,19 @@ def _newton_kernel(cov: torch.Tensor, grad: Optional[torch.Tensor], T: int) -> O
         return _newton_triton(cov, grad, T)
     if cov.device.type != "cpu" or cov.dtype not in (torch.float32, torch.float64) or cov.dim() < 2:
         return None
-    lib = kernels.library()
-    if lib is None:
+    if kernels.library() is None:
         return None
     d = cov.shape[-1]
     cov = cov.contiguous()
     G = cov.numel() // (d * d)
     out = torch.empty_like(cov)
     threads = min(torch.get_num_threads(), G) if G * d ** 3 * max(T, 1) >= 1 << 20 else 1
-    suf = "f32" if cov.dtype == torch.float32 else "f64"
     if grad is None:
-        failed = getattr(lib, f"ns_newton_forward_{suf}")(cov.data_ptr(), G, d, int(T), out.data_ptr(), threads)
+        kernels.call("newton_forward", cov.dtype, cov.data_ptr(), G, d, int(T), out.data_ptr(), threads)
     else:
         grad = grad.to(cov.dtype).contiguous()
-        failed = getattr(lib, f"ns_newton_backward_{suf}")(cov.data_ptr(), grad.data_ptr(), G, d, int(T),
-                                                            out.data_ptr(), threads)
-    if failed:
-        raise MemoryError("normswap Newton kernel: out of memory")
+        kernels.call("newton_backward", cov.dtype, cov.data_ptr(), grad.data_ptr(), G, d, int(T),
+                     out.data_ptr(), threads)
     return out
 
 
@@ -226,13 +222,12 @@ def newton_whitening(cov: torch.Tensor, T: int) -> torch.Tensor:
 
 # -- the training forward of equal groups of 16 channels by the kernels (whiten.h) -----
 _KERNEL_GROUP = 16
-_KERNEL_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def _whiten_kernels(x: torch.Tensor, d: int) -> bool:
     """Whether the kernels whiten ``x``: a float32 / float64 CPU tensor in groups of 16
     channels, with the kernels loaded (under torch.compile: already built)."""
-    if d != _KERNEL_GROUP or x.device.type != "cpu" or x.dtype not in _KERNEL_SUFFIX or x.shape[1] % d:
+    if d != _KERNEL_GROUP or x.device.type != "cpu" or x.dtype not in kernels.SUFFIX or x.shape[1] % d:
         return False
     return kernels.ready() if torch.compiler.is_compiling() else kernels.library() is not None
 
@@ -270,10 +265,9 @@ def _whiten_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     beta = bias.to(dt).contiguous() if bias is not None else None
     mu = torch.empty(C, dtype=dt)
     cov, W, Wg = (torch.empty((C // d, d, d), dtype=dt) for _ in range(3))
-    fn = getattr(kernels.library(), f"ns_whiten_forward_{_KERNEL_SUFFIX[dt]}")
-    if fn(xk.data_ptr(), N, C, L, int(cl), int(T), float(eps), _ptr(gamma), _ptr(beta), mu.data_ptr(),
-          cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), yk.data_ptr(), _threads(x.numel())):
-        raise MemoryError("normswap whitening kernel: out of memory")
+    kernels.call("whiten_forward", dt, xk.data_ptr(), N, C, L, int(cl), int(T), float(eps), _ptr(gamma),
+                 _ptr(beta), mu.data_ptr(), cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), yk.data_ptr(),
+                 _threads(x.numel()))
     if yk is not y:
         y.copy_(yk)
     return [y, mu, cov, W, Wg]
@@ -292,10 +286,9 @@ def _whiten_backward(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.T
     gamma = weight.to(dt).contiguous() if weight is not None else None
     dgamma = torch.empty(C, dtype=dt) if want_gamma else None
     dbeta = torch.empty(C, dtype=dt) if want_beta else None
-    fn = getattr(kernels.library(), f"ns_whiten_backward_{_KERNEL_SUFFIX[dt]}")
-    if fn(xk.data_ptr(), dyk.data_ptr(), N, C, L, int(cl), int(T), _ptr(gamma), mu.data_ptr(), cov.data_ptr(),
-          W.data_ptr(), Wg.data_ptr(), dxk.data_ptr(), _ptr(dgamma), _ptr(dbeta), _threads(x.numel())):
-        raise MemoryError("normswap whitening kernel: out of memory")
+    kernels.call("whiten_backward", dt, xk.data_ptr(), dyk.data_ptr(), N, C, L, int(cl), int(T), _ptr(gamma),
+                 mu.data_ptr(), cov.data_ptr(), W.data_ptr(), Wg.data_ptr(), dxk.data_ptr(), _ptr(dgamma),
+                 _ptr(dbeta), _threads(x.numel()))
     if dxk is not dx:
         dx.copy_(dxk)
     return [dx, dgamma, dbeta]
