@@ -197,11 +197,8 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
         _Pragma("omp parallel num_threads(threads)")                                                 \
         {                                                                                            \
             int64_t ld = n + 20; /* rows not a multiple of 4 KiB apart (store-load aliasing) */      \
-            double *v = (double *)malloc(sizeof(double) * (size_t)(5 * ld + n + 2 * w + 1));         \
-            if (!v) {                                                                                \
-                _Pragma("omp atomic write")                                                          \
-                failed = 1;                                                                          \
-            }                                                                                        \
+            double *v = (double *)ns_thread_scratch(sizeof(double) * (size_t)(5 * ld + n + 2 * w + 1), \
+                                                    0, &failed);                                     \
             double *r = v + ld, *t = r + ld, *dv = t + ld, *box = dv + ld, *sp = box + ld;           \
             _Pragma("omp for schedule(static)")                                                      \
             for (int64_t row = 0; row < rows; row++) {                                               \

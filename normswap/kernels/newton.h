@@ -160,11 +160,7 @@ static int nt_each_##SUF_(void (*one)(const T_ *, const T_ *, int64_t, int, T_ *
     int failed = 0;                                                                                 \
     _Pragma("omp parallel num_threads(threads)")                                                    \
     {                                                                                               \
-        T_ *w = (T_ *)malloc(sizeof(T_) * (size_t)nt_scratch(d, T));                                \
-        if (!w) {                                                                                   \
-            _Pragma("omp atomic write")                                                             \
-            failed = 1;                                                                             \
-        }                                                                                           \
+        T_ *w = (T_ *)ns_thread_scratch(sizeof(T_) * (size_t)nt_scratch(d, T), 0, &failed);         \
         _Pragma("omp for schedule(static)")                                                         \
         for (int64_t g = 0; g < G; g++)                                                             \
             if (w) one(cov + g * dd, grad ? grad + g * dd : NULL, d, T, out + g * dd, w);           \

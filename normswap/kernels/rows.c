@@ -30,6 +30,21 @@
 #include <omp.h>
 #endif
 
+/* A thread's scratch inside an OpenMP parallel region: malloc(bytes) (zeroed if asked), or
+ * NULL with *failed set (atomically: several threads may write it); the caller's loop then
+ * skips that thread's share and the entry point returns nonzero, which
+ * normswap.kernels.call raises as a MemoryError. */
+static void *ns_thread_scratch(size_t bytes, int zeroed, int *failed) {
+    void *p = zeroed ? calloc(1, bytes) : malloc(bytes);
+    if (!p) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+        *failed = 1;
+    }
+    return p;
+}
+
 #define STAT_L2 0
 #define STAT_L1 1
 #define STAT_TOPK 2

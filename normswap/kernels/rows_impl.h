@@ -227,9 +227,9 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
         T *a = NULL;
         if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), guards (2 B), b (k * B); else a (n), then
                                     * cv (n + B) and hv (k), or rows_topk_'s cv (NS_ROWS_AT_ONCE (n + B)) */
-            a = (T *)malloc(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES
-                                                       : n + NS_ROWS_AT_ONCE * (n + NS_LANES) + k));
-            if (!a) failed = 1;
+            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES
+                                                                 : n + NS_ROWS_AT_ONCE * (n + NS_LANES) + k),
+                                       0, &failed);
         }
         int t = thread_id(), nt = thread_count();
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
@@ -377,9 +377,8 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         T *fg = NULL, *fb = NULL;
         int64_t unflushed = 0;
         if (pg && P == 1 && S == 1) {
-            fg = (T *)calloc(2 * (size_t)Cq, sizeof(T));
-            if (!fg) failed = 1;
-            else fb = fg + Cq;
+            fg = (T *)ns_thread_scratch(2 * (size_t)Cq * sizeof(T), 1, &failed);
+            if (fg) fb = fg + Cq;
         }
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
         if (pg && P == 1 && S == 1 && !fg) r1 = r0;

@@ -396,7 +396,7 @@ static int WF(wh_run_channels_first)(const WF(wh_call) *q, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         WF(wh_work) w = {NULL, NULL, NULL, NULL, NULL, NULL};
-        WH_T *nt = (WH_T *)malloc(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T));
+        WH_T *nt = (WH_T *)ns_thread_scratch(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T), 0, &failed);
         const int ok = WF(wh_work_alloc)(&w) && nt;
         if (!ok) {
 #pragma omp atomic write
@@ -471,11 +471,7 @@ static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
             for (int64_t i = 0; i < per; i++) tot[i] += part[s * per + i];
 #pragma omp parallel num_threads(threads)
         {
-            WH_T *nt = (WH_T *)malloc(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T));
-            if (!nt) {
-#pragma omp atomic write
-                failed = 1;
-            }
+            WH_T *nt = (WH_T *)ns_thread_scratch(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T), 0, &failed);
 #pragma omp for schedule(static)
             for (int64_t g = 0; g < G; g++) {
                 if (!nt) continue;
