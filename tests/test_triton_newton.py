@@ -40,7 +40,9 @@ _INTERPRETED = textwrap.dedent('''
         return p / torch.sqrt(tr)
 
     g = torch.Generator().manual_seed(0)
-    for d, T in [(16, 5), (16, 0), (16, 1), (8, 3), (5, 2), (24, 4), (64, 5)]:
+    assert tn.applies(torch.zeros(2, 32, 32)) and not tn.applies(torch.zeros(2, 33, 33))
+    assert not tn.applies(torch.zeros(2, 16, 16, dtype=torch.float64))
+    for d, T in [(16, 5), (16, 0), (16, 1), (8, 3), (5, 2), (24, 4), (32, 5)]:
         a = torch.randn(3, d, 3 * d, generator=g, dtype=torch.float64)
         cov = (a @ a.mT / (3 * d) + 1e-3 * torch.eye(d, dtype=torch.float64)).requires_grad_()
         grad = torch.randn(3, d, d, generator=g, dtype=torch.float64)
@@ -89,6 +91,29 @@ def test_triton_newton_kernels_match_float64_and_run_iternorm_under_the_interpre
     run = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(HERE), timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout[-2000:] + run.stderr[-4000:]
+
+
+def _compile_for(kernel, capability: int, block: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    sig = {"cov_ptr": "*fp32", "grad_ptr": "*fp32", "out_ptr": "*fp32", "d": "i32", "T": "constexpr",
+           "BLOCK": "constexpr"}
+    if kernel.fn.__name__ == "forward_kernel":
+        del sig["grad_ptr"]
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs={"T": 5, "BLOCK": block})
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+
+
+@pytest.mark.parametrize("block", [16, pytest.param(32, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
+def test_triton_newton_kernels_compile_to_gpu_machine_code(capability, block):
+    """What the interpreter cannot check: both kernels compile (Triton's own ptxas, no GPU
+    needed) for Ampere and Hopper at the block sizes normswap launches, T = 5, within the
+    shared memory those GPUs give a block (A100: 163 KiB)."""
+    from normswap.kernels import triton_newton as tn
+    for kernel in (tn.forward_kernel, tn.backward_kernel):
+        compiled = _compile_for(kernel, capability, block)
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 163 * 1024
 
 
 def test_a_failing_triton_launch_warns_once_and_runs_the_pytorch_formulation(monkeypatch):
