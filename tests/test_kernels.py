@@ -19,6 +19,10 @@ import normswap.kernels as kernels
 import normswap.norms as N
 from normswap.norms import rows
 
+from .scripts import load
+
+saved_bytes = load("bench_norms").saved_bytes   # what bench_norms.py reports as saved memory
+
 ROW_LAYERS = [
     ("L1LayerNorm", lambda: N.L1LayerNorm(96), (16, 40, 96)),
     ("TopKLayerNorm", lambda: N.TopKLayerNorm(96, k=7), (16, 40, 96)),
@@ -407,18 +411,6 @@ def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch
     torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=2e-4, atol=2e-4)
 
 
-def _saved_bytes(module, x) -> int:
-    """Bytes of the distinct storages autograd keeps for backward (the input counted)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("make,native,shape", [
     (lambda: N.TopKLayerNorm(64), lambda: torch.nn.LayerNorm(64), (8, 12, 12, 64)),     # 16-row selection
     (lambda: N.TopKLayerNorm(256), lambda: torch.nn.LayerNorm(256), (8, 6, 6, 256)),    # rows four at a time
@@ -434,7 +426,7 @@ def test_kernels_keep_no_more_for_backward_than_the_native_layer(make, native, s
     values keep d and the k-th largest |v| (their means are computed again in backward);
     longer rows keep their means too, one number per row more, under 0.5% of the memory."""
     x = torch.randn(shape, requires_grad=True)
-    ours, theirs = _saved_bytes(make().train(), x), _saved_bytes(native().train(), x)
+    ours, theirs = saved_bytes(make().train(), x), saved_bytes(native().train(), x)
     short_topk = isinstance(make(), N.TopKLayerNorm) and shape[-1] <= 128
     assert ours <= (theirs if short_topk else 1.005 * theirs)
 
@@ -740,12 +732,12 @@ def test_divisive_rows_kernel_keeps_no_more_for_backward_than_layer_norm(dn_spy)
     and scales again); so does the PyTorch formulation (what CUDA runs), which kept three
     more maps of the input's size before (measured on the H200: 3.9-4.0x nn.LayerNorm)."""
     x = torch.randn(8, 17, 192, requires_grad=True)
-    layer_norm = _saved_bytes(torch.nn.LayerNorm(192).train(), x)
-    ours = _saved_bytes(N.DivisiveNorm1d(30).train(), x)
+    layer_norm = saved_bytes(torch.nn.LayerNorm(192).train(), x)
+    ours = saved_bytes(N.DivisiveNorm1d(30).train(), x)
     assert dn_spy and ours <= layer_norm   # (dn_spy: the kernel ran)
     with kernels.disabled():
-        assert _saved_bytes(N.DivisiveNorm1d(30).train(), x) <= layer_norm
-        assert _saved_bytes(N.DivisiveNorm1d(30, learn_sigma=True).train(), x) <= layer_norm + 64
+        assert saved_bytes(N.DivisiveNorm1d(30).train(), x) <= layer_norm
+        assert saved_bytes(N.DivisiveNorm1d(30, learn_sigma=True).train(), x) <= layer_norm + 64
 
 
 def test_divisive_rows_with_non_finite_values_stay_in_their_rows():

@@ -18,6 +18,7 @@ from normswap.norms.bwn import BoundedWeightFn
 from normswap.norms.divisive import DivisiveNormFn
 
 from . import reference as ref
+from .scripts import load
 
 
 # -- bounded weight norm ------------------------------------------------------------------
@@ -390,16 +391,6 @@ def test_a_converted_site_returns_the_memory_format_its_original_returned(spec, 
 
 
 # -- launches on the GPU path (scripts/count_ops.py) ----------------------------------------
-def _count_ops_module():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "count_ops.py")
-    spec = importlib.util.spec_from_file_location("count_ops", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _triton():
     from normswap.kernels import triton_newton
     return triton_newton.available()
@@ -426,7 +417,7 @@ LAUNCH_BUDGETS = [
 def test_operations_per_training_step_off_the_cpu_kernels(name, factory, channels_last, budget):
     """One training forward + backward on the meta device (the code path CUDA takes) runs
     at most the budgeted number of operations, each a kernel launch on a GPU."""
-    count_ops = _count_ops_module()
+    count_ops = load("count_ops")
     ops = count_ops.count(factory(), (8, 64, 16, 16), channels_last)
     assert sum(ops.values()) <= budget, f"{name}: {sum(ops.values())} operations > {budget}: {dict(ops)}"
 
@@ -447,7 +438,7 @@ HALF_NATIVE = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name,factory,channels_last", HALF_NATIVE, ids=[c[0] for c in HALF_NATIVE])
 def test_fixed_sigma_layers_keep_the_native_kernel_for_half_input(name, factory, channels_last, dtype):
-    count_ops = _count_ops_module()
+    count_ops = load("count_ops")
     full = sum(count_ops.count(factory(), (8, 64, 16, 16), channels_last).values())
     half = count_ops.count(factory(), (8, 64, 16, 16), channels_last, dtype)
     assert sum(half.values()) <= full + 4, f"{name}: {sum(half.values())} operations in {dtype} " \

@@ -13,7 +13,6 @@
   ``scripts/bench_train_step.py``: a run cut short keeps the rows it measured.
 """
 import copy
-import importlib.util
 import os
 import sys
 
@@ -26,6 +25,7 @@ from torch import nn
 import normswap
 
 from .distributed import run_processes
+from .scripts import load
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -365,16 +365,8 @@ def test_normswap_save_of_a_fully_sharded_model_writes_the_full_model(tmp_path):
 
 # -- scripts/timm_suite.py --------------------------------------------------------------
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod   # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _suite():
-    return _script("timm_suite")
+    return load("timm_suite")
 
 
 class _Skipped(Exception):
@@ -436,7 +428,7 @@ def test_timm_suite_counts_regressions_against_the_baseline():
 def test_bench_train_step_keeps_every_measured_row_when_cut_short(tmp_path, monkeypatch):
     """The device runs end each step at a time limit: the rows measured before the cut must
     be in --json already (they were written only after each model before)."""
-    bench = _script("bench_train_step")
+    bench = load("bench_train_step")
     timed = bench.alternate
     calls = []
 
