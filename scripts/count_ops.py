@@ -24,14 +24,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import normswap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_norms import layers  # noqa: E402  (the layers and native counterparts bench_norms times)
+from bench_norms import DTYPES, layers  # noqa: E402  (the layers and native counterparts bench_norms times)
 
 NOT_LAUNCHES = {"view", "_unsafe_view", "reshape", "_reshape_alias", "detach", "alias", "expand", "permute",
                 "t", "transpose", "select", "slice", "as_strided", "unsqueeze", "squeeze", "empty",
                 "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CountOps(TorchDispatchMode):
@@ -116,7 +113,7 @@ def main(argv=None) -> int:
     for name, make, native, layout in layers(64):   # bench_norms.py's layers and counterparts
         if make is None:
             continue
-        ops = count(make(), (8, 64, 16, 16), layout == "nhwc", DTYPES[args.dtype])
+        ops = count(make(), (8, 64, 16, 16), layout == "nhwc", DTYPES[args.dtype] or torch.float32)
         totals[name] = sum(ops.values())
         ratio = f"{totals[name] / totals[native]:.1f}" if native else "-"
         print(f"| {name} | {totals[name]} | {ratio} |")

@@ -406,7 +406,7 @@ LAUNCH_BUDGETS = [
     ("MeanOnlyBatchNorm2d", lambda: N.MeanOnlyBatchNorm2d(64), False, 11),
     ("L1LayerNorm", lambda: N.L1LayerNorm(64), True, 29),
     # (82 with prefix sums off the CPU and its maps kept; pooled box sums, maps recomputed)
-    ("DivisiveNorm1d", lambda: N.DivisiveNorm1d(30), True, 45),
+    ("DivisiveNorm1d", lambda: N.DivisiveNorm1d(30), True, 43),
     # the Newton iteration one Triton kernel each way (a PyTorch Newton forward, 33
     # operations, where Triton does not import; its backward operator counts as one call)
     ("IterNorm2d", lambda: N.IterNorm2d(64), False, 41 if _triton() else 73),

@@ -225,7 +225,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         self.area.check(self, x)
         if self.track_running_stats and not self.training:
             y = self._eval_forward(x)
-        elif self._runs_fused(x) and not self._takes_native(x):
+        elif self._runs_fused(x) and self._native_dtype(x) is None:
             # (a layer that is PyTorch's own kernel stays so: compiled, it measured 1.6-1.9x
             # slower on the H200)
             y = fused.fused_call(self._stats_forward, x)
@@ -244,8 +244,9 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
                              f"or call .eval()")
         update = self.training and self.track_running_stats
         want_pen = self._wants_penalty()
-        if self._takes_native(x):
-            y = self._native_forward(x, update)
+        cdt = self._native_dtype(x)
+        if cdt is not None:
+            y = self._native_forward(x, update, cdt)
             if y is not None:
                 return y
         if op.stat == "topk" and op.k > n and group is None:
@@ -272,43 +273,41 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
             self._record_penalty(mad.mean())
         return y
 
-    def _native_forward(self, x: torch.Tensor, update: bool) -> Optional[torch.Tensor]:
+    def _native_forward(self, x: torch.Tensor, update: bool, cdt: torch.dtype) -> Optional[torch.Tensor]:
         """The L2 operation with a fixed sigma is PyTorch's own kernel with
-        ``eps' = sigma^2 + eps``. Running statistics go through copies, so that a
-        non-finite batch leaves them untouched. Half-precision input with float32
-        parameters and statistics (autocast, or bf16 fed to a float32 model) computes in
-        float32, as the general path does: kernels that take that mix get it (batch norm
-        everywhere, as ``nn.BatchNorm2d`` under autocast; every area on CPU), the others a
-        float32 copy of the input; the output is in the input's dtype."""
-        cdt = self._native_dtype(x, update)   # (not None: see _takes_native)
+        ``eps' = sigma^2 + eps``, computing in ``cdt`` (see :meth:`_native_dtype`). Running
+        statistics go through copies, so that a non-finite batch leaves them untouched.
+        Half-precision input with float32 parameters and statistics (autocast, or bf16 fed
+        to a float32 model) computes in float32, as the general path does: kernels that
+        take that mix get it (batch norm everywhere, as ``nn.BatchNorm2d`` under autocast;
+        every area on CPU), the others a float32 copy of the input; the output is in the
+        input's dtype."""
         xk = x if cdt == x.dtype or self.area.native_takes_mixed(x.device) else x.to(cdt)
         eps = self.sigma ** 2 + self.eps
-        if not update:
-            y = self.area.native_l2(xk, self.weight, self.bias, eps, None, None, 0.0)
-            return y if y is None or y.dtype == x.dtype else y.to(x.dtype)
-        rm, rv = self.running_mean.clone(), self.running_var.clone()
-        y = self.area.native_l2(xk, self.weight, self.bias, eps, rm, rv, self.momentum)
+        rm = rv = None
+        if update:
+            rm, rv = self.running_mean.clone(), self.running_var.clone()
+        y = self.area.native_l2(xk, self.weight, self.bias, eps, rm, rv, self.momentum if update else 0.0)
         if y is None:
             return None
-        with torch.no_grad():
-            finite = all_finite(rm, rv)
-            self.running_mean.copy_(torch.where(finite, rm, self.running_mean))
-            self.running_var.copy_(torch.where(finite, rv, self.running_var))
-            self.num_batches_tracked.add_(finite)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        if update:
+            with torch.no_grad():
+                finite = all_finite(rm, rv)
+                self.running_mean.copy_(torch.where(finite, rm, self.running_mean))
+                self.running_var.copy_(torch.where(finite, rv, self.running_var))
+                self.num_batches_tracked.add_(finite)
+        return y.to(x.dtype)
 
-    def _takes_native(self, x: torch.Tensor) -> bool:
-        """Whether the training forward is PyTorch's own kernel: the L2 operation with a
-        fixed sigma, no penalty, statistics of this process, dtypes the kernel takes."""
+    def _native_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype in which the training forward is PyTorch's own kernel, or None where it
+        is not: that takes the L2 operation with a fixed sigma, no penalty, statistics of
+        this process, and the input's dtype or float32 for float16 / bfloat16 input with
+        float32 parameters and running statistics (a module.half() layer keeps float32
+        statistics with half gamma: not a mix the kernels take)."""
         update = self.training and self.track_running_stats
-        return (self.operation.stat == "l2" and not self.learn_sigma and not self._wants_penalty()
-                and self._sync_group() is None and not (update and self.momentum is None)
-                and self._native_dtype(x, update) is not None)
-
-    def _native_dtype(self, x: torch.Tensor, update: bool) -> Optional[torch.dtype]:
-        """The dtype PyTorch's kernel computes in: the input's, or float32 for float16 /
-        bfloat16 input with float32 parameters and running statistics; None for any
-        other mix (left to the general path)."""
+        if self.operation.stat != "l2" or self.learn_sigma or self._wants_penalty() \
+                or self._sync_group() is not None or (update and self.momentum is None):
+            return None
         others = {t.dtype for t in (self.weight, self.bias) if t is not None}
         if update:
             others.add(self.running_mean.dtype)
@@ -316,7 +315,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
             return x.dtype
         if others == {torch.float32} and x.dtype in (torch.float16, torch.bfloat16):
             return torch.float32
-        return None   # (a module.half() layer keeps float32 statistics: half gamma with them)
+        return None
 
     @torch.no_grad()
     def _update_running(self, mu: torch.Tensor, batch_stat: Optional[torch.Tensor], count) -> None:

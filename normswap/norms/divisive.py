@@ -103,7 +103,7 @@ def _pooled(t: torch.Tensor, window: Tuple[int, int]) -> bool:
     The crossover is near ``numel * window area = 2^17``. Off the CPU (a GPU; the meta
     device of ``scripts/count_ops.py``) always pooling: one kernel launch where the
     shifted slices or prefix sums are 5 to 20, and a launch, not the window's arithmetic,
-    is what a GPU waits for at these sizes (``DivisiveNorm1d(30)`` fwd+bwd: 45
+    is what a GPU waits for at these sizes (``DivisiveNorm1d(30)`` fwd+bwd: 43
     operations, with its backward computing the maps again; 82 with prefix sums when it
     kept them)."""
     if torch.compiler.is_compiling():
@@ -155,6 +155,18 @@ def _abs_sum(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, 1)
 
 
+def _local_maps(x: torch.Tensor, s, sum_window, sup_window):
+    """DN's maps of ``x`` (N, C, H, W), ``s = sigma^2 + eps``: ``(mbar, m, v, r)`` with
+    ``mbar = mean_c x``, ``m = box_A(mbar)``, ``v = x - m``, ``r = (box_B(mean_c v^2) + s)^(-1/2)``
+    (the channel means are no operations for one channel)."""
+    C = x.shape[1]
+    mbar = _chan_sum(x) / C if C > 1 else x
+    m = box_mean_2d(mbar, sum_window)
+    v = x - m
+    q = _chan_dot(v, v) / C if C > 1 else v * v
+    return mbar, m, v, torch.rsqrt(box_mean_2d(q, sup_window) + s)
+
+
 class DivisiveNormFn(torch.autograd.Function):
     """Fused DN on (N, C, H, W) with windows A (mean) and B (variance).
 
@@ -164,8 +176,9 @@ class DivisiveNormFn(torch.autograd.Function):
         r = (q + sigma^2 + eps)^(-1/2)             y = v * r   (written over v)
 
     Saved for backward: the input ``x`` and the small maps ``m``, ``r`` and
-    ``d = mean_c v`` (for ``C = 1`` the maps are as large as ``x``: then ``x`` alone,
-    and backward computes them again, so the layer keeps what ``nn.LayerNorm`` keeps). Backward, with ``box^T`` the adjoint of a box mean::
+    ``d = mean_c v`` (for ``C = 1`` the maps are as large as ``x``: then ``x`` alone, and
+    backward computes them again by :func:`_local_maps`, so the layer keeps what
+    ``nn.LayerNorm`` keeps). Backward, with ``box^T`` the adjoint of a box mean::
 
         dq  = -r^3 / 2 * sum_c(dy * v)           sum_c(dy * v) = sum_c(dy * x) - m sum_c(dy)
         c_v = 2 / C * box_B^T(dq)                dv = dy * r + c_v * v  [+ g_mad sign(v) / numel]
@@ -183,10 +196,7 @@ class DivisiveNormFn(torch.autograd.Function):
     def forward(ctx, x, sigma, sum_window, sup_window, eps: float, need_mad: bool):
         ctx.set_materialize_grads(False)
         C = x.shape[1]
-        mbar = _chan_sum(x) / C
-        m = box_mean_2d(mbar, sum_window)
-        v = x - m
-        r = torch.rsqrt(box_mean_2d(_chan_dot(v, v) / C, sup_window) + (sigma * sigma + eps))
+        mbar, m, v, r = _local_maps(x, sigma * sigma + eps, sum_window, sup_window)
         mad = _abs_sum(v) / v.numel() if need_mad else x.new_zeros(())
         if compiling_on_cpu(x):
             y = recomputable_affine(x, r, -(m * r))   # recomputable after the box sums (see there)
@@ -207,11 +217,9 @@ class DivisiveNormFn(torch.autograd.Function):
         x, m, r, d, sigma = ctx.saved_tensors
         sum_window, sup_window = ctx.windows
         C = x.shape[1]
-        if m is None:   # one channel: the forward's maps again (mbar = x)
-            m = box_mean_2d(x, sum_window)
-            d = x - m
+        if m is None:   # one channel: the forward's maps again (d = mbar - m = v)
             s = ctx.s if sigma is None else sigma.detach() * sigma.detach() + ctx.eps
-            r = torch.rsqrt(box_mean_2d(d * d, sup_window) + s)
+            _, m, d, r = _local_maps(x, s, sum_window, sup_window)
         if dy is None:
             dy = torch.zeros_like(x)
         s_dy = _chan_sum(dy)
