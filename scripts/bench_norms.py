@@ -7,7 +7,8 @@ this process, which other processes on a shared machine do not disturb; use
 for backward, as ratios to the native layer of the same area measured in the same run:
 nn.BatchNorm2d for the batch area (and IterNorm, DN), nn.LayerNorm on channels-last
 input for the layer area, timm's LayerNorm2d for the channels at each position,
-nn.GroupNorm and nn.InstanceNorm2d. Absolute numbers are in the --json output only.
+nn.GroupNorm and nn.InstanceNorm2d; the L1 and top-k batch norms also on channels-last
+input, against nn.BatchNorm2d on the same. Absolute numbers are in the --json output only.
 Layers missing from the installed normswap are skipped (to measure older code).
 
     python scripts/bench_norms.py                 # CPU (and CUDA when present)
@@ -74,14 +75,18 @@ def layers(c: int):
 
     g = 32 if c % 32 == 0 else 1
     bn, ln, ln2d, gn, inn = "nn.BatchNorm2d", "nn.LayerNorm(C)", "timm LayerNorm2d", "nn.GroupNorm", "nn.InstanceNorm2d"
+    bn_cl = "nn.BatchNorm2d channels-last"
     return [
         (bn, lambda: nn.BatchNorm2d(c), None, "nchw"),
+        (bn_cl, lambda: nn.BatchNorm2d(c), None, "channels_last"),
         (ln, lambda: nn.LayerNorm(c), None, "nhwc"),
         (ln2d, lambda: timm.layers.LayerNorm2d(c), None, "nchw"),
         (gn, lambda: nn.GroupNorm(g, c), None, "nchw"),
         (inn, lambda: nn.InstanceNorm2d(c, affine=True), None, "nchw"),
         ("L1BatchNorm2d", mk("L1BatchNorm2d", c), bn, "nchw"),
         ("TopKBatchNorm2d(k=10)", mk("TopKBatchNorm2d", c, k=10), bn, "nchw"),
+        ("L1BatchNorm2d channels-last", mk("L1BatchNorm2d", c), bn_cl, "channels_last"),
+        ("TopKBatchNorm2d(k=10) channels-last", mk("TopKBatchNorm2d", c, k=10), bn_cl, "channels_last"),
         ("BatchNormStar2d", mk("BatchNormStar2d", c), bn, "nchw"),
         ("BatchNormStar2d+L1", mk("BatchNormStar2d", c, l1_alpha=0.005), bn, "nchw"),
         ("L1BatchNorm2d+L1", mk("L1BatchNorm2d", c, l1_alpha=0.005), bn, "nchw"),
@@ -172,6 +177,8 @@ def run(device: str, reps: int, only=None, compile_layers: bool = False, dtype_n
             x = torch.randn(shape, device=device, dtype=dtype or torch.float32)
             if layout == "nhwc":
                 x = x.permute(0, 2, 3, 1).contiguous()
+            elif layout == "channels_last":   # (N, C, H, W) shape, (N, H, W, C) memory
+                x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_()
             with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 out_dtype = m(x).dtype   # autocast may return fp32 (layer norm does)

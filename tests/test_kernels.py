@@ -7,6 +7,7 @@ tests/test_areas.py, on both paths (its ``path`` fixture)."""
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -98,6 +99,19 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def spy_calls(monkeypatch):
+    """The names of the kernels' entry points called (``kernels.call``)."""
+    names = []
+    real = kernels.call
+
+    def counting(name, *args):
+        names.append(name)
+        return real(name, *args)
+    monkeypatch.setattr(kernels, "call", counting)
+    return names
+
+
 @pytest.mark.parametrize("name,factory,shape", ROW_LAYERS, ids=[r[0] for r in ROW_LAYERS])
 def test_row_layers_take_the_kernels_in_every_float_dtype(name, factory, shape, spy):
     m = _layer(factory, torch.float32)
@@ -107,26 +121,82 @@ def test_row_layers_take_the_kernels_in_every_float_dtype(name, factory, shape, 
     assert len(spy) == 2, "a model cast to bfloat16 computes in float32 in the kernels"
 
 
-@pytest.mark.parametrize("make,x", [
-    (lambda: N.L1BatchNorm2d(24), torch.randn(8, 24, 12, 16).to(memory_format=torch.channels_last)),
-    (lambda: N.TopKBatchNorm2d(24, k=7), torch.randn(8, 24, 12, 16).to(memory_format=torch.channels_last)),
-    (lambda: N.L1BatchNorm1d(48, channel_dim=-1), torch.randn(16, 40, 48)),     # tokens, channels last
-    (lambda: N.TopKBatchNorm1d(48, k=5, channel_dim=-1), torch.randn(16, 40, 48)),
-], ids=["l1-channels-last", "topk-channels-last", "l1-tokens", "topk-tokens"])
-def test_strided_rows_are_copied_into_the_kernels(make, x, spy):
-    """A batch norm whose rows are strided in the input (channels-last maps, tokens with
-    their channels last) runs the kernels on one contiguous copy (the PyTorch formulation
-    took 5-8x nn.BatchNorm2d on such input), with the PyTorch formulation's values and
-    gradients and the input's layout."""
+COLUMN_LAYERS = [   # (name, factory, input shape, memory format): the channels are the input's last dim
+    ("L1BatchNorm2d", lambda c: N.L1BatchNorm2d(c), (8, 24, 12, 16), torch.channels_last),
+    ("TopKBatchNorm2d", lambda c: N.TopKBatchNorm2d(c, k=7), (8, 24, 12, 16), torch.channels_last),
+    ("BatchNormStar2d-learned", lambda c: N.BatchNormStar2d(c, learn_sigma=True), (8, 24, 12, 16),
+     torch.channels_last),
+    ("L1BatchNorm3d", lambda c: N.L1BatchNorm3d(c), (4, 5, 8, 16, 16), torch.channels_last_3d),
+    ("TopKBatchNorm2d-one-channel-chunk", lambda c: N.TopKBatchNorm2d(c, k=3), (16, 16, 12, 12),
+     torch.channels_last),
+    ("L1BatchNorm1d-tokens", lambda c: N.L1BatchNorm1d(c, channel_dim=-1), (16, 50, 48), None),
+    ("TopKBatchNorm1d-tokens", lambda c: N.TopKBatchNorm1d(c, k=5, channel_dim=-1), (16, 50, 48), None),
+]
+
+
+def _column_input(shape, fmt, dtype, seed=3):
+    x, dy = _row_inputs(shape, dtype)
+    if fmt is not None:
+        x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+    return x, dy
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,factory,shape,fmt", COLUMN_LAYERS, ids=[r[0] for r in COLUMN_LAYERS])
+def test_channels_last_input_is_read_in_place_by_the_column_kernels(name, factory, shape, fmt, dtype, threads,
+                                                                     spy_calls):
+    """A batch norm whose channels are the input's last dim in memory (channels-last maps,
+    tokens with their channels last) runs the column kernels on the input as it lies (no
+    transposed copy: four of them made such a layer 3-6x nn.BatchNorm2d), with the PyTorch
+    formulation's values and gradients (penalty and running statistics included) and the
+    input's layout; threaded and not."""
+    c = shape[-1] if fmt is None else shape[1]
+    assert torch.tensor(shape).prod() >= rows._SMALL, "large enough for the threaded path"
+    x, dy = _column_input(shape, fmt, dtype)
+    with _num_threads(threads):
+        m_fast, m_slow = _layer(lambda: factory(c), dtype), _layer(lambda: factory(c), dtype)
+        fast = _step(m_fast, x, dy) + list(m_fast.buffers())
+        assert spy_calls == ["cols_forward", "cols_backward"]
+        with kernels.disabled():
+            slow = _step(m_slow, x, dy) + list(m_slow.buffers())
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **tol)
+    if fmt is not None:
+        assert fast[0].is_contiguous(memory_format=fmt) and fast[2].is_contiguous(memory_format=fmt), \
+            "the output and the input gradient keep the input's layout"
+
+
+@pytest.mark.parametrize("name,factory,shape,fmt", COLUMN_LAYERS[:3], ids=[r[0] for r in COLUMN_LAYERS[:3]])
+def test_column_kernels_give_the_same_bits_on_any_thread_count(name, factory, shape, fmt):
+    """The columns' sums are added per block of positions, then block by block, and the
+    top-k values sorted before they are added: a result does not depend on how the
+    positions were split between threads."""
+    x, dy = _column_input(shape, fmt, torch.float32)
+    runs = []
+    for threads in (1, 2, 3):
+        with _num_threads(threads):
+            m = _layer(lambda: factory(shape[1]), torch.float32)
+            runs.append(_step(m, x, dy) + list(m.buffers()))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_other_strided_rows_are_copied_into_the_kernels(spy_calls):
+    """A batch norm input whose channels are neither outermost nor innermost in memory (here
+    (N, H, C, W)) runs the row kernels on one contiguous copy, with the PyTorch
+    formulation's values and gradients."""
+    x = torch.randn(8, 12, 24, 16).transpose(1, 2)   # (N, C, H, W) shape, (N, H, C, W) memory
     dy = torch.randn_like(x)
+    make = lambda: N.L1BatchNorm2d(24)   # noqa: E731
     fast = _step(_layer(make, torch.float32), x, dy)
-    assert len(spy) == 1
+    assert spy_calls == ["forward", "backward"]
     with kernels.disabled():
         slow = _step(_layer(make, torch.float32), x, dy)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
-    fmt = torch.channels_last if x.dim() == 4 else torch.contiguous_format
-    assert fast[0].is_contiguous(memory_format=fmt), "the output keeps the input's layout"
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "half"])
@@ -331,18 +401,26 @@ _BATCH_ROWS = (lambda x: x.transpose(0, 1).reshape(x.shape[1], -1),       # (N, 
                lambda rows, shape: rows.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1).contiguous())
 
 
-@pytest.mark.parametrize("make,shape,rows", [
-    (lambda: N.TopKLayerNorm(64, k=10, elementwise_affine=False), (12, 64), _SAME),    # rows side by side
-    (lambda: N.TopKLayerNorm(600, k=10, elementwise_affine=False), (5, 600), _SAME),   # one row at a time
-    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5), _BATCH_ROWS),     # the batch area
-], ids=["lanes", "rows", "batch"])
+_CL = torch.channels_last
+
+
+@pytest.mark.parametrize("make,shape,rows,fmt", [
+    (lambda: N.TopKLayerNorm(64, k=10, elementwise_affine=False), (12, 64), _SAME, None),    # rows side by side
+    (lambda: N.TopKLayerNorm(600, k=10, elementwise_affine=False), (5, 600), _SAME, None),   # one row at a time
+    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5), _BATCH_ROWS, None),     # the batch area
+    # channels-last: the column kernels, with fewer blocks of positions than k (every value a
+    # candidate) and with more (candidates above the blocks' bound), 16 channels and a tail
+    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5), _BATCH_ROWS, _CL),
+    (lambda: N.TopKBatchNorm2d(19, k=10, affine=False), (16, 19, 16, 16), _BATCH_ROWS, _CL),
+], ids=["lanes", "rows", "batch", "batch-channels-last", "batch-channels-last-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, shape, rows, dtype):
+def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, shape, rows, fmt, dtype, spy_calls):
     """When more values than fit tie at the k-th largest |v|, the kernels' backward (which
     keeps only each row's k-th largest value from the forward) gives the gradient to the
     earliest of them, as a stable sort would choose; checked against the float64
     re-computation above, with a tie in every row and a row without one (float32 takes
-    the kernels' float32-only selection paths)."""
+    the kernels' float32-only selection paths). Channels-last input: "earliest" in the
+    (n, h, w) order of the positions, as for the channels-first layout."""
     to_rows, from_rows = rows   # (the values that share statistics as rows, and back)
     m = make().to(dtype).train()
     gen = torch.Generator().manual_seed(3)
@@ -359,8 +437,9 @@ def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, sh
     w = torch.randn(shape, generator=gen, dtype=torch.float64)
     x = x.to(dtype)   # (2.0 and the ties stay exact)
 
-    xs = x.clone().requires_grad_()
+    xs = (x.clone() if fmt is None else x.contiguous(memory_format=fmt)).requires_grad_()
     (m(xs) * w.to(dtype)).sum().backward()
+    assert ("cols_forward" in spy_calls) == (fmt is not None)
     xr = x.double().requires_grad_()
     want = _top_k_rows_with_earliest_ties(to_rows(xr), 10, m.eps)
     (want * to_rows(w)).sum().backward()
@@ -812,3 +891,23 @@ def test_a_kernel_that_cannot_allocate_its_scratch_raises_memory_error_naming_it
         N.IterNorm2d(16).double().train()(torch.randn(2, 16, 3, 3, dtype=torch.float64))
     with pytest.raises(MemoryError, match="ns_dn_rows_f32"):
         N.DivisiveNorm1d(2).train()(torch.randn(3, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
+def test_the_portable_paths_pass_the_selection_tests_on_a_processor_with_avx512(tmp_path):
+    """The kernels have AVX-512 paths and portable ones; a machine runs one of them. This
+    builds the portable ones (``NORMSWAP_CFLAGS=-mno-avx512f``) and runs the tests that
+    depend on the forward and backward computing a row's mean bit for bit alike (top-k
+    ties, the selection paths, the comparison with the PyTorch formulation) against that
+    build: on a machine without AVX-512 the backward's mean of a row once differed in its
+    last bit from the forward's, and tied top-k rows got a wrong gradient."""
+    env = {**os.environ, "NORMSWAP_CFLAGS": "-mno-avx512f", "NORMSWAP_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "tied_kth_place or one_row_selection or (pytorch_formulations and TopK) "
+                           "or column_kernels or read_in_place"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1, "the portable build, in its own cache entry"

@@ -19,7 +19,9 @@ way (float32), where PyTorch operations are about 130 launches of 16 x 16 produc
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``;
 about a second) into a cache directory (``$NORMSWAP_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/normswap`` or ``~/.cache/normswap``), keyed by the source, the flags,
-the compiler and the processor, and loaded with ctypes. It is used in eager mode on
+the compiler and the processor, and loaded with ctypes (``$NORMSWAP_CFLAGS``: more
+compiler flags, e.g. ``-mno-avx512f`` to build the portable paths on a processor that has
+AVX-512). It is used in eager mode on
 CPU for float32 / float64 inputs; under ``torch.compile`` inductor generates its own
 kernels from the PyTorch formulation. Without a compiler, or with
 ``NORMSWAP_KERNELS=0`` in the environment, everything runs the PyTorch formulation
@@ -38,6 +40,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,10 +54,15 @@ import torch
 __all__ = ["available", "ready", "disabled", "switched_off", "library", "call", "SUFFIX", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("rows.c")
-_HEADERS = tuple(Path(__file__).with_name(h) for h in ("rows_impl.h", "newton.h", "divisive.h",
+_HEADERS = tuple(Path(__file__).with_name(h) for h in ("rows_impl.h", "cols_impl.h", "newton.h", "divisive.h",
                                                                  "whiten.h", "whiten_impl.h"))
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c99")
 _OPENMP = ("-fopenmp",)
+
+
+def _flags() -> tuple:
+    """The compiler flags: ``_FLAGS`` and those of ``$NORMSWAP_CFLAGS``."""
+    return _FLAGS + tuple(shlex.split(os.environ.get("NORMSWAP_CFLAGS", "")))
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -94,7 +102,7 @@ def _build(cc: str) -> Path:
     source = b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in
-                                    (source, " ".join(_FLAGS + _OPENMP), version, _processor()))).hexdigest()[:16]
+                                    (source, " ".join(_flags() + _OPENMP), version, _processor()))).hexdigest()[:16]
     target = cache_dir() / f"rows-{key}.so"
     if target.exists():
         return target
@@ -103,7 +111,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         for extra in (_OPENMP, ()):   # without OpenMP (one thread) if the compiler has none
-            done = subprocess.run([cc, *_FLAGS, *extra, str(_SOURCE), "-o", tmp, "-lm"],
+            done = subprocess.run([cc, *_flags(), *extra, str(_SOURCE), "-o", tmp, "-lm"],
                                   capture_output=True, text=True)
             if done.returncode == 0:
                 break
@@ -125,6 +133,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"ns_backward_{suf}")
         bwd.argtypes = [P, P, I64, I64, I64, I32, I64, D, P, P, P, I64, I64, P, P, P, P, P, P, I32]
         bwd.restype = I32
+        cfwd = getattr(lib, f"ns_cols_forward_{suf}")
+        cfwd.argtypes = [P, I64, I64, I32, I64, D, D, D, P, P, I32, P, P, P, P, P, P, I32]
+        cfwd.restype = I32
+        cbwd = getattr(lib, f"ns_cols_backward_{suf}")
+        cbwd.argtypes = [P, P, I64, I64, I32, I64, D, P, P, P, P, P, P, P, P, P, I32]
+        cbwd.restype = I32
         nfwd = getattr(lib, f"ns_newton_forward_{suf}")
         nfwd.argtypes = [P, I64, I64, I32, P, I32]
         nfwd.restype = I32

@@ -144,13 +144,22 @@ DEV_SUM_AVX512(float, f32, __m512, __mmask16, 16, ps)
 DEV_SUM_AVX512(double, f64, __m512d, __mmask8, 8, pd)
 #undef NS_TERM
 #else
+/* Eight partial sums in a fixed order (the compiler vectorizes the eight as one or two
+ * vectors but may not reorder them: an `omp simd reduction` let it choose the order per
+ * inlined copy, so the backward's mean of a row could differ in its last bit from the
+ * forward's, and a top-k row's tied k-th place was then counted wrong: found on a machine
+ * without AVX-512). */
 #define DEV_SUM_GENERIC(T, SUF, ABSF)                                                              \
     static inline __attribute__((always_inline)) T dev_sum_##SUF(const T *x, int64_t n, T m, const int mode) { \
-        T s = 0;                                                                                   \
-        _Pragma("omp simd reduction(+:s)")                                                         \
-        for (int64_t i = 0; i < n; i++)                                                            \
-            s += mode == 0 ? x[i] : mode == 1 ? ABSF(x[i] - m) : (x[i] - m) * (x[i] - m);          \
-        return s;                                                                                  \
+        T p[8] = {0, 0, 0, 0, 0, 0, 0, 0}, t = 0;                                                 \
+        int64_t i = 0;                                                                             \
+        for (; i + 8 <= n; i += 8)                                                                 \
+            for (int j = 0; j < 8; j++) {                                                          \
+                T v = x[i + j];                                                                    \
+                p[j] += mode == 0 ? v : mode == 1 ? ABSF(v - m) : (v - m) * (v - m);               \
+            }                                                                                      \
+        for (; i < n; i++) t += mode == 0 ? x[i] : mode == 1 ? ABSF(x[i] - m) : (x[i] - m) * (x[i] - m); \
+        return (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) + t;           \
     }
 DEV_SUM_GENERIC(float, f32, fabsf)
 DEV_SUM_GENERIC(double, f64, fabs)
@@ -416,11 +425,14 @@ static void rows_topk_f64(const double *x, int64_t nb, int64_t n, int64_t k, dou
     for (int64_t j = 0; j < nb; j++) ok[j] = 0;
 }
 
+#define NS_COL_BLOCK 256   /* positions per partial column sum (cols_impl.h) */
+
 #define T float
 #define SUF f32
 #define ABS fabsf
 #define NEXTAFTER nextafterf
 #include "rows_impl.h"
+#include "cols_impl.h"
 #undef T
 #undef SUF
 #undef ABS
@@ -431,6 +443,7 @@ static void rows_topk_f64(const double *x, int64_t nb, int64_t n, int64_t k, dou
 #define ABS fabs
 #define NEXTAFTER nextafter
 #include "rows_impl.h"
+#include "cols_impl.h"
 #undef T
 #undef SUF
 #undef ABS

@@ -5,7 +5,10 @@ values that share statistics: ``P`` slices of ``Q`` contiguous values (``P = 1``
 layer, channels, group and instance areas; ``P = N`` for the batch area). The formulas
 are those of :class:`~normswap.norms.functional.StatNormFn` (its docstring has them);
 :func:`row_plan` decides whether a call can take this path, :class:`RowNormFn` runs it
-eagerly and the ``normswap::rows_forward`` operator under torch.compile.
+eagerly and the ``normswap::rows_forward`` operator under torch.compile. A batch area whose
+channels are the input's last dim in memory (channels-last maps, tokens with their channels
+last: :func:`columns_layout`) runs the column kernels (``kernels/cols_impl.h``), which read
+each group's values down a column of the ``(N * H * W, C)`` array, in place.
 
 The recovery is one ``gamma``, ``beta`` pair indexed, for value ``i`` of row ``r`` when
 ``P = 1``, by ``c = ((r * n + i) // S) % Cq``: along the row (``S = 1``, ``Cq = n``: layer
@@ -68,7 +71,8 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     if x3.device.type != "cpu" or not (x3.dtype in kernels.SUFFIX or half) or x3.numel() == 0 \
             or P * n >= 2 ** 31:
         return None
-    if not compiling and not x3.is_contiguous():
+    columns = not compiling and columns_layout(x3)   # (the column kernels: per-group recovery only)
+    if not compiling and not x3.is_contiguous() and not columns:
         return None
     cdt = torch.float32 if half else x3.dtype   # the dtype the kernels compute in
     params = [t for t in (weight, bias, qweight, qbias) if t is not None]
@@ -77,7 +81,7 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     if delta is not None and delta.dtype != cdt:
         return None
     if qweight is not None or qbias is not None:
-        if weight is not None or bias is not None or P != 1:
+        if weight is not None or bias is not None or P != 1 or columns:
             return None
         shapes = {tuple(t.shape) for t in (qweight, qbias) if t is not None}
         if len(shapes) != 1:
@@ -104,15 +108,24 @@ def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: s
     return RowPlan(flat[0], flat[1], seg, cq)
 
 
+def columns_layout(x3: torch.Tensor) -> bool:
+    """Whether the ``(P, G, Q)`` view ``x3`` is a contiguous ``(P, Q, G)`` array (its groups'
+    values one column each, the groups side by side: a channels-last batch-norm input, or
+    tokens with their channels last), which the column kernels (``kernels/cols_impl.h``)
+    read in place."""
+    P, G, Q = x3.shape
+    return (not x3.is_contiguous() and G > 1 and x3.stride(1) == 1 and (Q == 1 or x3.stride(2) == G)
+            and (P == 1 or x3.stride(0) == G * Q))
+
+
 def rows_in_place(x3: torch.Tensor, stat: str, group) -> torch.Tensor:
-    """``x3`` contiguous where the kernels would run it (eager, CPU, loaded, a statistic they
-    compute, one process): a strided ``(P, G, Q)`` view (a channels-last batch norm input,
-    tokens with their channels last) is copied once, which costs less than the PyTorch
-    formulation's passes over it (channels-last ``L1BatchNorm2d`` on (32, 64, 56, 56): 5.4x
-    ``nn.BatchNorm2d`` in the PyTorch formulation, 1.8x with the copy)."""
-    if x3.is_contiguous() or x3.device.type != "cpu" or torch.compiler.is_compiling() \
-            or group is not None or stat not in _STAT_CODE or not kernels.ready() \
-            or not (x3.dtype in kernels.SUFFIX or x3.dtype in _HALF):
+    """``x3`` in a layout the kernels read where they would run it (eager, CPU, loaded, a
+    statistic they compute, one process): a strided ``(P, G, Q)`` view that is not
+    :func:`columns_layout` is copied once, which costs less than the PyTorch formulation's
+    passes over it."""
+    if x3.is_contiguous() or columns_layout(x3) or x3.device.type != "cpu" \
+            or torch.compiler.is_compiling() or group is not None or stat not in _STAT_CODE \
+            or not (x3.dtype in kernels.SUFFIX or x3.dtype in _HALF) or kernels.library() is None:
         return x3
     return x3.contiguous()
 
@@ -189,23 +202,30 @@ def _kept_mean(x3: torch.Tensor, mu: torch.Tensor, stat: str) -> Optional[torch.
     the forward did (measured: about 7% more backward time on rows of 64 values, 22-36% on
     group-norm rows of 392 and 1,568 values, where the third number is 0.1-0.8% of the
     memory). Elsewhere the means are kept."""
-    if stat == "topk" and x3.shape[0] == 1 and x3.shape[2] <= _MEAN_AGAIN_MAX:
+    if stat == "topk" and x3.shape[0] == 1 and x3.shape[2] <= _MEAN_AGAIN_MAX and x3.is_contiguous():
         return None
     return mu
 
 
 def _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels, out_shape):
-    """(y, mu, d, batch_stat, mad or None, thr or None) of a contiguous x3; ``thr`` (top-k
-    only): each row's k-th largest ``|v|``, from which the backward finds the k positions."""
+    """(y, mu, d, batch_stat, mad or None, thr or None) of a contiguous or
+    :func:`columns_layout` x3 (``y`` in x3's layout); ``thr`` (top-k only): each row's k-th
+    largest ``|v|``, from which the backward finds the k positions."""
     P, G, Q = x3.shape
     n = P * Q
     dt = x3.dtype
-    y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
     mu, d, bstat = (torch.empty(G, dtype=dt) for _ in range(3))
     mad = torch.empty(G, dtype=dt) if need_mad or stat == "l1" else None
     thr = torch.empty(G, dtype=dt) if stat == "topk" else None
     cinf = c_inf(n) if stat == "topk" else 0.0
     dval = float(delta) if delta is not None else 0.0
+    if not x3.is_contiguous():   # columns (per-group recovery: gamma, beta of G values)
+        y = torch.empty_like(x3)
+        kernels.call("cols_forward", dt, x3.data_ptr(), n, G, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma),
+                     _ptr(beta), int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(), _ptr(mad),
+                     bstat.data_ptr(), _ptr(thr), _threads(x3.numel()))
+        return y, mu, d, bstat, mad, thr
+    y = torch.empty(out_shape if out_shape is not None else x3.shape, dtype=dt)
     kernels.call("forward", dt, x3.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, eps, dval, _ptr(gamma),
                  _ptr(beta), seg, channels, int(need_mad), y.data_ptr(), mu.data_ptr(), d.data_ptr(),
                  _ptr(mad), bstat.data_ptr(), _ptr(thr), _threads(x3.numel()))
@@ -217,13 +237,20 @@ def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, wa
     P, G, Q = x3.shape
     n = P * Q
     dt = x3.dtype
-    dy = dy.to(dt).contiguous()
+    columns = not x3.is_contiguous()
+    # dy in x3's layout (no copy when it is)
+    dy = dy.to(dt).transpose(1, 2).contiguous().transpose(1, 2) if columns else dy.to(dt).contiguous()
     gmad = gmad.to(dt).contiguous() if gmad is not None else None
     dx = torch.empty_like(x3)
     dgamma = torch.empty(channels, dtype=dt) if want_g else None   # (summed in double by the kernel)
     dbeta = torch.empty(channels, dtype=dt) if want_b else None
     dldd = torch.empty(G, dtype=dt) if want_dldd else None
     cinf = c_inf(n) if stat == "topk" else 0.0
+    if columns:
+        kernels.call("cols_backward", dt, x3.data_ptr(), dy.data_ptr(), n, G, _STAT_CODE[stat], k, cinf,
+                     mu.data_ptr(), d.data_ptr(), _ptr(gamma), _ptr(thr), _ptr(gmad), dx.data_ptr(),
+                     _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
+        return dx, dgamma, dbeta, dldd
     kernels.call("backward", dt, x3.data_ptr(), dy.data_ptr(), P, G, Q, _STAT_CODE[stat], k, cinf, _ptr(mu),
                  d.data_ptr(), _ptr(gamma), seg, channels, _ptr(thr), _ptr(gmad), dx.data_ptr(),
                  _ptr(dgamma), _ptr(dbeta), _ptr(dldd), _threads(x3.numel()))
