@@ -99,28 +99,6 @@ static inline void FN(cand_push_)(struct FN(cand_) *e, int64_t c, T v) {
     }
 }
 
-/* one position's |x - m| (given, C values) into the lists */
-static inline void FN(cand_row_)(const T *xi, const T *m, int64_t C, struct FN(cand_) *e) {
-    const T *bar = e->bar;
-    for (int64_t c0 = 0; c0 < C; c0 += NS_LANES) {
-        const int64_t nl = C - c0 < NS_LANES ? C - c0 : NS_LANES;
-        int any = 0;
-        if (nl == NS_LANES) {   /* (a max reduction: measured faster than an or of the comparisons) */
-            T mx = 0;
-#pragma omp simd reduction(max:mx)
-            for (int64_t l = 0; l < NS_LANES; l++) { T d = ABS(xi[c0 + l] - m[c0 + l]) - bar[c0 + l]; mx = d > mx ? d : mx; }
-            any = mx > 0;
-        } else {
-            for (int64_t l = 0; l < nl; l++) any |= ABS(xi[c0 + l] - m[c0 + l]) > bar[c0 + l];
-        }
-        if (!any) continue;
-        for (int64_t c = c0; c < c0 + nl; c++) {
-            T v = ABS(xi[c] - m[c]);
-            if (v > bar[c]) FN(cand_push_)(e, c, v);
-        }
-    }
-}
-
 /* Each column's starting bar (tau, lowered by one step: a value enters when |x - m| >= tau;
  * -inf: every value, where there are fewer than k blocks or m is not finite) from the
  * blocks' extremes bext. scratch: nb values. */
@@ -183,16 +161,29 @@ static inline __attribute__((always_inline)) void FN(col_block_sums_)(
         } else if (mode == 0) {
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) acc[c] += xi[c];
-        } else if (mode == 1 && lists) {   /* (the row's check in the same loop; the chunks' if any) */
+        } else if (mode == 1 && lists) {   /* (each chunk of channels checked in the same loop) */
             const T *bar = lists->bar;
-            int any = 0;
-#pragma omp simd reduction(|:any)
-            for (int64_t c = 0; c < C; c++) {
+            int64_t c0 = 0;
+            for (; c0 + NS_LANES <= C; c0 += NS_LANES) {
+                T mx = 0;
+#pragma omp simd reduction(max:mx)
+                for (int64_t c = c0; c < c0 + NS_LANES; c++) {
+                    T v = ABS(xi[c] - m[c]);
+                    acc[c] += v;
+                    T d = v - bar[c];
+                    mx = d > mx ? d : mx;
+                }
+                if (mx > 0)
+                    for (int64_t c = c0; c < c0 + NS_LANES; c++) {
+                        T v = ABS(xi[c] - m[c]);
+                        if (v > bar[c]) FN(cand_push_)(lists, c, v);
+                    }
+            }
+            for (int64_t c = c0; c < C; c++) {
                 T v = ABS(xi[c] - m[c]);
                 acc[c] += v;
-                any |= v > bar[c];
+                if (v > bar[c]) FN(cand_push_)(lists, c, v);
             }
-            if (any) FN(cand_row_)(xi, m, C, lists);
         } else if (mode == 1) {
 #pragma omp simd
             for (int64_t c = 0; c < C; c++) acc[c] += ABS(xi[c] - m[c]);
