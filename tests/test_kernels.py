@@ -184,6 +184,25 @@ def test_column_kernels_give_the_same_bits_on_any_thread_count(name, factory, sh
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("k,shape", [
+    (1, (8, 33, 20, 20)),      # k = 1, channels past the last full chunk of 16
+    (64, (4, 5, 4, 4)),        # k = every value of a channel (one block: every value a candidate)
+    (50, (4, 5, 4, 4)),
+    (200, (8, 33, 40, 40)),    # lists of 2 k + 32 values cut again and again
+], ids=["k1", "k-all", "k50-one-block", "k200"])
+def test_column_top_k_for_every_k(k, shape, spy_calls):
+    """The column kernels' top-k statistic for k from 1 to every value of a channel, against
+    the PyTorch formulation in float64 (Gaussian input: no ties)."""
+    x, dy = _column_input(shape, torch.channels_last, torch.float64)
+    make = lambda: N.TopKBatchNorm2d(shape[1], k=k)   # noqa: E731
+    fast = _step(_layer(make, torch.float64), x, dy)
+    assert spy_calls == ["cols_forward", "cols_backward"]
+    with kernels.disabled():
+        slow = _step(_layer(make, torch.float64), x, dy)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_other_strided_rows_are_copied_into_the_kernels(spy_calls):
     """A batch norm input whose channels are neither outermost nor innermost in memory (here
     (N, H, C, W)) runs the row kernels on one contiguous copy, with the PyTorch
