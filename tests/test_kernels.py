@@ -134,7 +134,21 @@ COLUMN_LAYERS = [   # (name, factory, input shape, memory format): the channels 
 ]
 
 
-def _column_input(shape, fmt, dtype, seed=3):
+def _kernels_against_pytorch(make, x, dy, tol: float) -> list:
+    """:func:`_step` of a fresh layer from ``make`` (in ``x``'s dtype) with the kernels, and
+    its running statistics, checked against the same with the PyTorch formulation; returns
+    the kernels' results."""
+    m_fast, m_slow = _layer(make, x.dtype), _layer(make, x.dtype)
+    fast = _step(m_fast, x, dy) + list(m_fast.buffers())
+    with kernels.disabled():
+        slow = _step(m_slow, x, dy) + list(m_slow.buffers())
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    return fast
+
+
+def _column_input(shape, fmt, dtype):
     x, dy = _row_inputs(shape, dtype)
     if fmt is not None:
         x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
@@ -155,14 +169,8 @@ def test_channels_last_input_is_read_in_place_by_the_column_kernels(name, factor
     assert torch.tensor(shape).prod() >= rows._SMALL, "large enough for the threaded path"
     x, dy = _column_input(shape, fmt, dtype)
     with _num_threads(threads):
-        m_fast, m_slow = _layer(lambda: factory(c), dtype), _layer(lambda: factory(c), dtype)
-        fast = _step(m_fast, x, dy) + list(m_fast.buffers())
-        assert spy_calls == ["cols_forward", "cols_backward"]
-        with kernels.disabled():
-            slow = _step(m_slow, x, dy) + list(m_slow.buffers())
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, **tol)
+        fast = _kernels_against_pytorch(lambda: factory(c), x, dy, tol=1e-10 if dtype == torch.float64 else 2e-4)
+    assert spy_calls == ["cols_forward", "cols_backward"]
     if fmt is not None:
         assert fast[0].is_contiguous(memory_format=fmt) and fast[2].is_contiguous(memory_format=fmt), \
             "the output and the input gradient keep the input's layout"
@@ -194,13 +202,8 @@ def test_column_top_k_for_every_k(k, shape, spy_calls):
     """The column kernels' top-k statistic for k from 1 to every value of a channel, against
     the PyTorch formulation in float64 (Gaussian input: no ties)."""
     x, dy = _column_input(shape, torch.channels_last, torch.float64)
-    make = lambda: N.TopKBatchNorm2d(shape[1], k=k)   # noqa: E731
-    fast = _step(_layer(make, torch.float64), x, dy)
+    _kernels_against_pytorch(lambda: N.TopKBatchNorm2d(shape[1], k=k), x, dy, tol=1e-10)
     assert spy_calls == ["cols_forward", "cols_backward"]
-    with kernels.disabled():
-        slow = _step(_layer(make, torch.float64), x, dy)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_other_strided_rows_are_copied_into_the_kernels(spy_calls):
@@ -208,14 +211,8 @@ def test_other_strided_rows_are_copied_into_the_kernels(spy_calls):
     (N, H, C, W)) runs the row kernels on one contiguous copy, with the PyTorch
     formulation's values and gradients."""
     x = torch.randn(8, 12, 24, 16).transpose(1, 2)   # (N, C, H, W) shape, (N, H, C, W) memory
-    dy = torch.randn_like(x)
-    make = lambda: N.L1BatchNorm2d(24)   # noqa: E731
-    fast = _step(_layer(make, torch.float32), x, dy)
+    _kernels_against_pytorch(lambda: N.L1BatchNorm2d(24), x, torch.randn_like(x), tol=2e-5)
     assert spy_calls == ["forward", "backward"]
-    with kernels.disabled():
-        slow = _step(_layer(make, torch.float32), x, dy)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "half"])
