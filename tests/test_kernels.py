@@ -374,12 +374,15 @@ def test_one_value_per_row_keeps_each_rows_own_recovery():
     torch.testing.assert_close(y.flatten(), torch.tensor([1.0, 2.0, 3.0]).repeat(2))
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: N.TopKLayerNorm(64, k=10), (40, 64)),            # rows selected side by side
-    (lambda: N.TopKLayerNorm(600, k=10), (40, 600)),          # one row at a time
-    (lambda: N.TopKBatchNorm2d(8, k=5), (4, 8, 6, 6)),        # the batch area
-    (lambda: N.L1GroupNorm(2, 8), (4, 8, 6, 6))], ids=["topk-lanes", "topk-rows", "topk-batch", "l1-group"])
-def test_non_finite_values_give_non_finite_rows_and_no_out_of_range_access(make, shape):
+@pytest.mark.parametrize("make,shape,fmt", [
+    (lambda: N.TopKLayerNorm(64, k=10), (40, 64), None),            # rows selected side by side
+    (lambda: N.TopKLayerNorm(600, k=10), (40, 600), None),          # one row at a time
+    (lambda: N.TopKBatchNorm2d(8, k=5), (4, 8, 6, 6), None),        # the batch area
+    (lambda: N.TopKBatchNorm2d(8, k=5), (8, 8, 6, 6), None),        # ... with at least k examples
+    (lambda: N.TopKBatchNorm2d(8, k=5), (8, 8, 6, 6), torch.channels_last),   # ... channels-last
+    (lambda: N.L1GroupNorm(2, 8), (4, 8, 6, 6), None)],
+    ids=["topk-lanes", "topk-rows", "topk-batch", "topk-batch-slices", "topk-batch-channels-last", "l1-group"])
+def test_non_finite_values_give_non_finite_rows_and_no_out_of_range_access(make, shape, fmt):
     """A row holding NaN or inf has no order; the kernels must still give NaN / inf there
     (top-k: forward and backward, whose k-th largest value is then NaN) and the other rows
     their normal values."""
@@ -387,6 +390,8 @@ def test_non_finite_values_give_non_finite_rows_and_no_out_of_range_access(make,
     x = torch.randn(shape)
     x.view(-1)[7] = float("nan")
     x.view(-1)[-3] = float("inf")
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
     xs = x.clone().requires_grad_()
     y = m(xs)
     y.sum().backward()
@@ -424,11 +429,13 @@ _CL = torch.channels_last
     (lambda: N.TopKLayerNorm(64, k=10, elementwise_affine=False), (12, 64), _SAME, None),    # rows side by side
     (lambda: N.TopKLayerNorm(600, k=10, elementwise_affine=False), (5, 600), _SAME, None),   # one row at a time
     (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5), _BATCH_ROWS, None),     # the batch area
+    # at least k examples: candidates above the bound from the examples' extremes (portable build)
+    (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (16, 3, 6, 6), _BATCH_ROWS, None),
     # channels-last: the column kernels, with fewer blocks of positions than k (every value a
     # candidate) and with more (candidates above the blocks' bound), 16 channels and a tail
     (lambda: N.TopKBatchNorm2d(3, k=10, affine=False), (4, 3, 5, 5), _BATCH_ROWS, _CL),
     (lambda: N.TopKBatchNorm2d(19, k=10, affine=False), (16, 19, 16, 16), _BATCH_ROWS, _CL),
-], ids=["lanes", "rows", "batch", "batch-channels-last", "batch-channels-last-blocks"])
+], ids=["lanes", "rows", "batch", "batch-slices", "batch-channels-last", "batch-channels-last-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_top_k_gradient_at_a_tied_kth_place_follows_the_earliest_values(make, shape, rows, fmt, dtype, spy_calls):
     """When more values than fit tie at the k-th largest |v|, the kernels' backward (which

@@ -54,41 +54,6 @@ static struct FN(cand_) FN(cand_at_)(void *mem, int64_t C, int64_t k) {
     return e;
 }
 
-static int FN(cmp_desc_)(const void *a, const void *b) {
-    const T u = *(const T *)a, v = *(const T *)b;
-    return (u < v) - (u > v);
-}
-
-/* a[0 .. n) (no NaN) reordered so that a[j] is its (j + 1)-th largest value, the values
- * before it at least as large and those after at most as large (quickselect) */
-static void FN(select_desc_)(T *a, int64_t n, int64_t j) {
-    int64_t lo = 0, hi = n - 1;
-    while (hi > lo) {
-        T p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi], p;   /* the median of three */
-        p = p0 > p1 ? (p1 > p2 ? p1 : (p0 > p2 ? p2 : p0)) : (p0 > p2 ? p0 : (p1 > p2 ? p2 : p1));
-        int64_t i = lo, r = hi;
-        while (i <= r) {
-            while (a[i] > p) i++;
-            while (a[r] < p) r--;
-            if (i <= r) { T t = a[i]; a[i] = a[r]; a[r] = t; i++; r--; }
-        }
-        if (j <= r) hi = r;
-        else if (j >= i) lo = i;
-        else return;
-    }
-}
-
-/* a[0 .. n) sorted in descending order (insertion sort where short) */
-static void FN(sort_desc_)(T *a, int64_t n) {
-    if (n > 64) { qsort(a, (size_t)n, sizeof(T), FN(cmp_desc_)); return; }
-    for (int64_t i = 1; i < n; i++) {
-        T v = a[i];
-        int64_t j = i;
-        for (; j > 0 && a[j - 1] < v; j--) a[j] = a[j - 1];
-        a[j] = v;
-    }
-}
-
 static inline void FN(cand_push_)(struct FN(cand_) *e, int64_t c, T v) {
     T *L = e->buf + c * e->cap;
     L[e->count[c]++] = v;

@@ -142,6 +142,99 @@ static inline int64_t FN(channel_)(int64_t P, int64_t r, int64_t n, int64_t j, i
     return P == 1 ? ((r * n + j) / S) % Cq : r % Cq;
 }
 
+static int FN(cmp_desc_)(const void *a, const void *b) {
+    const T u = *(const T *)a, v = *(const T *)b;
+    return (u < v) - (u > v);
+}
+
+/* a[0 .. n) (no NaN) reordered so that a[j] is its (j + 1)-th largest value, the values
+ * before it at least as large and those after at most as large (quickselect) */
+static void FN(select_desc_)(T *a, int64_t n, int64_t j) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        T p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi], p;   /* the median of three */
+        p = p0 > p1 ? (p1 > p2 ? p1 : (p0 > p2 ? p2 : p0)) : (p0 > p2 ? p0 : (p1 > p2 ? p2 : p1));
+        int64_t i = lo, r = hi;
+        while (i <= r) {
+            while (a[i] > p) i++;
+            while (a[r] < p) r--;
+            if (i <= r) { T t = a[i]; a[i] = a[r]; a[r] = t; i++; r--; }
+        }
+        if (j <= r) hi = r;
+        else if (j >= i) lo = i;
+        else return;
+    }
+}
+
+/* a[0 .. n) sorted in descending order (insertion sort where short) */
+static void FN(sort_desc_)(T *a, int64_t n) {
+    if (n > 64) { qsort(a, (size_t)n, sizeof(T), FN(cmp_desc_)); return; }
+    for (int64_t i = 1; i < n; i++) {
+        T v = a[i];
+        int64_t j = i;
+        for (; j > 0 && a[j - 1] < v; j--) a[j] = a[j - 1];
+        a[j] = v;
+    }
+}
+
+/* The sum of x[0 .. Q) (the eight partial sums of the portable dev_sum_) and its largest
+ * and smallest values (NaN is not kept: a row holding one has a NaN mean). */
+static T FN(sum_extremes_)(const T *x, int64_t Q, T *mx, T *mn) {
+    T p[8] = {0, 0, 0, 0, 0, 0, 0, 0}, hi[8], lo[8], t = 0, h = x[0], l = x[0];
+    for (int j = 0; j < 8; j++) { hi[j] = x[0]; lo[j] = x[0]; }
+    int64_t i = 0;
+    for (; i + 8 <= Q; i += 8)
+        for (int j = 0; j < 8; j++) {
+            T v = x[i + j];
+            p[j] += v;
+            hi[j] = v > hi[j] ? v : hi[j];
+            lo[j] = v < lo[j] ? v : lo[j];
+        }
+    for (; i < Q; i++) { t += x[i]; h = x[i] > h ? x[i] : h; l = x[i] < l ? x[i] : l; }
+    for (int j = 0; j < 8; j++) { h = hi[j] > h ? hi[j] : h; l = lo[j] < l ? lo[j] : l; }
+    *mx = h; *mn = l;
+    return (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) + t;
+}
+
+/* Top-k of a batch-area row (P >= k slices) where the AVX-512 selection is not compiled:
+ * the mean's pass also finds each slice's largest and smallest value, so each slice's
+ * largest |x - m| is known once m is; the k-th largest of those (tau) is at most the row's
+ * k-th largest |x - m|, and one pass over x collects the values with |x - m| >= tau (about
+ * k to 2 k on Gaussian input) for topk_. Instead of copying |x - m| (a pass writing n
+ * values) and two passes over the copy. Returns the sum of the k largest |x - m| and
+ * sets *m, *thr. a: scratch of topk_'s size (n + NS_ROWS_AT_ONCE (n + B) + k). */
+static T FN(slices_topk_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r, int64_t k, T *a, T *m,
+                          T *thr) {
+    const int64_t n = P * Q;
+    T *mx = a, *mn = a + P, *smax = a + 2 * P;
+    double s1 = 0;
+    for (int64_t p = 0; p < P; p++) s1 += FN(sum_extremes_)(x + (p * R + r) * Q, Q, mx + p, mn + p);
+    const T mean = (T)(s1 / (double)n);
+    *m = mean;
+    *thr = (T)NAN;
+    if (!isfinite(mean)) return (T)NAN;
+    for (int64_t p = 0; p < P; p++) {
+        T hi = mx[p] - mean, lo = mean - mn[p];
+        smax[p] = hi > lo ? hi : lo;
+    }
+    FN(select_desc_)(smax, P, k - 1);
+    const T tau = smax[k - 1];
+    int64_t c = 0;
+    for (int64_t p = 0; p < P; p++) {   /* (the candidates overwrite the slices' extremes) */
+        const T *xs = x + (p * R + r) * Q;
+        for (int64_t i0 = 0; i0 < Q; i0 += 64) {
+            const int64_t i1 = i0 + 64 < Q ? i0 + 64 : Q;
+            int any = 0;
+#pragma omp simd reduction(|:any)
+            for (int64_t i = i0; i < i1; i++) any |= ABS(xs[i] - mean) >= tau;
+            if (!any) continue;
+            for (int64_t i = i0; i < i1; i++) { T v = ABS(xs[i] - mean); a[c] = v; c += v >= tau; }
+        }
+    }
+    if (c < k) return (T)NAN;   /* (only with NaN in the row) */
+    return FN(topk_)(a, c, k, a + n, a + 2 * n + NS_LANES, thr);
+}
+
 static T FN(row_mean_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r) {
     double s1 = 0;
     for (int64_t p = 0; p < P; p++) {
@@ -266,6 +359,8 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                     T m, sk = 0;
                     if (ok[r - rb]) {
                         m = bm[r - rb]; sk = bs[r - rb] / (T)k; thr[r] = bt[r - rb];
+                    } else if (stat == STAT_TOPK && P >= k && P > 1 && !FN(fast_candidates_)) {
+                        sk = FN(slices_topk_)(x, P, R, Q, r, k, a, &m, thr + r) / (T)k;
                     } else {
                         m = FN(row_mean_)(x, P, R, Q, r);
                         if (stat == STAT_TOPK) {
@@ -298,6 +393,25 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
  * loop kept it scalar, hence the count in T). */
 struct FN(sums_) { T g, gv, sign, sign_ge, count_ge; };
 
+/* (the portable loop; has_gamma a constant, so that each copy is one vector loop without a
+ * branch: `gamma ? ... : ...` inside it kept the layer rows' copies scalar) */
+static inline __attribute__((always_inline)) struct FN(sums_) FN(row_sums_loop_)(
+        const T *xr, const T *dyr, const T *gamma, const int has_gamma, int64_t n, T m, T inv, T th,
+        const int topk, const int cols, T *fg, T *fb) {
+    T a1 = 0, a2 = 0, a3 = 0, b1 = 0, c1 = 0;
+#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
+    for (int64_t i = 0; i < n; i++) {
+        T v = xr[i] - m;
+        T g = has_gamma ? dyr[i] * gamma[i] : dyr[i];
+        T sv = v > 0 ? (T)1 : v < 0 ? (T)-1 : (T)0;   /* (selects: SIGN's int results kept some copies scalar) */
+        a1 += g; a2 += g * v; a3 += sv;
+        if (topk) { T ge = ABS(v) >= th ? (T)1 : (T)0; c1 += ge; b1 += ge * sv; }
+        if (cols) { fg[i] += dyr[i] * v * inv; fb[i] += dyr[i]; }
+    }
+    struct FN(sums_) out = {a1, a2, a3, b1, c1};
+    return out;
+}
+
 static inline __attribute__((always_inline)) struct FN(sums_) FN(row_sums_)(
         const T *xr, const T *dyr, const T *gamma, int64_t n, T m, T inv, T th, const int topk,
         const int cols, T *fg, T *fb) {
@@ -306,18 +420,8 @@ static inline __attribute__((always_inline)) struct FN(sums_) FN(row_sums_)(
         struct FN(sums_) out = {vs[0], vs[1], vs[2], vs[3], vs[4]};
         return out;
     }
-    T a1 = 0, a2 = 0, a3 = 0, b1 = 0, c1 = 0;
-#pragma omp simd reduction(+:a1,a2,a3,b1,c1)
-    for (int64_t i = 0; i < n; i++) {
-        T v = xr[i] - m;
-        T g = gamma ? dyr[i] * gamma[i] : dyr[i];
-        T sv = (T)SIGN(v);
-        a1 += g; a2 += g * v; a3 += sv;
-        if (topk) { T ge = (T)(ABS(v) >= th); c1 += ge; b1 += ge * sv; }
-        if (cols) { fg[i] += dyr[i] * v * inv; fb[i] += dyr[i]; }
-    }
-    struct FN(sums_) out = {a1, a2, a3, b1, c1};
-    return out;
+    return gamma ? FN(row_sums_loop_)(xr, dyr, gamma, 1, n, m, inv, th, topk, cols, fg, fb)
+                 : FN(row_sums_loop_)(xr, dyr, NULL, 0, n, m, inv, th, topk, cols, fg, fb);
 }
 
 /* The first `count` values of row r (in row order: slice by slice) with |x - m| == th: the
