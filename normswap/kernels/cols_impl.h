@@ -17,6 +17,8 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUF)
+/* the end of block b of NS_COL_BLOCK positions */
+#define BLOCK_END(b, M) ((b) * NS_COL_BLOCK + NS_COL_BLOCK < (M) ? (b) * NS_COL_BLOCK + NS_COL_BLOCK : (M))
 /* sign(v) in T (vector loops) */
 #define FSIGN(v) ((T)((v) > 0) - (T)((v) < 0))
 
@@ -109,11 +111,9 @@ static T FN(cand_topk_)(int64_t C, int64_t k, int64_t c, T m, void *lists, size_
 static inline __attribute__((always_inline)) void FN(col_block_sums_)(
         const T *x, int64_t M, int64_t C, int64_t b, const T *m, const int mode, T *acc, double *out,
         T *bext, struct FN(cand_) *lists) {
-    const int64_t i0 = b * NS_COL_BLOCK, i1 = i0 + NS_COL_BLOCK < M ? i0 + NS_COL_BLOCK : M;
+    const int64_t i0 = b * NS_COL_BLOCK, i1 = BLOCK_END(b, M);
     T *a2 = acc + C, *a3 = acc + 2 * C;
-    for (int64_t c = 0; c < C; c++) { acc[c] = 0; a2[c] = (T)-INFINITY; a3[c] = (T)INFINITY; }
-    if (mode == 3)
-        for (int64_t c = 0; c < C; c++) a2[c] = 0;
+    for (int64_t c = 0; c < C; c++) { acc[c] = 0; a2[c] = mode == 3 ? (T)0 : (T)-INFINITY; a3[c] = (T)INFINITY; }
     for (int64_t i = i0; i < i1; i++) {
         const T *xi = x + i * C;
         if (mode == 0 && bext) {
@@ -174,10 +174,10 @@ static inline __attribute__((always_inline)) void FN(col_block_sums_)(
 /* The column sums of `mode` over all blocks, added in block order: tot[c] (and, mode 3,
  * tot[C + c]). part: nb * W * C doubles of scratch (W = 2 for mode 3, else 1). Thread t
  * takes blocks [nb t / nt, nb (t + 1) / nt). bext (mode 0): nb 2 C values for the blocks'
- * extremes; lists (mode 1): nthreads cand_bytes_ for the top-k candidates, bars: their C
- * starting bars. Returns nonzero when a thread's scratch could not be allocated. */
+ * extremes; lists (mode 1): nthreads cand_bytes_ for the top-k candidates (empty, with
+ * their starting bars). Returns nonzero when a thread's scratch could not be allocated. */
 static int FN(col_sums_)(const T *x, int64_t M, int64_t C, const T *m, int mode, double *part, double *tot,
-                         int64_t k, T *bext, void *lists, const T *bars, int nthreads) {
+                         int64_t k, T *bext, void *lists, int nthreads) {
     const int64_t nb = (M + NS_COL_BLOCK - 1) / NS_COL_BLOCK, w = mode == 3 ? 2 : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -189,7 +189,6 @@ static int FN(col_sums_)(const T *x, int64_t M, int64_t C, const T *m, int mode,
         if (lists) {
             e = FN(cand_at_)((char *)lists + (size_t)t * FN(cand_bytes_)(C, k), C, k);
             te = &e;
-            for (int64_t c = 0; c < C; c++) { e.count[c] = 0; e.bar[c] = bars[c]; }
         }
         for (int64_t b = b0; b < b1; b++) {
             double *o = part + b * w * C;
@@ -201,12 +200,7 @@ static int FN(col_sums_)(const T *x, int64_t M, int64_t C, const T *m, int mode,
         free(acc);
     }
     if (failed) return 1;
-    for (int64_t j = 0; j < w * C; j++) tot[j] = 0;
-    for (int64_t b = 0; b < nb; b++) {
-        const double *o = part + b * w * C;
-#pragma omp simd
-        for (int64_t j = 0; j < w * C; j++) tot[j] += o[j];
-    }
+    ns_add_blocks(part, nb, w * C, tot);
     return 0;
 }
 
@@ -227,17 +221,19 @@ int FN(ns_cols_forward_)(const T *x, int64_t M, int64_t C, int stat, int64_t k, 
     void *lists = topk ? malloc((size_t)nt * FN(cand_bytes_)(C, k)) : NULL;
     T *cand = topk ? (T *)malloc((size_t)(ncand + C) * sizeof(T)) : NULL, *bars = cand ? cand + ncand : NULL;
     int failed = !part || !tot || !coef || (topk && (!bext || !lists || !cand));
-    for (int t = 0; lists && t < nt; t++) {   /* (empty: the lists of threads that do not run) */
-        struct FN(cand_) e = FN(cand_at_)((char *)lists + (size_t)t * FN(cand_bytes_)(C, k), C, k);
-        for (int64_t c = 0; c < C; c++) e.count[c] = 0;
-    }
-    if (!failed) failed = FN(col_sums_)(x, M, C, NULL, 0, part, tot, k, bext, NULL, NULL, nt);
+    if (!failed) failed = FN(col_sums_)(x, M, C, NULL, 0, part, tot, k, bext, NULL, nt);
     if (!failed) {
         for (int64_t c = 0; c < C; c++) mu[c] = (T)(tot[c] / (double)M);
-        if (topk) FN(cand_bars_)(bext, nb, C, k, mu, bars, cand);
+        if (topk) {
+            FN(cand_bars_)(bext, nb, C, k, mu, bars, cand);
+            for (int t = 0; t < nt; t++) {   /* every thread's lists empty (also those of threads that do not run) */
+                struct FN(cand_) e = FN(cand_at_)((char *)lists + (size_t)t * FN(cand_bytes_)(C, k), C, k);
+                for (int64_t c = 0; c < C; c++) { e.count[c] = 0; e.bar[c] = bars[c]; }
+            }
+        }
         if (want_abs || want_sq)
             failed = FN(col_sums_)(x, M, C, mu, want_abs && want_sq ? 3 : want_abs ? 1 : 2, part, tot, k, NULL,
-                                   lists, bars, nt);
+                                   lists, nt);
     }
     T *sk = coef + 2 * C;
     if (!failed && topk)
@@ -267,7 +263,7 @@ int FN(ns_cols_forward_)(const T *x, int64_t M, int64_t C, int stat, int64_t k, 
         }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t b = 0; b < nb; b++) {
-            const int64_t i1 = (b + 1) * NS_COL_BLOCK < M ? (b + 1) * NS_COL_BLOCK : M;
+            const int64_t i1 = BLOCK_END(b, M);
             for (int64_t i = b * NS_COL_BLOCK; i < i1; i++) {
                 const T *xi = x + i * C;
                 T *yi = y + i * C;
@@ -286,7 +282,7 @@ int FN(ns_cols_forward_)(const T *x, int64_t M, int64_t C, int stat, int64_t k, 
 static inline __attribute__((always_inline)) void FN(col_block_grads_)(
         const T *x, const T *dy, int64_t M, int64_t C, int64_t b, const T *m, const T *th, const int topk,
         T *acc, double *out) {
-    const int64_t i0 = b * NS_COL_BLOCK, i1 = i0 + NS_COL_BLOCK < M ? i0 + NS_COL_BLOCK : M;
+    const int64_t i0 = b * NS_COL_BLOCK, i1 = BLOCK_END(b, M);
     T *a1 = acc, *a2 = acc + C, *a3 = acc + 2 * C, *b1 = acc + 3 * C, *c1 = acc + 4 * C;
     for (int64_t j = 0; j < 5 * C; j++) acc[j] = 0;
     for (int64_t i = i0; i < i1; i++) {
@@ -318,10 +314,8 @@ int FN(ns_cols_backward_)(const T *x, const T *dy, int64_t M, int64_t C, int sta
                           T *dgamma, T *dbeta, T *dldd, int nthreads) {
     const int topk = stat == STAT_TOPK, w = topk ? 5 : 3;
     const int64_t nb = (M + NS_COL_BLOCK - 1) / NS_COL_BLOCK;
-    const T n = (T)M;
-    const double nd = (double)M;
     double *part = (double *)malloc((size_t)nb * w * (size_t)C * sizeof(double));
-    double *tot = (double *)calloc(5 * (size_t)C, sizeof(double));
+    double *tot = (double *)calloc(5 * (size_t)C, sizeof(double));   /* (the top-k sums 0 for the others) */
     T *coef = (T *)malloc(7 * (size_t)C * sizeof(T));   /* gi, c0, cv, cs, tc, thg, th */
     int64_t *fix = (int64_t *)calloc((size_t)C, sizeof(int64_t));
     int failed = !part || !tot || !coef || !fix;
@@ -342,56 +336,26 @@ int FN(ns_cols_backward_)(const T *x, const T *dy, int64_t M, int64_t C, int sta
         }
     }
     if (!failed) {
-        for (int64_t b = 0; b < nb; b++) {
-            const double *o = part + b * w * C;
-#pragma omp simd
-            for (int64_t j = 0; j < w * C; j++) tot[j] += o[j];
-        }
+        ns_add_blocks(part, nb, w * C, tot);
         T *gi = coef, *c0v = coef + C, *cvv = coef + 2 * C, *csv = coef + 3 * C, *tcv = coef + 4 * C,
           *thg = coef + 5 * C, *th = coef + 6 * C;
-        const int need_sign = stat == STAT_L1 || gmad != NULL;
-        for (int64_t c = 0; c < C; c++) {
-            const T m = mu[c], d = dd_[c], inv = (T)1 / d, gc = gamma ? gamma[c] : (T)1;
-            const double sdy = tot[c], sdyv = tot[C + c], ss = tot[2 * C + c];
-            const double sg = (double)gc * sdy, sgv = (double)gc * sdyv;
-            T c0 = (T)(-sg / nd) * inv;
-            T dl = (T)(-sgv) / (d * d);
-            T cv = 0, cs = 0, tc = 0;
-            if (stat == STAT_L2) cv = dl / (n * d);
-            if (stat == STAT_L1) cs = dl * (T)C_L1 / n;
-            if (gmad) cs += gmad[c] / n;
-            if (need_sign) c0 -= cs * (T)(ss / nd);
-            thg[c] = th[c];
-            if (topk) {
-                double ts = tot[3 * C + c];
-                const int64_t cge = (int64_t)tot[4 * C + c];
-                if (cge > k) {   /* the k-th place is tied: those above it, then the earliest ties */
-                    int64_t cgt = 0, left;
-                    ts = 0;
-                    for (int64_t i = 0; i < M; i++) {
-                        T v = x[i * C + c] - m;
-                        if (ABS(v) > th[c]) { ts += SIGN(v); cgt++; }
-                    }
-                    fix[c] = left = k - cgt;
-                    for (int64_t i = 0; i < M && left > 0; i++) {
-                        T v = x[i * C + c] - m;
-                        if (ABS(v) == th[c]) { ts += SIGN(v); left--; }
-                    }
-                    thg[c] = NEXTAFTER(th[c], (T)INFINITY);   /* |v| >= thg  <=>  |v| > th */
-                }
-                tc = dl * (T)cinf / (T)k;
-                c0 -= tc * (T)ts / n;
-            }
-            if (dldd) dldd[c] = dl;
+        for (int64_t c = 0; c < C; c++) {   /* (column c: row c of the layout P = M, R = C, Q = 1) */
+            const T d = dd_[c], inv = (T)1 / d, gc = gamma ? gamma[c] : (T)1;
+            const double sdy = tot[c], sdyv = tot[C + c];
+            const struct FN(coefs_) co = FN(grad_coefs_)(x, M, C, 1, c, stat, k, cinf, mu[c], d, th[c],
+                                                         (double)gc * sdy, (double)gc * sdyv, tot[2 * C + c],
+                                                         tot[3 * C + c], (int64_t)tot[4 * C + c],
+                                                         gmad ? gmad + c : NULL);
+            if (dldd) dldd[c] = co.dl;
             if (dgamma) dgamma[c] = (T)(sdyv * (double)inv);
             if (dbeta) dbeta[c] = (T)sdy;
-            gi[c] = gc * inv; c0v[c] = c0; cvv[c] = cv; tcv[c] = tc;
-            csv[c] = cs;
+            gi[c] = gc * inv; c0v[c] = co.c0; cvv[c] = co.cv; csv[c] = co.cs; tcv[c] = co.tc;
+            thg[c] = co.thg; fix[c] = co.fix;
         }
-        const int use_sign = need_sign || topk;
+        const int use_sign = stat == STAT_L1 || gmad != NULL || topk;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t b = 0; b < nb; b++) {
-            const int64_t i1 = (b + 1) * NS_COL_BLOCK < M ? (b + 1) * NS_COL_BLOCK : M;
+            const int64_t i1 = BLOCK_END(b, M);
             for (int64_t i = b * NS_COL_BLOCK; i < i1; i++) {
                 const T *xi = x + i * C, *dyi = dy + i * C;
                 T *dxi = dx + i * C;
@@ -409,19 +373,15 @@ int FN(ns_cols_backward_)(const T *x, const T *dy, int64_t M, int64_t C, int sta
                 }
             }
         }
-        for (int64_t c = 0; c < C; c++) {   /* the tied k-th place (a rare path) */
-            int64_t left = fix[c];
-            for (int64_t i = 0; i < M && left > 0; i++) {
-                T v = x[i * C + c] - mu[c];
-                if (ABS(v) == th[c]) { dx[i * C + c] += tcv[c] * (T)SIGN(v); left--; }
-            }
-        }
+        for (int64_t c = 0; c < C; c++)   /* the tied k-th place (a rare path) */
+            if (fix[c] > 0) FN(first_ties_)(x, dx, M, C, 1, c, mu[c], th[c], fix[c], tcv[c]);
     }
     free(part); free(tot); free(coef); free(fix);
     return failed;
 }
 
 #undef FSIGN
+#undef BLOCK_END
 #undef FN
 #undef CAT
 #undef CAT_

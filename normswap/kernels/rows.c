@@ -427,6 +427,17 @@ static void rows_topk_f64(const double *x, int64_t nb, int64_t n, int64_t k, dou
 
 #define NS_COL_BLOCK 256   /* positions per partial column sum (cols_impl.h) */
 
+/* tot[j] = the sum over blocks b of part[b w + j], j < w, added block by block (the column
+ * kernels' sums: the same bits whatever the thread count that filled part) */
+static void ns_add_blocks(const double *part, int64_t nb, int64_t w, double *tot) {
+    for (int64_t j = 0; j < w; j++) tot[j] = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const double *o = part + b * w;
+#pragma omp simd
+        for (int64_t j = 0; j < w; j++) tot[j] += o[j];
+    }
+}
+
 #define T float
 #define SUF f32
 #define ABS fabsf

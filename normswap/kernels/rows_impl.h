@@ -444,6 +444,52 @@ static double FN(first_ties_)(const T *x, T *dx, int64_t P, int64_t R, int64_t Q
     return s;
 }
 
+/* The coefficients of row r's input gradient (see ns_backward_)
+ *   dx = g / d + c0 + cv v + (cs + [|v| >= thg] tc) sign(v),  dl = dL/dd,
+ * from the row's sums sg = sum g, sgv = sum g v, ss = sum sign(v) and, for top-k, sge, cge
+ * (the sum of sign(v) and the count where |v| >= th). A tied k-th place (cge > k) is
+ * resolved by reading the row again: fix = how many of the values equal to th, the earliest
+ * first, take the top-k term. gmad_r: &gmad[r], or NULL. Shared by the row and the column
+ * kernels (a column c is row c of the layout P = M, R = C, Q = 1). */
+struct FN(coefs_) { T c0, dl, cv, cs, tc, thg; int64_t fix; };
+
+static struct FN(coefs_) FN(grad_coefs_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r, int stat,
+                                         int64_t k, double cinf, T m, T d, T th, double sg, double sgv,
+                                         double ss, double sge, int64_t cge, const T *gmad_r) {
+    const int64_t n = P * Q;
+    const T inv = (T)1 / d;
+    struct FN(coefs_) o;
+    o.c0 = (T)(-sg / (double)n) * inv;
+    o.dl = (T)(-sgv) / (d * d);
+    o.cv = 0; o.cs = 0; o.tc = 0;
+    if (stat == STAT_L2) o.cv = o.dl / ((T)n * d);
+    if (stat == STAT_L1) o.cs = o.dl * (T)C_L1 / (T)n;
+    if (gmad_r) o.cs += *gmad_r / (T)n;
+    if (stat == STAT_L1 || gmad_r) o.c0 -= o.cs * (T)(ss / (double)n);
+    o.thg = th;   /* the top-k term goes to |v| >= thg ... */
+    o.fix = 0;    /* ... and to the first `fix` values with |v| == th */
+    if (stat == STAT_TOPK) {
+        double ts = sge;
+        if (cge > k) {   /* the k-th place is tied: those above it, then the earliest ties */
+            int64_t cgt = 0;
+            ts = 0;
+            for (int64_t p = 0; p < P; p++) {
+                const T *xs = x + (p * R + r) * Q;
+                for (int64_t i = 0; i < Q; i++) {
+                    T v = xs[i] - m;
+                    if (ABS(v) > th) { ts += SIGN(v); cgt++; }
+                }
+            }
+            o.fix = k - cgt;
+            ts += FN(first_ties_)(x, NULL, P, R, Q, r, m, th, o.fix, 0);
+            o.thg = NEXTAFTER(th, (T)INFINITY);   /* |v| >= thg  <=>  |v| > th */
+        }
+        o.tc = o.dl * (T)cinf / (T)k;
+        o.c0 -= o.tc * (T)ts / (T)n;
+    }
+    return o;
+}
+
 /* Gradients. With g = dy * gamma[c], S_g = sum(g), S_gv = sum(g * v), dL/dd = -S_gv / d^2:
  *   dx = g / d - S_g / (n d) + dL/dd * (dd/dv - mean(dd/dv))
  *        + gmad / n * (sign(v) - mean(sign(v)))
@@ -532,34 +578,10 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                     }
                 }
             }
-            T c0 = (T)(-sg / (double)n) * inv;
-            T dl = (T)(-sgv) / (d * d);
-            T cv = 0, cs = 0, tc = 0;
-            if (stat == STAT_L2) cv = dl / ((T)n * d);
-            if (stat == STAT_L1) cs = dl * (T)C_L1 / (T)n;
-            if (gmad) cs += gmad[r] / (T)n;
-            if (need_sign) c0 -= cs * (T)(ss / (double)n);
-            T thg = th;          /* the top-k term goes to |v| >= thg ... */
-            int64_t fix = 0;     /* ... and to the first `fix` values with |v| == th */
-            if (topk) {
-                double ts = sge;
-                if (cge > k) {   /* the k-th place is tied: those above it, then the earliest ties */
-                    int64_t cgt = 0;
-                    ts = 0;
-                    for (int64_t p = 0; p < P; p++) {
-                        const T *xs = x + (p * R + r) * Q;
-                        for (int64_t i = 0; i < Q; i++) {
-                            T v = xs[i] - m;
-                            if (ABS(v) > th) { ts += SIGN(v); cgt++; }
-                        }
-                    }
-                    fix = k - cgt;
-                    ts += FN(first_ties_)(x, NULL, P, R, Q, r, m, th, fix, 0);
-                    thg = NEXTAFTER(th, (T)INFINITY);   /* |v| >= thg  <=>  |v| > th */
-                }
-                tc = dl * (T)cinf / (T)k;
-                c0 -= tc * (T)ts / (T)n;
-            }
+            const struct FN(coefs_) co = FN(grad_coefs_)(x, P, R, Q, r, stat, k, cinf, m, d, th, sg, sgv, ss, sge, cge,
+                                                         gmad ? gmad + r : NULL);
+            const T c0 = co.c0, dl = co.dl, cv = co.cv, cs = co.cs, tc = co.tc, thg = co.thg;
+            const int64_t fix = co.fix;
             if (dldd) dldd[r] = dl;
             if (P == 1 && S == 1) {
                 const T *xr = x + r * n, *dyr = dy + r * n;
