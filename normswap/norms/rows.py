@@ -114,8 +114,8 @@ def columns_layout(x3: torch.Tensor) -> bool:
     tokens with their channels last), which the column kernels (``kernels/cols_impl.h``)
     read in place."""
     P, G, Q = x3.shape
-    return (not x3.is_contiguous() and G > 1 and x3.stride(1) == 1 and (Q == 1 or x3.stride(2) == G)
-            and (P == 1 or x3.stride(0) == G * Q))
+    return (not x3.is_contiguous() and G > 1 and x3.stride(1) == 1 and x3.stride(2) == G
+            and (P == 1 or x3.stride(0) == G * Q))   # (Q = 1 there would be contiguous)
 
 
 def rows_in_place(x3: torch.Tensor, stat: str, group) -> torch.Tensor:
