@@ -924,11 +924,13 @@ def test_the_portable_paths_pass_the_selection_tests_on_a_processor_with_avx512(
     depend on the forward and backward computing a row's mean bit for bit alike (top-k
     ties, the selection paths, the comparison with the PyTorch formulation) against that
     build: on a machine without AVX-512 the backward's mean of a row once differed in its
-    last bit from the forward's, and tied top-k rows got a wrong gradient."""
+    last bit from the forward's, and tied top-k rows got a wrong gradient. The Newton
+    iteration and the whitening kernel have products sized to each machine's vector
+    registers (AVX-512, else AVX2): their tests run against that build too."""
     env = {**os.environ, "NORMSWAP_CFLAGS": "-mno-avx512f", "NORMSWAP_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "tied_kth_place or one_row_selection or (pytorch_formulations and TopK) "
-                           "or column_kernels or read_in_place"],
+                           "or column_kernels or read_in_place or newton_kernel or whitening_kernel"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout

@@ -29,8 +29,8 @@
 /* Prefix sums: sp[0 .. w] = 0, sp[w + 1 + i] = t_0 + ... + t_i, sp[n + w + 1 .. n + 2 w] = the
  * total, so that box_w(t)_j = sp[j + 2 w + 1] - sp[j]; t of type T_, the sums in double. With
  * AVX-512 eight values at a time (an in-register scan of three shifted adds, then the
- * running total), else one at a time. A scan is one chain of additions; here one addition
- * per eight values is on it. */
+ * running total), with AVX2 four (two shifted adds), else one at a time. A scan is one chain
+ * of additions; here one addition per eight (four) values is on it. */
 #if defined(__AVX512F__)
 #define DN_LOAD8_f32(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define DN_LOAD8_f64(p) _mm512_loadu_pd(p)
@@ -48,6 +48,22 @@
         _mm512_storeu_pd(s + i, _mm512_add_pd(v, carry));                                      \
         /* the next carry is the stored s[i + 7]: same operands, same rounding */              \
         carry = _mm512_add_pd(carry, _mm512_permutexvar_pd(last, v));                          \
+    }                                                                                          \
+    if (i) acc = s[i - 1];
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define DN_LOAD4_f32(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define DN_LOAD4_f64(p) _mm256_loadu_pd(p)
+#define DN_PREFIX_SIMD(SUF_)                                                                   \
+    const __m256d zero4 = _mm256_setzero_pd();                                                 \
+    __m256d carry = zero4;                                                                     \
+    for (; i + 4 <= n; i += 4) {                                                               \
+        __m256d v = DN_LOAD4_##SUF_(t + i);                                                    \
+        /* (0, v0, v1, v2), then (0, 0, v0', v1') */                                           \
+        v = _mm256_add_pd(v, _mm256_blend_pd(_mm256_permute4x64_pd(v, 0x90), zero4, 0x1));     \
+        v = _mm256_add_pd(v, _mm256_blend_pd(_mm256_permute4x64_pd(v, 0x40), zero4, 0x3));     \
+        _mm256_storeu_pd(s + i, _mm256_add_pd(v, carry));                                      \
+        carry = _mm256_add_pd(carry, _mm256_permute4x64_pd(v, 0xFF));                          \
     }                                                                                          \
     if (i) acc = s[i - 1];
 #else

@@ -26,8 +26,8 @@
 
 /* C = A B for 16 x 16 row-major matrices (IterNorm's default group) in registers, so that
  * several rows' chains of multiply-adds overlap: with AVX-512, float: eight rows of one
- * vector each at a time; double: four rows of two vectors. Returns 0 where not compiled
- * (the caller then takes the generic loop). */
+ * vector each at a time; double: four rows of two vectors; with AVX2 and FMA, below.
+ * Returns 0 where not compiled (the caller then takes the generic loop). */
 #if defined(__AVX512F__)
 static int nt_mm16_f32(const float *restrict A, const float *restrict B, float *restrict C) {
     for (int i = 0; i < 16; i += 8) {
@@ -58,6 +58,47 @@ static int nt_mm16_f64(const double *restrict A, const double *restrict B, doubl
             _mm512_storeu_pd(C + (i + r) * 16, lo[r]);
             _mm512_storeu_pd(C + (i + r) * 16 + 8, hi[r]);
         }
+    }
+    return 1;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* with AVX2: float, four rows of two vectors at a time; double, two rows of four */
+static int nt_mm16_f32(const float *restrict A, const float *restrict B, float *restrict C) {
+    for (int i = 0; i < 16; i += 4) {
+        __m256 lo[4], hi[4];
+        for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+        for (int k = 0; k < 16; k++) {
+            const __m256 bl = _mm256_loadu_ps(B + k * 16), bh = _mm256_loadu_ps(B + k * 16 + 8);
+            for (int r = 0; r < 4; r++) {
+                const __m256 a = _mm256_set1_ps(A[(i + r) * 16 + k]);
+                lo[r] = _mm256_fmadd_ps(a, bl, lo[r]);
+                hi[r] = _mm256_fmadd_ps(a, bh, hi[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            _mm256_storeu_ps(C + (i + r) * 16, lo[r]);
+            _mm256_storeu_ps(C + (i + r) * 16 + 8, hi[r]);
+        }
+    }
+    return 1;
+}
+
+static int nt_mm16_f64(const double *restrict A, const double *restrict B, double *restrict C) {
+    for (int i = 0; i < 16; i += 2) {
+        __m256d c[2][4];
+        for (int r = 0; r < 2; r++)
+            for (int q = 0; q < 4; q++) c[r][q] = _mm256_setzero_pd();
+        for (int k = 0; k < 16; k++) {
+            __m256d b[4];
+            for (int q = 0; q < 4; q++) b[q] = _mm256_loadu_pd(B + k * 16 + 4 * q);
+            for (int r = 0; r < 2; r++) {
+                const __m256d a = _mm256_set1_pd(A[(i + r) * 16 + k]);
+                for (int q = 0; q < 4; q++) c[r][q] = _mm256_fmadd_pd(a, b[q], c[r][q]);
+            }
+        }
+        for (int r = 0; r < 2; r++)
+            for (int q = 0; q < 4; q++) _mm256_storeu_pd(C + (i + r) * 16 + 4 * q, c[r][q]);
     }
     return 1;
 }

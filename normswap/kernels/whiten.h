@@ -18,7 +18,7 @@
  * across samples when L is small) into a buffer in cache, centred on the way; the
  * products run on vectors of 64 bytes (16 float / 8 double positions) in 4 x 4 tiles, the
  * sums of products in T for at most WH_FLUSH chunks, then added into double lanes (the
- * lanes are added at the end). PyTorch's path (bmm) reads a centred copy and writes and
+ * lanes are added at the end; smaller vectors and tiles without AVX-512, see below). PyTorch's path (bmm) reads a centred copy and writes and
  * reads each product's output in passes of their own, and calls about 60 operators per
  * layer and step. Groups are split between OpenMP threads; a group's sums are added in
  * one order, so results do not depend on the thread count.
@@ -26,6 +26,26 @@
 #include <string.h>
 
 #define WH_D 16          /* channels per group */
+/* The products' shapes, sized to the vector registers: with AVX-512 (32 of 64 bytes), tiles of
+ * 4 x 4 vectors; otherwise (AVX2's 16 of 32 bytes; where 64-byte vectors and 4 x 4 tiles
+ * took 32 registers for the sums alone and spilled: IterNorm at 9-11x nn.BatchNorm2d on an
+ * AVX2 machine) vectors of 32 bytes, 2 x 4 tiles of sums of products and 4 x 2 tiles of
+ * outputs, and the channels-last sums of products 4 rows at a time. */
+#if defined(__AVX512F__)
+#define WH_VEC_BYTES 64
+#define WH_CROSS_ROWS 4  /* sums of products: a's rows per tile ... */
+#define WH_CROSS_COLS 4  /* ... by b's rows */
+#define WH_OUT_ROWS 4    /* outputs: rows per tile ... */
+#define WH_OUT_VECS 4    /* ... by vectors of positions */
+#define WCL_ROWS 16      /* channels last: rows of sums of products at a time */
+#else
+#define WH_VEC_BYTES 32
+#define WH_CROSS_ROWS 2
+#define WH_CROSS_COLS 4
+#define WH_OUT_ROWS 4
+#define WH_OUT_VECS 2
+#define WCL_ROWS 4
+#endif
 #define WH_ROW_BYTES 1024 /* of each row of a chunk */
 #define WH_FLUSH 8       /* chunks summed in T before the sums go into double */
 #define WCL_SLAB 512     /* channels last: positions per unit of work between threads ... */

@@ -6,11 +6,10 @@
 #define WH_CAT(a, b) WH_CAT_(a, b)
 #define WF(name) WH_CAT(name, WH_SUF)
 #define WV WF(wh_vec)
-#define WVL ((int64_t)(64 / sizeof(WH_T)))          /* positions per vector */
-#define WCH ((int64_t)(WH_ROW_BYTES / sizeof(WH_T))) /* positions per chunk */
-#define WTILE 4                                      /* vectors per tile side */
+#define WVL ((int64_t)(WH_VEC_BYTES / sizeof(WH_T))) /* positions per vector */
+#define WCH ((int64_t)(WH_ROW_BYTES / sizeof(WH_T)))  /* positions per chunk */
 
-typedef WH_T WV __attribute__((vector_size(64)));
+typedef WH_T WV __attribute__((vector_size(WH_VEC_BYTES)));
 
 /* a thread's buffers: chunk rows of two inputs and of the output, the tiles' sums in WH_T
  * and their lanes in double */
@@ -35,9 +34,9 @@ static int WF(wh_work_alloc)(WF(wh_work) *w) {
     return 1;
 }
 
-/* positions of a chunk, rounded up to whole tiles of vectors */
+/* positions of a chunk, rounded up to whole tiles of output vectors */
 static int64_t WF(wh_padded)(int64_t cnt) {
-    const int64_t t = WVL * WTILE;
+    const int64_t t = WVL * WH_OUT_VECS;
     return (cnt + t - 1) / t * t;
 }
 
@@ -104,27 +103,26 @@ static void WF(wh_scatter)(const WH_T *buf, int64_t C, int64_t L, int64_t c0, in
     }
 }
 
-/* acc[16 i + j] += a_i * b_j lane by lane over nb vectors of the chunk rows (nb a multiple
- * of WTILE); sym (a == b): the tiles with j >= i only */
+/* acc[16 i + j] += a_i * b_j lane by lane over nb vectors of the chunk rows, in tiles of
+ * WH_CROSS_ROWS x WH_CROSS_COLS; sym (a == b): the tiles that hold a j >= i only */
 static void WF(wh_cross_acc)(const WH_T *restrict a, const WH_T *restrict b, int64_t nb,
                               WV *restrict acc, int sym) {
-    for (int ti = 0; ti < WH_D; ti += WTILE)
-        for (int tj = sym ? ti : 0; tj < WH_D; tj += WTILE) {
-            WV c[WTILE][WTILE];
-            for (int r = 0; r < WTILE; r++)
-                for (int s = 0; s < WTILE; s++) c[r][s] = acc[(ti + r) * WH_D + tj + s];
+    enum { TR = WH_CROSS_ROWS, TC = WH_CROSS_COLS };
+    for (int ti = 0; ti < WH_D; ti += TR)
+        for (int tj = sym ? ti / TC * TC : 0; tj < WH_D; tj += TC) {
+            WV c[TR][TC];
+            for (int r = 0; r < TR; r++)
+                for (int s = 0; s < TC; s++) c[r][s] = acc[(ti + r) * WH_D + tj + s];
 #pragma GCC unroll 1
             for (int64_t k = 0; k < nb; k++) {
-                WV u[WTILE], v[WTILE];
-                for (int r = 0; r < WTILE; r++) {
-                    u[r] = *(const WV *)(a + (ti + r) * WCH + k * WVL);
-                    v[r] = *(const WV *)(b + (tj + r) * WCH + k * WVL);
-                }
-                for (int r = 0; r < WTILE; r++)
-                    for (int s = 0; s < WTILE; s++) c[r][s] += u[r] * v[s];
+                WV u[TR], v[TC];
+                for (int r = 0; r < TR; r++) u[r] = *(const WV *)(a + (ti + r) * WCH + k * WVL);
+                for (int s = 0; s < TC; s++) v[s] = *(const WV *)(b + (tj + s) * WCH + k * WVL);
+                for (int r = 0; r < TR; r++)
+                    for (int s = 0; s < TC; s++) c[r][s] += u[r] * v[s];
             }
-            for (int r = 0; r < WTILE; r++)
-                for (int s = 0; s < WTILE; s++) acc[(ti + r) * WH_D + tj + s] = c[r][s];
+            for (int r = 0; r < TR; r++)
+                for (int s = 0; s < TC; s++) acc[(ti + r) * WH_D + tj + s] = c[r][s];
         }
 }
 
@@ -198,43 +196,44 @@ static void WF(wh_cross_group)(const WH_T *a, const WH_T *mu_a, const WH_T *b, c
 }
 
 /* out = M1 (x1 - mu1) + M2 (x2 - mu2) + bias on the group's columns (M row-major 16 x 16 and
- * bias (16) of this group; x2 NULL: no second term; bias NULL: 0), in tiles of four output
- * rows by four vectors */
+ * bias (16) of this group; x2 NULL: no second term; bias NULL: 0), in tiles of WH_OUT_ROWS
+ * output rows by WH_OUT_VECS vectors */
 static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, const WH_T *x2,
                                const WH_T *mu2, const WH_T *M2, const WH_T *bias, int64_t N,
                                int64_t C, int64_t L, int64_t c0, WF(wh_work) *w, WH_T *out) {
+    enum { OR = WH_OUT_ROWS, OQ = WH_OUT_VECS };
     const int64_t m = N * L;
     for (int64_t p0 = 0; p0 < m; p0 += WCH) {
         const int64_t cnt = m - p0 < WCH ? m - p0 : WCH, nb = WF(wh_padded)(cnt) / WVL;
         WF(wh_gather)(x1, C, L, c0, p0, cnt, mu1, w->a, NULL);
         if (x2) WF(wh_gather)(x2, C, L, c0, p0, cnt, mu2, w->b, NULL);
-        for (int64_t k = 0; k < nb; k += WTILE)
-            for (int i = 0; i < WH_D; i += WTILE) {
-                WV c[WTILE][WTILE];
-                for (int r = 0; r < WTILE; r++) {
+        for (int64_t k = 0; k < nb; k += OQ)
+            for (int i = 0; i < WH_D; i += OR) {
+                WV c[OR][OQ];
+                for (int r = 0; r < OR; r++) {
                     const WV zero = {0};
                     const WH_T b0 = bias ? bias[i + r] : (WH_T)0;
-                    for (int q = 0; q < WTILE; q++) c[r][q] = zero + b0;
+                    for (int q = 0; q < OQ; q++) c[r][q] = zero + b0;
                 }
                 for (int j = 0; j < WH_D; j++) {
-                    WV u[WTILE];
-                    for (int q = 0; q < WTILE; q++) u[q] = *(const WV *)(w->a + j * WCH + (k + q) * WVL);
-                    for (int r = 0; r < WTILE; r++) {
+                    WV u[OQ];
+                    for (int q = 0; q < OQ; q++) u[q] = *(const WV *)(w->a + j * WCH + (k + q) * WVL);
+                    for (int r = 0; r < OR; r++) {
                         const WH_T s = M1[(i + r) * WH_D + j];
-                        for (int q = 0; q < WTILE; q++) c[r][q] += s * u[q];
+                        for (int q = 0; q < OQ; q++) c[r][q] += s * u[q];
                     }
                 }
                 if (x2)
                     for (int j = 0; j < WH_D; j++) {
-                        WV u[WTILE];
-                        for (int q = 0; q < WTILE; q++) u[q] = *(const WV *)(w->b + j * WCH + (k + q) * WVL);
-                        for (int r = 0; r < WTILE; r++) {
+                        WV u[OQ];
+                        for (int q = 0; q < OQ; q++) u[q] = *(const WV *)(w->b + j * WCH + (k + q) * WVL);
+                        for (int r = 0; r < OR; r++) {
                             const WH_T s = M2[(i + r) * WH_D + j];
-                            for (int q = 0; q < WTILE; q++) c[r][q] += s * u[q];
+                            for (int q = 0; q < OQ; q++) c[r][q] += s * u[q];
                         }
                     }
-                for (int r = 0; r < WTILE; r++)
-                    for (int q = 0; q < WTILE; q++) *(WV *)(w->o + (i + r) * WCH + (k + q) * WVL) = c[r][q];
+                for (int r = 0; r < OR; r++)
+                    for (int q = 0; q < OQ; q++) *(WV *)(w->o + (i + r) * WCH + (k + q) * WVL) = c[r][q];
             }
         WF(wh_scatter)(w->o, C, L, c0, p0, cnt, out);
     }
@@ -267,7 +266,8 @@ static void WF(wcl_sums)(const WH_T *x, int64_t C, int64_t c0, int64_t p0, int64
 }
 
 /* out[16 i + j] += the sum over positions [p0, p1) of (a_i - mu_a_i)(b_j - mu_b_j); asum[i]
- * (not NULL, mu_a NULL) += the sum of a_i; a == b with mu_a == mu_b: one load a position */
+ * (not NULL, mu_a NULL) += the sum of a_i; a == b with mu_a == mu_b: one load a position.
+ * The rows i are taken WCL_ROWS at a time over a block of positions (in cache after the first). */
 static void WF(wcl_cross)(const WH_T *a, const WH_T *mu_a, const WH_T *b, const WH_T *mu_b, int64_t C,
                           int64_t c0, int64_t p0, int64_t p1, double *out, double *asum) {
     const int sym = a == b && mu_a == mu_b;
@@ -275,18 +275,21 @@ static void WF(wcl_cross)(const WH_T *a, const WH_T *mu_a, const WH_T *b, const 
     const WG ma = mu_a ? WF(wcl_load)(mu_a + c0) : zero, mb = mu_b ? WF(wcl_load)(mu_b + c0) : zero;
     for (int64_t blk = p0; blk < p1; blk += WCL_FLUSH) {
         const int64_t e = blk + WCL_FLUSH < p1 ? blk + WCL_FLUSH : p1;
-        WG acc[WH_D], as = zero;
-        for (int i = 0; i < WH_D; i++) acc[i] = zero;
-        for (int64_t p = blk; p < e; p++) {
-            const WG va = WF(wcl_load)(a + p * C + c0) - ma;
-            const WG vb = sym ? va : WF(wcl_load)(b + p * C + c0) - mb;
-            WH_T sa[WH_D];
-            memcpy(sa, &va, sizeof va);
-            as += va;
-            for (int i = 0; i < WH_D; i++) acc[i] += sa[i] * vb;
+        WG as = zero;
+        for (int i0 = 0; i0 < WH_D; i0 += WCL_ROWS) {
+            WG acc[WCL_ROWS];
+            for (int r = 0; r < WCL_ROWS; r++) acc[r] = zero;
+            for (int64_t p = blk; p < e; p++) {
+                const WG va = WF(wcl_load)(a + p * C + c0) - ma;
+                const WG vb = sym ? va : WF(wcl_load)(b + p * C + c0) - mb;
+                WH_T sa[WH_D];
+                memcpy(sa, &va, sizeof va);
+                if (i0 == 0) as += va;
+                for (int r = 0; r < WCL_ROWS; r++) acc[r] += sa[i0 + r] * vb;
+            }
+            for (int r = 0; r < WCL_ROWS; r++)
+                for (int j = 0; j < WH_D; j++) out[(i0 + r) * WH_D + j] += (double)acc[r][j];
         }
-        for (int i = 0; i < WH_D; i++)
-            for (int j = 0; j < WH_D; j++) out[i * WH_D + j] += (double)acc[i][j];
         if (asum)
             for (int i = 0; i < WH_D; i++) asum[i] += (double)as[i];
     }
@@ -530,7 +533,6 @@ int WF(ns_whiten_backward)(const WH_T *x, const WH_T *dy, int64_t N, int64_t C, 
 
 #undef WH_MATS
 #undef WG
-#undef WTILE
 #undef WCH
 #undef WVL
 #undef WV
