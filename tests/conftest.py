@@ -14,3 +14,13 @@ def path(request):
     else:
         assert kernels.available(), "the compiled CPU kernels did not build (is a C compiler installed?)"
         yield request.param
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker takes its share of the cores for PyTorch's threads
+    (every worker with all of them made two workers on two cores run four busy threads)."""
+    import os
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
