@@ -26,6 +26,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -143,7 +144,9 @@ SCAN_GE_GENERIC(double, f64)
 DEV_SUM_AVX512(float, f32, __m512, __mmask16, 16, ps)
 DEV_SUM_AVX512(double, f64, __m512d, __mmask8, 8, pd)
 #undef NS_TERM
+#define NS_PORTABLE_SUMS 0
 #else
+#define NS_PORTABLE_SUMS 1   /* (rows_impl.h's sum_extremes_ add in this order too) */
 /* Eight partial sums in a fixed order (the compiler vectorizes the eight as one or two
  * vectors but may not reorder them: an `omp simd reduction` let it choose the order per
  * inlined copy, so the backward's mean of a row could differ in its last bit from the
@@ -224,7 +227,7 @@ static inline int sums_vec_f64(const double *xr, const double *dyr, const double
 }
 
 #define NS_ROWS_AT_ONCE 4   /* rows of rows_topk_f32 taken one step at a time (measured: 2 and 8 slower) */
-#if defined(__AVX512F__) && !defined(NS_NO_FAST_CANDIDATES)
+#if defined(__AVX512F__)
 /* Selection in registers for float32 with AVX-512 (k <= 16). The forward needs of a row
  * only the sum of its k largest |v| and the k-th largest (which copy of a tied value is
  * among the k largest is the backward's question, answered there), so nothing here ranks

@@ -177,50 +177,97 @@ static void FN(sort_desc_)(T *a, int64_t n) {
     }
 }
 
-/* The sum of x[0 .. Q) (the eight partial sums of the portable dev_sum_) and its largest
- * and smallest values (NaN is not kept: a row holding one has a NaN mean). */
-static T FN(sum_extremes_)(const T *x, int64_t Q, T *mx, T *mn) {
-    T p[8] = {0, 0, 0, 0, 0, 0, 0, 0}, hi[8], lo[8], t = 0, h = x[0], l = x[0];
-    for (int j = 0; j < 8; j++) { hi[j] = x[0]; lo[j] = x[0]; }
-    int64_t i = 0;
-    for (; i + 8 <= Q; i += 8)
-        for (int j = 0; j < 8; j++) {
-            T v = x[i + j];
-            p[j] += v;
-            hi[j] = v > hi[j] ? v : hi[j];
-            lo[j] = v < lo[j] ? v : lo[j];
-        }
-    for (; i < Q; i++) { t += x[i]; h = x[i] > h ? x[i] : h; l = x[i] < l ? x[i] : l; }
-    for (int j = 0; j < 8; j++) { h = hi[j] > h ? hi[j] : h; l = lo[j] < l ? lo[j] : l; }
-    *mx = h; *mn = l;
+/* Eight values as one vector (GCC's vector extensions; the compiler left the scalar form of
+ * the loops below scalar), and lane-wise a > b ? a : b, a < b ? a : b (the scalar selects:
+ * a NaN in a is not taken). */
+typedef T FN(v8_) __attribute__((vector_size(8 * sizeof(T))));
+static inline FN(v8_) FN(load8_)(const T *x) {
+    FN(v8_) v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+static inline FN(v8_) FN(max8_)(FN(v8_) a, FN(v8_) b) {
+    __typeof__(a > b) m = a > b;
+    return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
+}
+static inline FN(v8_) FN(min8_)(FN(v8_) a, FN(v8_) b) {
+    __typeof__(a < b) m = a < b;
+    return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
+}
+/* the portable dev_sum_'s last step: its eight partial sums and the tail's sum added */
+static inline T FN(add8_)(FN(v8_) p, T t) {
     return (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) + t;
 }
 
-/* Top-k of a batch-area row (P >= k slices) where the AVX-512 selection is not compiled:
- * the mean's pass also finds each slice's largest and smallest value, so each slice's
- * largest |x - m| is known once m is; the k-th largest of those (tau) is at most the row's
- * k-th largest |x - m|, and one pass over x collects the values with |x - m| >= tau (about
- * k to 2 k on Gaussian input) for topk_. Instead of copying |x - m| (a pass writing n
- * values) and two passes over the copy. Returns the sum of the k largest |x - m| and
- * sets *m, *thr. a: scratch of topk_'s size (n + NS_ROWS_AT_ONCE (n + B) + k). */
-static T FN(slices_topk_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r, int64_t k, T *a, T *m,
-                          T *thr) {
-    const int64_t n = P * Q;
-    T *mx = a, *mn = a + P, *smax = a + 2 * P;
-    double s1 = 0;
-    for (int64_t p = 0; p < P; p++) s1 += FN(sum_extremes_)(x + (p * R + r) * Q, Q, mx + p, mn + p);
-    const T mean = (T)(s1 / (double)n);
-    *m = mean;
+/* The sum of x[0 .. Q) (the eight partial sums of the portable dev_sum_, added in its
+ * order) and its largest and smallest values (NaN is not kept: a row holding one has a NaN
+ * mean). */
+static T FN(sum_extremes_)(const T *x, int64_t Q, T *mx, T *mn) {
+    FN(v8_) p = {0}, hi = p + x[0], lo = hi;
+    T t = 0, h = x[0], l = x[0];
+    int64_t i = 0;
+    for (; i + 8 <= Q; i += 8) {
+        const FN(v8_) v = FN(load8_)(x + i);
+        p += v;
+        hi = FN(max8_)(v, hi);
+        lo = FN(min8_)(v, lo);
+    }
+    for (; i < Q; i++) { t += x[i]; h = x[i] > h ? x[i] : h; l = x[i] < l ? x[i] : l; }
+    for (int j = 0; j < 8; j++) { h = hi[j] > h ? hi[j] : h; l = lo[j] < l ? lo[j] : l; }
+    *mx = h; *mn = l;
+    return FN(add8_)(p, t);
+}
+
+/* The same sum, and into hi / lo the largest and smallest value of each of 16 disjoint
+ * subsets of x[0..n) (n >= 16): the blocks of eight values go to subsets 0-7 and 8-15 in
+ * turn, the last n % 8 values to subset 0. */
+static T FN(sum_extremes16_)(const T *x, int64_t n, T *hi, T *lo) {
+    FN(v8_) p = {0}, ha = FN(load8_)(x), la = ha, hb = FN(load8_)(x + 8), lb = hb;
+    T t = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const FN(v8_) a = FN(load8_)(x + i), b = FN(load8_)(x + i + 8);
+        p += a;
+        ha = FN(max8_)(a, ha);
+        la = FN(min8_)(a, la);
+        p += b;
+        hb = FN(max8_)(b, hb);
+        lb = FN(min8_)(b, lb);
+    }
+    if (i + 8 <= n) {
+        const FN(v8_) a = FN(load8_)(x + i);
+        p += a;
+        ha = FN(max8_)(a, ha);
+        la = FN(min8_)(a, la);
+        i += 8;
+    }
+    for (; i < n; i++) {
+        t += x[i];
+        ha[0] = x[i] > ha[0] ? x[i] : ha[0];
+        la[0] = x[i] < la[0] ? x[i] : la[0];
+    }
+    memcpy(hi, &ha, sizeof ha);
+    memcpy(hi + 8, &hb, sizeof hb);
+    memcpy(lo, &la, sizeof la);
+    memcpy(lo + 8, &lb, sizeof lb);
+    return FN(add8_)(p, t);
+}
+
+/* Top-k of row r where the AVX-512 selection is not compiled, given its mean and the
+ * largest |x - mean| of each of np >= k disjoint parts of it (smax, reordered): their k-th
+ * largest, tau, is at most the row's k-th largest |x - mean|, and one pass over the row
+ * collects the values with |x - mean| >= tau (about k to 2 k on Gaussian input) for topk_.
+ * Instead of copying |x - m| (a pass writing n values) and two passes over the copy.
+ * Returns the sum of the k largest |x - mean| and sets *thr. a: scratch of topk_'s size
+ * (n + NS_ROWS_AT_ONCE (n + B) + k); smax may be in a's first np values. */
+static T FN(topk_above_bound_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r, int64_t k, T mean,
+                               T *smax, int64_t np, T *a, T *thr) {
     *thr = (T)NAN;
     if (!isfinite(mean)) return (T)NAN;
-    for (int64_t p = 0; p < P; p++) {
-        T hi = mx[p] - mean, lo = mean - mn[p];
-        smax[p] = hi > lo ? hi : lo;
-    }
-    FN(select_desc_)(smax, P, k - 1);
+    FN(select_desc_)(smax, np, k - 1);
     const T tau = smax[k - 1];
     int64_t c = 0;
-    for (int64_t p = 0; p < P; p++) {   /* (the candidates overwrite the slices' extremes) */
+    for (int64_t p = 0; p < P; p++) {   /* (the candidates overwrite smax) */
         const T *xs = x + (p * R + r) * Q;
         for (int64_t i0 = 0; i0 < Q; i0 += 64) {
             const int64_t i1 = i0 + 64 < Q ? i0 + 64 : Q;
@@ -232,7 +279,35 @@ static T FN(slices_topk_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r
         }
     }
     if (c < k) return (T)NAN;   /* (only with NaN in the row) */
+    const int64_t n = P * Q;
     return FN(topk_)(a, c, k, a + n, a + 2 * n + NS_LANES, thr);
+}
+
+/* Whether bounded_topk_ applies to rows of P slices of Q values (the portable build: its
+ * sums are those of sum_extremes_ and sum_extremes16_) */
+static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
+    return !FN(fast_candidates_) && NS_PORTABLE_SUMS && (P > 1 ? P >= k : k <= 16 && Q >= 32);
+}
+
+/* Top-k of row r by topk_above_bound_ (where bounded_topk_applies_): the parts are the P
+ * slices (the batch area), or for one slice 16 interleaved subsets of it, their extremes
+ * found in the mean's pass. Returns the sum of the k largest |x - m|, sets *m and *thr. */
+static T FN(bounded_topk_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r, int64_t k, T *a, T *m,
+                           T *thr) {
+    const int64_t np = P > 1 ? P : 16;
+    T *mx = a, *mn = a + np, *smax = a + 2 * np;
+    double s1 = 0;
+    if (P > 1)
+        for (int64_t p = 0; p < P; p++) s1 += FN(sum_extremes_)(x + (p * R + r) * Q, Q, mx + p, mn + p);
+    else
+        s1 = FN(sum_extremes16_)(x + r * Q, Q, mx, mn);
+    const T mean = (T)(s1 / (double)(P * Q));
+    *m = mean;
+    for (int64_t p = 0; p < np; p++) {
+        T hi = mx[p] - mean, lo = mean - mn[p];
+        smax[p] = hi > lo ? hi : lo;
+    }
+    return FN(topk_above_bound_)(x, P, R, Q, r, k, mean, smax, np, a, thr);
 }
 
 static T FN(row_mean_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r) {
@@ -359,8 +434,8 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                     T m, sk = 0;
                     if (ok[r - rb]) {
                         m = bm[r - rb]; sk = bs[r - rb] / (T)k; thr[r] = bt[r - rb];
-                    } else if (stat == STAT_TOPK && P >= k && P > 1 && !FN(fast_candidates_)) {
-                        sk = FN(slices_topk_)(x, P, R, Q, r, k, a, &m, thr + r) / (T)k;
+                    } else if (stat == STAT_TOPK && FN(bounded_topk_applies_)(P, Q, k)) {
+                        sk = FN(bounded_topk_)(x, P, R, Q, r, k, a, &m, thr + r) / (T)k;
                     } else {
                         m = FN(row_mean_)(x, P, R, Q, r);
                         if (stat == STAT_TOPK) {
