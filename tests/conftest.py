@@ -17,10 +17,12 @@ def path(request):
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each worker takes its share of the cores for PyTorch's threads
-    (every worker with all of them made two workers on two cores run four busy threads)."""
+    """Under pytest-xdist, each worker takes its share of the cores this process may run on
+    (as ``-n auto`` counts them) for PyTorch's threads: every worker with all of them made
+    two workers on two cores run four busy threads."""
     import os
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(workers)))
