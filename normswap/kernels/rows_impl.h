@@ -194,6 +194,12 @@ static inline FN(v8_) FN(min8_)(FN(v8_) a, FN(v8_) b) {
     __typeof__(a < b) m = a < b;
     return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
 }
+/* one block of eight values into the partial sums p and the lane extremes hi, lo */
+static inline void FN(take8_)(FN(v8_) v, FN(v8_) *p, FN(v8_) *hi, FN(v8_) *lo) {
+    *p += v;
+    *hi = FN(max8_)(v, *hi);
+    *lo = FN(min8_)(v, *lo);
+}
 /* the portable dev_sum_'s last step: its eight partial sums and the tail's sum added */
 static inline T FN(add8_)(FN(v8_) p, T t) {
     return (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) + t;
@@ -206,12 +212,7 @@ static T FN(sum_extremes_)(const T *x, int64_t Q, T *mx, T *mn) {
     FN(v8_) p = {0}, hi = p + x[0], lo = hi;
     T t = 0, h = x[0], l = x[0];
     int64_t i = 0;
-    for (; i + 8 <= Q; i += 8) {
-        const FN(v8_) v = FN(load8_)(x + i);
-        p += v;
-        hi = FN(max8_)(v, hi);
-        lo = FN(min8_)(v, lo);
-    }
+    for (; i + 8 <= Q; i += 8) FN(take8_)(FN(load8_)(x + i), &p, &hi, &lo);
     for (; i < Q; i++) { t += x[i]; h = x[i] > h ? x[i] : h; l = x[i] < l ? x[i] : l; }
     for (int j = 0; j < 8; j++) { h = hi[j] > h ? hi[j] : h; l = lo[j] < l ? lo[j] : l; }
     *mx = h; *mn = l;
@@ -225,20 +226,12 @@ static T FN(sum_extremes16_)(const T *x, int64_t n, T *hi, T *lo) {
     FN(v8_) p = {0}, ha = FN(load8_)(x), la = ha, hb = FN(load8_)(x + 8), lb = hb;
     T t = 0;
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const FN(v8_) a = FN(load8_)(x + i), b = FN(load8_)(x + i + 8);
-        p += a;
-        ha = FN(max8_)(a, ha);
-        la = FN(min8_)(a, la);
-        p += b;
-        hb = FN(max8_)(b, hb);
-        lb = FN(min8_)(b, lb);
+    for (; i + 16 <= n; i += 16) {   /* (the blocks in order: the sum's order is dev_sum_'s) */
+        FN(take8_)(FN(load8_)(x + i), &p, &ha, &la);
+        FN(take8_)(FN(load8_)(x + i + 8), &p, &hb, &lb);
     }
     if (i + 8 <= n) {
-        const FN(v8_) a = FN(load8_)(x + i);
-        p += a;
-        ha = FN(max8_)(a, ha);
-        la = FN(min8_)(a, la);
+        FN(take8_)(FN(load8_)(x + i), &p, &ha, &la);
         i += 8;
     }
     for (; i < n; i++) {
@@ -283,10 +276,11 @@ static T FN(topk_above_bound_)(const T *x, int64_t P, int64_t R, int64_t Q, int6
     return FN(topk_)(a, c, k, a + n, a + 2 * n + NS_LANES, thr);
 }
 
-/* Whether bounded_topk_ applies to rows of P slices of Q values (the portable build: its
- * sums are those of sum_extremes_ and sum_extremes16_) */
+/* Whether bounded_topk_ applies to rows of P slices of Q values: in the portable build
+ * (dev_sum_ adds in sum_extremes_'s and sum_extremes16_'s order; that build has no AVX-512
+ * selection either), with at least k slices, or one of at least 32 values and k <= 16 */
 static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
-    return !FN(fast_candidates_) && NS_PORTABLE_SUMS && (P > 1 ? P >= k : k <= 16 && Q >= 32);
+    return NS_PORTABLE_SUMS && (P > 1 ? P >= k : k <= 16 && Q >= 32);
 }
 
 /* Top-k of row r by topk_above_bound_ (where bounded_topk_applies_): the parts are the P

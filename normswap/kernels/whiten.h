@@ -16,11 +16,11 @@
  *
  * The columns are taken 1 KiB of each row at a time (256 float / 128 double positions,
  * across samples when L is small) into a buffer in cache, centred on the way; the
- * products run on vectors of 64 bytes (16 float / 8 double positions) in 4 x 4 tiles, the
- * sums of products in T for at most WH_FLUSH chunks, then added into double lanes (the
- * lanes are added at the end; smaller vectors and tiles without AVX-512, see below). PyTorch's path (bmm) reads a centred copy and writes and
- * reads each product's output in passes of their own, and calls about 60 operators per
- * layer and step. Groups are split between OpenMP threads; a group's sums are added in
+ * products run on vectors of 64 bytes (16 float / 8 double positions) in 4 x 4 tiles
+ * (smaller vectors and tiles without AVX-512, see below), the sums of products in T for at
+ * most WH_FLUSH chunks, then added into double lanes (the lanes are added at the end).
+ * PyTorch's path (bmm) reads a centred copy and writes and reads each product's output in
+ * passes of their own, and calls about 60 operators per layer and step. Groups are split between OpenMP threads; a group's sums are added in
  * one order, so results do not depend on the thread count.
  */
 #include <string.h>

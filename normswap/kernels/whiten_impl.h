@@ -215,23 +215,17 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
                     const WH_T b0 = bias ? bias[i + r] : (WH_T)0;
                     for (int q = 0; q < OQ; q++) c[r][q] = zero + b0;
                 }
-                for (int j = 0; j < WH_D; j++) {
-                    WV u[OQ];
-                    for (int q = 0; q < OQ; q++) u[q] = *(const WV *)(w->a + j * WCH + (k + q) * WVL);
-                    for (int r = 0; r < OR; r++) {
-                        const WH_T s = M1[(i + r) * WH_D + j];
-                        for (int q = 0; q < OQ; q++) c[r][q] += s * u[q];
-                    }
-                }
-                if (x2)
+                for (int term = 0; term < (x2 ? 2 : 1); term++) {   /* M1 (x1 - mu1), then M2 (x2 - mu2) */
+                    const WH_T *buf = term ? w->b : w->a, *M = term ? M2 : M1;
                     for (int j = 0; j < WH_D; j++) {
                         WV u[OQ];
-                        for (int q = 0; q < OQ; q++) u[q] = *(const WV *)(w->b + j * WCH + (k + q) * WVL);
+                        for (int q = 0; q < OQ; q++) u[q] = *(const WV *)(buf + j * WCH + (k + q) * WVL);
                         for (int r = 0; r < OR; r++) {
-                            const WH_T s = M2[(i + r) * WH_D + j];
+                            const WH_T s = M[(i + r) * WH_D + j];
                             for (int q = 0; q < OQ; q++) c[r][q] += s * u[q];
                         }
                     }
+                }
                 for (int r = 0; r < OR; r++)
                     for (int q = 0; q < OQ; q++) *(WV *)(w->o + (i + r) * WCH + (k + q) * WVL) = c[r][q];
             }
