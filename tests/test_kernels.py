@@ -752,8 +752,11 @@ DN_ROW_CASES = [   # (layer, input shape): windows wider than the row, one unit,
     (lambda: N.DivisiveNorm1d(0, sup_radius=1, sigma=1.0), (6, 3)),
     (lambda: N.DivisiveNorm1d(3, sigma=0.5), (5, 1)),
     (lambda: N.DivisiveNorm2d((1, 5), (1, 3), sigma=0.5), (2, 1, 3, 11)),   # C = 1, windows along W
+    (lambda: N.DivisiveNorm1d(5, sup_radius=7, sigma=0.5), (2, 7, 37)),   # a part group, rows not in tiles
+    (lambda: N.DivisiveNorm1d(30, sigma=0.5), (3, 3, 130)),   # groups long enough to be fetched ahead
 ]
-DN_IDS = ["r30-n64", "learned-sigma", "window-wider-than-row", "r0", "one-unit", "2d-rows"]
+DN_IDS = ["r30-n64", "learned-sigma", "window-wider-than-row", "r0", "one-unit", "2d-rows", "ragged",
+          "fetch-ahead"]
 
 
 @pytest.fixture
@@ -876,27 +879,53 @@ def test_compiled_divisive_rows_call_the_kernel_with_eager_values_and_gradients(
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_divisive_rows_narrow_windows_are_summed_directly():
-    """Windows up to 9 wide are summed value by value, as the PyTorch formulation sums them:
-    a huge value does not cancel away the precision of windows far from it (prefix-sum
-    differences lost it: with sigma = 0 the error far from a 1e6 outlier was 2.6e3 against
-    the float64 re-computation), and a NaN spoils only the windows that hold it (with prefix
-    sums, the rest of its row)."""
+@pytest.mark.parametrize("shape", [(13, 45), (20, 300), (3, 8, 64)], ids=["ragged", "fetch-ahead", "tiles"])
+@pytest.mark.parametrize("radius,sup", [(30, 30), (2, 5)])
+def test_divisive_rows_kernel_in_float32_matches_a_float64_recomputation(shape, radius, sup, dn_spy):
+    """Float32 rows are computed in float32, several rows side by side (a part group of rows,
+    rows not a whole number of tiles, groups fetched ahead): within float32's precision of
+    PAPERS.md's DN re-computed in float64, forward and backward (the float64 kernel's
+    gradient is checked by gradcheck above)."""
     from . import reference as ref
-    x = torch.randn(2, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-3
-    x[0, 5] = 1e6
-    m = N.DivisiveNorm1d(2, sigma=0.0, eps=1e-12).double()
-    y = m(x)
-    want = ref.divisive_norm_1d(x, 2, 2, 0.0, eps=1e-12)
-    torch.testing.assert_close(y[:, 20:], want[:, 20:], rtol=1e-10, atol=1e-10)
-    xn = torch.randn(4, 40, generator=torch.Generator().manual_seed(2))
-    xn[1, 3] = float("nan")
-    layer = N.DivisiveNorm1d(2)
+    m = N.DivisiveNorm1d(radius, sup_radius=sup, sigma=0.5)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    w = torch.randn(shape, generator=g)
+    xg = x.clone().requires_grad_()
+    (m(xg) * w).sum().backward()
+    assert dn_spy == [torch.float32] * 2
+    torch.testing.assert_close(m(x).double(), ref.divisive_norm_1d(x, radius, sup, 0.5), rtol=2e-5, atol=2e-5)
+    x64 = x.double().requires_grad_()
+    (m.double()(x64) * w.double()).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("radius", [2, 30])
+def test_divisive_rows_windows_of_every_width_keep_their_own_precision(radius):
+    """Every window's sums hold that window's values alone, as the PyTorch formulation's
+    sums do: a huge value does not cancel away the precision of windows far from it
+    (prefix-sum differences lost it: with sigma = 0 the error far from a 1e6 outlier was
+    2.6e3 against the float64 re-computation), and a NaN spoils only the windows that hold
+    it (with prefix sums, the rest of its row); float32 rows as float64 ones."""
+    from . import reference as ref
+    reach = 2 * radius   # |j - i| <= a + b: the outputs a value at i reaches
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        x = torch.randn(10, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e-3
+        x[0, 5] = 1e6
+        m = N.DivisiveNorm1d(radius, sigma=0.0, eps=1e-12).to(dtype)
+        y = m(x.to(dtype))
+        want = ref.divisive_norm_1d(x.to(dtype), radius, radius, 0.0, eps=1e-12)
+        torch.testing.assert_close(y[:, 6 + reach:].double(), want[:, 6 + reach:], rtol=tol, atol=tol)
+    xn = torch.randn(9, 150, generator=torch.Generator().manual_seed(2))
+    xn[1, 70] = float("nan")
+    layer = N.DivisiveNorm1d(radius)
     y = layer(xn)
     with kernels.disabled():
         y_pytorch = layer(xn)
-    assert torch.equal(torch.isfinite(y), torch.isfinite(y_pytorch))
-    assert (~torch.isfinite(y[1])).sum() == 8   # |j - 3| <= a + b
+    assert (~torch.isfinite(y[1])).sum() == 2 * reach + 1
+    assert torch.isfinite(y[[0] + list(range(2, 9))]).all()
+    if radius <= 4:   # (the PyTorch formulation's prefix sums for wider windows spread a NaN)
+        assert torch.equal(torch.isfinite(y), torch.isfinite(y_pytorch))
 
 
 def test_a_kernel_that_cannot_allocate_its_scratch_raises_memory_error_naming_it(monkeypatch):
@@ -925,12 +954,13 @@ def test_the_portable_paths_pass_the_selection_tests_on_a_processor_with_avx512(
     ties, the selection paths, the comparison with the PyTorch formulation) against that
     build: on a machine without AVX-512 the backward's mean of a row once differed in its
     last bit from the forward's, and tied top-k rows got a wrong gradient. The Newton
-    iteration and the whitening kernel have products sized to each machine's vector
-    registers (AVX-512, else AVX2): their tests run against that build too."""
+    iteration, the whitening kernel and DN along rows (rows side by side in a vector) have
+    code sized to each machine's vector registers (AVX-512, else AVX2): their tests run
+    against that build too."""
     env = {**os.environ, "NORMSWAP_CFLAGS": "-mno-avx512f", "NORMSWAP_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "tied_kth_place or one_row_selection or (pytorch_formulations and TopK) "
-                           "or column_kernels or read_in_place or newton_kernel or whitening_kernel"],
+                           "or column_kernels or read_in_place or newton_kernel or whitening_kernel or divisive_rows"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
