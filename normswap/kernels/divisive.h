@@ -159,19 +159,44 @@ typedef struct { const char *x, *dy; char *out; int64_t bytes; } dn_next_t;
         const int64_t W_ = 2 * (w) + 1, end_ = (n) + 2 * (w), stop_ = (n) + (w);              \
         if (W_ > 1)                                                                           \
             for (int64_t q0_ = W_; q0_ < end_; q0_ += W_) { /* t_{q - w} is 0 from stop_ */   \
-                int64_t q1_ = q0_ + W_ < end_ ? q0_ + W_ : end_, i_ = q0_;                    \
-                V_ acc_ = {0};                                                                \
-                for (; i_ < q1_ && i_ < stop_; i_++) (p)[i_ - W_] = acc_ += (t)[i_ - (w)];    \
+                const int64_t q1_ = q0_ + W_ < end_ ? q0_ + W_ : end_;                        \
+                const int64_t in_ = q1_ < stop_ ? q1_ : stop_;                                \
+                int64_t i_ = q0_;                                                             \
+                V_ acc_ = {0}, odd_ = {0};                                                    \
+                for (; i_ + 1 < in_; i_ += 2) {                                               \
+                    (p)[i_ - W_] = (acc_ += (t)[i_ - (w)]) + odd_;                            \
+                    (p)[i_ + 1 - W_] = acc_ + (odd_ += (t)[i_ + 1 - (w)]);                    \
+                }                                                                             \
+                acc_ += odd_;                                                                 \
+                for (; i_ < in_; i_++) (p)[i_ - W_] = acc_ += (t)[i_ - (w)];                  \
                 for (; i_ < q1_; i_++) (p)[i_ - W_] = acc_;                                   \
             }                                                                                 \
         for (int64_t q0_ = ((n) - 1) / W_ * W_; q0_ >= 0; q0_ -= W_) {                        \
             int64_t q = (q0_ + W_ < stop_ ? q0_ + W_ : stop_) - 1;                            \
-            V_ acc_ = {0};                                                                    \
-            for (; q >= (n); q--) acc_ += (t)[q - (w)];                                       \
+            V_ acc_ = {0}, odd_ = {0};                                                        \
+            for (; q - 1 >= (n); q -= 2) {                                                    \
+                acc_ += (t)[q - (w)];                                                         \
+                odd_ += (t)[q - 1 - (w)];                                                     \
+            }                                                                                 \
+            for (; q - 1 > q0_ && q - 1 >= (w); q--) {                                        \
+                if (q < (n)) {                                                                \
+                    acc_ += (t)[q - (w)];                                                     \
+                    const V_ bx = acc_ + odd_ + (p)[q - 1];                                   \
+                    __VA_ARGS__                                                               \
+                } else                                                                        \
+                    acc_ += (t)[q - (w)];                                                     \
+                q--;                                                                          \
+                odd_ += (t)[q - (w)];                                                         \
+                const V_ bx = acc_ + odd_ + (p)[q - 1];                                       \
+                __VA_ARGS__                                                                   \
+            }                                                                                 \
+            acc_ += odd_;                                                                     \
             for (; q >= q0_; q--) {                                                           \
                 if (q >= (w)) acc_ += (t)[q - (w)];                                           \
-                const V_ bx = q > q0_ ? acc_ + (p)[q - 1] : acc_;                             \
-                __VA_ARGS__                                                                   \
+                if (q < (n)) {                                                                \
+                    const V_ bx = q > q0_ ? acc_ + (p)[q - 1] : acc_;                         \
+                    __VA_ARGS__                                                               \
+                }                                                                             \
             }                                                                                 \
         }                                                                                     \
     } while (0)
