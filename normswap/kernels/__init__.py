@@ -11,8 +11,9 @@ a group's k largest ``|v|`` by a bound and a count instead of ``torch.topk``.
 batch of small covariance matrices in one call (in PyTorch, dozens of small products per
 layer and step); ``whiten.h`` IterNorm's whole training step for groups of 16 channels
 (covariances, the iteration and the whitening product per group, one call each way);
-``divisive.h`` the divisive normalization of rows (DivisiveNorm1d), whose sliding
-windows are prefix-sum differences computed while a row is in cache. On CUDA,
+``divisive.h`` the divisive normalization of rows (DivisiveNorm1d), a vector's worth of
+rows side by side, whose sliding windows are sums of a block's suffix and the next block's
+prefix (no cancellation). On CUDA,
 ``triton_newton.py`` runs the Newton iteration and its backward as one Triton kernel each
 way (float32), where PyTorch operations are about 130 launches of 16 x 16 products.
 

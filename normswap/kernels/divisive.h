@@ -43,10 +43,12 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
+#ifndef DN_VEC_BYTES /* (-DDN_VEC_BYTES=64 runs AVX-512's layout of 16 float rows anywhere) */
 #if defined(__AVX512F__)
 #define DN_VEC_BYTES 64
 #else
 #define DN_VEC_BYTES 32
+#endif
 #endif
 
 /* 1 / cnt_w(j) for j < n (w < n) */
