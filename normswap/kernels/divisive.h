@@ -50,6 +50,9 @@
 #define DN_VEC_BYTES 32
 #endif
 #endif
+#if defined(__AVX__) && DN_VEC_BYTES < 32
+#error "DN_VEC_BYTES: at least one AVX register (the transposes' tiles fill 32 bytes of each vector)"
+#endif
 
 /* 1 / cnt_w(j) for j < n (w < n) */
 static void dn_inverse_counts(int64_t n, int64_t w, double *inv) {
@@ -84,13 +87,13 @@ enum { DN_LANES_f32 = DN_VEC_BYTES / 4, DN_LANES_f64 = DN_VEC_BYTES / 8 };
 #define DN_RSQRT_REG_f32(h) (1.0f / sqrtf(h))
 #define DN_RSQRT_REG_f64(h) (1.0 / sqrt(h))
 #endif
-#define DN_RSQRT(SUF_)                                                                        \
-static inline dn_v_##SUF_ dn_rsqrt_##SUF_(dn_v_##SUF_ q) {                                    \
-    union { dn_v_##SUF_ v; DN_REG_##SUF_ reg[sizeof(dn_v_##SUF_) / sizeof(DN_REG_##SUF_)]; } u; \
-    u.v = q;                                                                                  \
-    for (size_t k = 0; k < sizeof(u.reg) / sizeof(u.reg[0]); k++)                             \
-        u.reg[k] = DN_RSQRT_REG_##SUF_(u.reg[k]);                                             \
-    return u.v;                                                                               \
+#define DN_RSQRT(SUF_)                                                                               \
+static inline dn_v_##SUF_ dn_rsqrt_##SUF_(dn_v_##SUF_ q) {                                           \
+    union { dn_v_##SUF_ v; DN_REG_##SUF_ reg[sizeof(dn_v_##SUF_) / sizeof(DN_REG_##SUF_)]; } u;      \
+    u.v = q;                                                                                         \
+    for (size_t k = 0; k < sizeof(u.reg) / sizeof(u.reg[0]); k++)                                    \
+        u.reg[k] = DN_RSQRT_REG_##SUF_(u.reg[k]);                                                    \
+    return u.v;                                                                                      \
 }
 DN_RSQRT(f32)
 DN_RSQRT(f64)
@@ -104,7 +107,8 @@ DN_RSQRT(f64)
 #define DN_TILE_f32 8
 #define DN_TILE_f64 4
 #define DN_TILED_(n, SUF_) ((n) / DN_TILE_##SUF_ * DN_TILE_##SUF_)
-static inline __attribute__((always_inline)) void dn_tile_f32(const float *src, int64_t ld_src, float *dst, int64_t ld_dst) {
+static inline __attribute__((always_inline)) void dn_tile_f32(const float *src, int64_t ld_src,
+                                                              float *dst, int64_t ld_dst) {
     __m256 r[8], t[8];
     for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * ld_src);
     for (int k = 0; k < 8; k += 2) {
@@ -122,7 +126,8 @@ static inline __attribute__((always_inline)) void dn_tile_f32(const float *src, 
         _mm256_storeu_ps(dst + (k + 4) * ld_dst, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
     }
 }
-static inline __attribute__((always_inline)) void dn_tile_f64(const double *src, int64_t ld_src, double *dst, int64_t ld_dst) {
+static inline __attribute__((always_inline)) void dn_tile_f64(const double *src, int64_t ld_src,
+                                                              double *dst, int64_t ld_dst) {
     __m256d r[4], t[4];
     for (int k = 0; k < 4; k++) r[k] = _mm256_loadu_pd(src + k * ld_src);
     for (int k = 0; k < 4; k += 2) {
@@ -158,51 +163,51 @@ typedef struct { const char *x, *dy; char *out; int64_t bytes; } dn_next_t;
  * even and odd steps into two accumulators (two chains of additions at once; 25-35% faster
  * with the rows in cache). Step q reads t at q - w and below alone, so body may write t[q]
  * (or an array t was read from). */
-#define DN_BOX_EACH(V_, t, n, w, p, q, bx, ...)                                               \
-    do {                                                                                      \
-        const int64_t W_ = 2 * (w) + 1, end_ = (n) + 2 * (w), stop_ = (n) + (w);              \
-        if (W_ > 1)                                                                           \
-            for (int64_t q0_ = W_; q0_ < end_; q0_ += W_) { /* t_{q - w} is 0 from stop_ */   \
-                const int64_t q1_ = q0_ + W_ < end_ ? q0_ + W_ : end_;                        \
-                const int64_t in_ = q1_ < stop_ ? q1_ : stop_;                                \
-                int64_t i_ = q0_;                                                             \
-                V_ acc_ = {0}, odd_ = {0};                                                    \
-                for (; i_ + 1 < in_; i_ += 2) {                                               \
-                    (p)[i_ - W_] = (acc_ += (t)[i_ - (w)]) + odd_;                            \
-                    (p)[i_ + 1 - W_] = acc_ + (odd_ += (t)[i_ + 1 - (w)]);                    \
-                }                                                                             \
-                acc_ += odd_;                                                                 \
-                for (; i_ < in_; i_++) (p)[i_ - W_] = acc_ += (t)[i_ - (w)];                  \
-                for (; i_ < q1_; i_++) (p)[i_ - W_] = acc_;                                   \
-            }                                                                                 \
-        for (int64_t q0_ = ((n) - 1) / W_ * W_; q0_ >= 0; q0_ -= W_) {                        \
-            int64_t q = (q0_ + W_ < stop_ ? q0_ + W_ : stop_) - 1;                            \
-            V_ acc_ = {0}, odd_ = {0};                                                        \
-            for (; q - 1 >= (n); q -= 2) {                                                    \
-                acc_ += (t)[q - (w)];                                                         \
-                odd_ += (t)[q - 1 - (w)];                                                     \
-            }                                                                                 \
-            for (; q - 1 > q0_ && q - 1 >= (w); q--) {                                        \
-                if (q < (n)) {                                                                \
-                    acc_ += (t)[q - (w)];                                                     \
-                    const V_ bx = acc_ + odd_ + (p)[q - 1];                                   \
-                    __VA_ARGS__                                                               \
-                } else                                                                        \
-                    acc_ += (t)[q - (w)];                                                     \
-                q--;                                                                          \
-                odd_ += (t)[q - (w)];                                                         \
-                const V_ bx = acc_ + odd_ + (p)[q - 1];                                       \
-                __VA_ARGS__                                                                   \
-            }                                                                                 \
-            acc_ += odd_;                                                                     \
-            for (; q >= q0_; q--) {                                                           \
-                if (q >= (w)) acc_ += (t)[q - (w)];                                           \
-                if (q < (n)) {                                                                \
-                    const V_ bx = q > q0_ ? acc_ + (p)[q - 1] : acc_;                         \
-                    __VA_ARGS__                                                               \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
+#define DN_BOX_EACH(V_, t, n, w, p, q, bx, ...)                                                      \
+    do {                                                                                             \
+        const int64_t W_ = 2 * (w) + 1, end_ = (n) + 2 * (w), stop_ = (n) + (w);                     \
+        if (W_ > 1)                                                                                  \
+            for (int64_t q0_ = W_; q0_ < end_; q0_ += W_) { /* t_{q - w} is 0 from stop_ */          \
+                const int64_t q1_ = q0_ + W_ < end_ ? q0_ + W_ : end_;                               \
+                const int64_t in_ = q1_ < stop_ ? q1_ : stop_;                                       \
+                int64_t i_ = q0_;                                                                    \
+                V_ acc_ = {0}, odd_ = {0};                                                           \
+                for (; i_ + 1 < in_; i_ += 2) {                                                      \
+                    (p)[i_ - W_] = (acc_ += (t)[i_ - (w)]) + odd_;                                   \
+                    (p)[i_ + 1 - W_] = acc_ + (odd_ += (t)[i_ + 1 - (w)]);                           \
+                }                                                                                    \
+                acc_ += odd_;                                                                        \
+                for (; i_ < in_; i_++) (p)[i_ - W_] = acc_ += (t)[i_ - (w)];                         \
+                for (; i_ < q1_; i_++) (p)[i_ - W_] = acc_;                                          \
+            }                                                                                        \
+        for (int64_t q0_ = ((n) - 1) / W_ * W_; q0_ >= 0; q0_ -= W_) {                               \
+            int64_t q = (q0_ + W_ < stop_ ? q0_ + W_ : stop_) - 1;                                   \
+            V_ acc_ = {0}, odd_ = {0};                                                               \
+            for (; q - 1 >= (n); q -= 2) {                                                           \
+                acc_ += (t)[q - (w)];                                                                \
+                odd_ += (t)[q - 1 - (w)];                                                            \
+            }                                                                                        \
+            for (; q - 1 > q0_ && q - 1 >= (w); q--) {                                               \
+                if (q < (n)) {                                                                       \
+                    acc_ += (t)[q - (w)];                                                            \
+                    const V_ bx = acc_ + odd_ + (p)[q - 1];                                          \
+                    __VA_ARGS__                                                                      \
+                } else                                                                               \
+                    acc_ += (t)[q - (w)];                                                            \
+                q--;                                                                                 \
+                odd_ += (t)[q - (w)];                                                                \
+                const V_ bx = acc_ + odd_ + (p)[q - 1];                                              \
+                __VA_ARGS__                                                                          \
+            }                                                                                        \
+            acc_ += odd_;                                                                            \
+            for (; q >= q0_; q--) {                                                                  \
+                if (q >= (w)) acc_ += (t)[q - (w)];                                                  \
+                if (q < (n)) {                                                                       \
+                    const V_ bx = q > q0_ ? acc_ + (p)[q - 1] : acc_;                                \
+                    __VA_ARGS__                                                                      \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
     } while (0)
 
 /* Per element type T_ (SUF_ f32 / f64; MAGNITUDE_ its bits but the sign, as an integer;
@@ -215,8 +220,9 @@ typedef struct { const char *x, *dy; char *out; int64_t bytes; } dn_next_t;
  * p is scratch for DN_BOX_EACH; every box's consumer runs in its second pass. */
 #define NS_DIVISIVE(T_, SUF_, MAGNITUDE_, RSQRT_V_)                                                  \
 static void dn_centre_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, int64_t a, const T_ *restrict ia,   \
-                             dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t, const dn_next_t *next) { \
-    if (next->bytes > 0) /* (two copies: a test in the loop cost the short rows 10%) */            \
+                             dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t,                       \
+                             const dn_next_t *next) {                                                \
+    if (next->bytes > 0) /* (two copies: a test in the loop cost the short rows 10%) */              \
         DN_BOX_EACH(dn_v_##SUF_, x, n, a, p, j, m, {                                                 \
             x[j] -= m * ia[j];                                                                       \
             t[j] = x[j] * x[j];                                                                      \
@@ -238,8 +244,8 @@ static dn_v_##SUF_ dn_forward_group_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, i
                                            T_ s, const T_ *restrict ia, const T_ *restrict ib,       \
                                            dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t,         \
                                            const dn_next_t *next) {                                  \
-    dn_centre_##SUF_(x, n, a, ia, p, t, next);                                                             \
-    const dn_vi_##SUF_ magnitude = (dn_vi_##SUF_){0} + MAGNITUDE_; /* |v|: all bits but the sign */ \
+    dn_centre_##SUF_(x, n, a, ia, p, t, next);                                                       \
+    const dn_vi_##SUF_ magnitude = (dn_vi_##SUF_){0} + MAGNITUDE_; /* |v|: all bits but the sign */  \
     dn_v_##SUF_ abs_sum = {0};                                                                       \
     DN_BOX_EACH(dn_v_##SUF_, t, n, b, p, j, q, {                                                     \
         abs_sum += (dn_v_##SUF_)((dn_vi_##SUF_)x[j] & magnitude);                                    \
@@ -253,7 +259,7 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
                                             const T_ *restrict ia, const T_ *restrict ib,            \
                                             dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict r,        \
                                             dn_v_##SUF_ *restrict t, const dn_next_t *next) {        \
-    dn_centre_##SUF_(x, n, a, ia, p, t, next); /* x holds v from here */                                  \
+    dn_centre_##SUF_(x, n, a, ia, p, t, next); /* x holds v from here */                             \
     dn_v_##SUF_ dq_sum = {0};                                                                        \
     DN_BOX_EACH(dn_v_##SUF_, t, n, b, p, j, q, { /* t: v^2, then dq / cnt_b */                       \
         r[j] = RSQRT_V_(q * ib[j] + s);                                                              \
@@ -262,7 +268,7 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
         t[j] = dq * ib[j];                                                                           \
     });                                                                                              \
     DN_BOX_EACH(dn_v_##SUF_, t, n, b, p, j, c, { /* dy: dv; t: dv / cnt_a */                         \
-        const dn_vi_##SUF_ sign = (x[j] < 0) - (x[j] > 0); /* comparisons give -1 / 0 */            \
+        const dn_vi_##SUF_ sign = (x[j] < 0) - (x[j] > 0); /* comparisons give -1 / 0 */             \
         dy[j] = dy[j] * r[j] + (T_)2 * c * x[j] + g * __builtin_convertvector(sign, dn_v_##SUF_);    \
         t[j] = dy[j] * ia[j];                                                                        \
     });                                                                                              \
@@ -270,17 +276,18 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
     return dq_sum;                                                                                   \
 }                                                                                                    \
                                                                                                      \
-/* The rows row0 .. row0 + lanes - 1 of src (n values each) into the lanes of dst (zeros for       \
+/* The rows row0 .. row0 + lanes - 1 of src (n values each) into the lanes of dst (zeros for         \
  * rows from `rows` on), and back; full groups by DN_TILE_ x DN_TILE_ transposes in registers. */    \
 static void dn_gather_##SUF_(const T_ *restrict src, int64_t row0, int64_t rows, int64_t n,          \
                              dn_v_##SUF_ *restrict dst) {                                            \
-    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? DN_TILED_(n, SUF_) : 0;           \
+    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? DN_TILED_(n, SUF_) : 0;            \
     T_ *d = (T_ *)dst;                                                                               \
     for (int64_t l0 = 0; l0 < L && tiled; l0 += DN_TILE_##SUF_)                                      \
         for (int64_t j = 0; j < tiled; j += DN_TILE_##SUF_)                                          \
             dn_tile_##SUF_(src + (row0 + l0) * n + j, n, d + j * L + l0, L);                         \
-    if (n * L * (int64_t)sizeof(T_) < DN_FETCH_AHEAD_MIN) { /* a short next group: at once */       \
-        const T_ *next = src + (row0 + L) * n, *end = src + (rows < row0 + 2 * L ? rows : row0 + 2 * L) * n; \
+    if (n * L * (int64_t)sizeof(T_) < DN_FETCH_AHEAD_MIN) { /* a short next group: at once */        \
+        const int64_t ahead_end = rows < row0 + 2 * L ? rows : row0 + 2 * L;                         \
+        const T_ *next = src + (row0 + L) * n, *end = src + ahead_end * n;                           \
         for (const char *c = (const char *)next; c < (const char *)end; c += 64) DN_PREFETCH(c);     \
     }                                                                                                \
     for (int64_t l = 0; l < L; l++) {                                                                \
@@ -293,7 +300,7 @@ static void dn_gather_##SUF_(const T_ *restrict src, int64_t row0, int64_t rows,
 }                                                                                                    \
 static void dn_scatter_##SUF_(const dn_v_##SUF_ *restrict src, int64_t row0, int64_t rows,           \
                               int64_t n, T_ *restrict dst) {                                         \
-    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? DN_TILED_(n, SUF_) : 0;           \
+    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? DN_TILED_(n, SUF_) : 0;            \
     const T_ *s = (const T_ *)src;                                                                   \
     for (int64_t l0 = 0; l0 < L && tiled; l0 += DN_TILE_##SUF_)                                      \
         for (int64_t j = 0; j < tiled; j += DN_TILE_##SUF_)                                          \
@@ -304,10 +311,10 @@ static void dn_scatter_##SUF_(const dn_v_##SUF_ *restrict src, int64_t row0, int
     }                                                                                                \
 }                                                                                                    \
                                                                                                      \
-/* Both directions: dy == NULL: the forward (y into out, sum |v| into *total), else the             \
+/* Both directions: dy == NULL: the forward (y into out, sum |v| into *total), else the              \
  * backward (dx into out, sum dq into *total); total may be NULL. -1: out of memory. */              \
 int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_t a, int64_t b,      \
-                      double s, double g, T_ *out, double *total, int threads) {                    \
+                      double s, double g, T_ *out, double *total, int threads) {                     \
     if (n < 1 || rows < 1) {                                                                         \
         if (total) *total = 0;                                                                       \
         return 0;                                                                                    \
@@ -316,7 +323,7 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
     if (b > n - 1) b = n - 1;                                                                        \
     const int64_t L = DN_LANES_##SUF_, groups = (rows + L - 1) / L;                                  \
     double *counts = (double *)malloc(sizeof(double) * (size_t)(2 * n));                             \
-    T_ *ia = (T_ *)malloc(sizeof(T_) * (size_t)(2 * n)); /* 1/cnt_a, 1/cnt_b */                     \
+    T_ *ia = (T_ *)malloc(sizeof(T_) * (size_t)(2 * n)); /* 1/cnt_a, 1/cnt_b */                      \
     double *per_row = (double *)malloc(sizeof(double) * (size_t)(groups * L));                       \
     int failed = !counts || !ia || !per_row;                                                         \
     if (!failed) {                                                                                   \
@@ -327,7 +334,7 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
         const T_ s_ = (T_)s, g_ = (T_)g;                                                             \
         _Pragma("omp parallel num_threads(threads)")                                                 \
         {                                                                                            \
-            int64_t ld = n + 4; /* arrays not a multiple of 4 KiB apart (store-load aliasing) */    \
+            int64_t ld = n + 4; /* arrays not a multiple of 4 KiB apart (store-load aliasing) */     \
             dn_v_##SUF_ *xv = (dn_v_##SUF_ *)ns_thread_scratch(sizeof(dn_v_##SUF_) * (size_t)(5 * ld), \
                                                                0, &failed);                          \
             dn_v_##SUF_ *dyv = xv + ld, *p = dyv + ld, *r = p + ld, *t = r + ld;                     \
@@ -336,9 +343,9 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
                 if (!xv) continue;                                                                   \
                 const int64_t row0 = group * L, ahead_rows = rows - row0 - L;                        \
                 const dn_next_t ahead = { /* the next group's input, read while this one is computed */ \
-                    (const char *)(x + (row0 + L) * n), dy ? (const char *)(dy + (row0 + L) * n) : NULL,  \
+                    (const char *)(x + (row0 + L) * n), dy ? (const char *)(dy + (row0 + L) * n) : NULL, \
                     (char *)(out + (row0 + L) * n),                                                  \
-                    (int64_t)sizeof(T_) * n * (ahead_rows < L ? (ahead_rows > 0 ? ahead_rows : 0) : L)   \
+                    (int64_t)sizeof(T_) * n * (ahead_rows < L ? (ahead_rows > 0 ? ahead_rows : 0) : L) \
                     * (n * L * (int64_t)sizeof(T_) >= DN_FETCH_AHEAD_MIN)};                          \
                 dn_gather_##SUF_(x, row0, rows, n, xv);                                              \
                 dn_v_##SUF_ sums;                                                                    \
@@ -347,7 +354,7 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
                     sums = dn_backward_group_##SUF_(xv, dyv, n, a, b, s_, g_, ia, ib, p, r, t, &ahead); \
                     dn_scatter_##SUF_(dyv, row0, rows, n, out);                                      \
                 } else {                                                                             \
-                    sums = dn_forward_group_##SUF_(xv, n, a, b, s_, ia, ib, p, t, &ahead);              \
+                    sums = dn_forward_group_##SUF_(xv, n, a, b, s_, ia, ib, p, t, &ahead);           \
                     dn_scatter_##SUF_(xv, row0, rows, n, out);                                       \
                 }                                                                                    \
                 for (int64_t l = 0; l < L; l++) per_row[row0 + l] = (double)sums[l];                 \
