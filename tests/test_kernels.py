@@ -484,13 +484,15 @@ def _rows_for_selection(kind: str, rows: int, n: int, gen: torch.Generator) -> t
     elif kind.startswith("tied-"):   # that many equal values above the rest, spread over the row
         count = int(kind.split("-")[1])
         x[:, torch.linspace(0, n - 1, count).long()] = 8.0
+    elif kind == "all-candidates":   # +-1 in turn: mean 0, every |x - m| ties, every value is a candidate
+        x[:, 0::2], x[:, 1::2] = 1.0, -1.0
     return x
 
 
 @pytest.mark.parametrize("n,k,kind", [
     (64, 16, "gauss"), (51, 16, "gauss"), (600, 10, "gauss"), (600, 1, "gauss"),
     (600, 10, "one-subset"), (600, 10, "tied-12"), (600, 10, "tied-20"), (600, 10, "tied-40"),
-    (600, 10, "mixed"), (48, 10, "mixed"),
+    (600, 10, "mixed"), (48, 10, "mixed"), (600, 10, "all-candidates"), (602, 16, "all-candidates"),
 ])
 def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch(n, k, kind):
     """Float32 top-k layer norm on rows selected from the input itself (n * k above the

@@ -72,8 +72,8 @@ static int thread_count(void) {
 
 /* The values of a[0..n) that are >= tau, in order, into cv; returns how many. Most of a
  * long row is below tau, so it is read a vector at a time and only vectors holding a
- * candidate are looked into: with AVX-512 by the comparison's bit mask, else by a
- * vector "any" test and a branch-free copy. */
+ * candidate are looked into: with AVX-512 by the comparison's bit mask, else by pack_ge
+ * (below). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* One AVX-512 body for both element types: VT the vector type, MT its lane mask type, W its
@@ -91,22 +91,91 @@ static int thread_count(void) {
     }
 SCAN_GE_AVX512(float, f32, __m512, __mmask16, 16, ps)
 SCAN_GE_AVX512(double, f64, __m512d, __mmask8, 8, pd)
-#else
-#define SCAN_GE_GENERIC(T, SUF)                                                     \
-    static int64_t scan_ge_##SUF(const T *a, int64_t n, T tau, T *cv) {             \
-        int64_t c = 0;                                                              \
-        for (int64_t i0 = 0; i0 < n; i0 += 16) {                                    \
-            int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                 \
-            int any = 0;                                                            \
-            _Pragma("omp simd reduction(|:any)")                                    \
-            for (int64_t i = i0; i < i1; i++) any |= a[i] >= tau;                   \
-            if (!any) continue;                                                     \
-            for (int64_t i = i0; i < i1; i++) { cv[c] = a[i]; c += a[i] >= tau; }   \
-        }                                                                           \
-        return c;                                                                   \
+#endif
+
+/* pack_ge: the values t_i >= tau of a[0..n), in order, into cv; returns how many. t_i is
+ * a_i, or |a_i - m| where dev (a constant at every call). cv needs no room beyond n: it is
+ * written at most up to the values read so far. With AVX2 eight (four) values at a time:
+ * the comparison's bit mask picks, from a table, the permutation that moves the chosen lanes
+ * to the front, and one store writes them (the scalar branch-free copy it replaced costs
+ * about six operations a value, and most vectors of a row's candidates' blocks hold one).
+ * Without AVX2: 16 values at a time, an "any" test, then a branch-free copy. */
+#if defined(__AVX2__)
+#if !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+static int32_t ns_pack_f32[256][8], ns_pack_f64[16][8];   /* lane indices, chosen lanes first */
+__attribute__((constructor)) static void ns_pack_tables(void) {
+    for (int mask = 0; mask < 256; mask++) {
+        int c = 0;
+        for (int l = 0; l < 8; l++)
+            if (mask >> l & 1) ns_pack_f32[mask][c++] = l;
+        while (c < 8) ns_pack_f32[mask][c++] = 0;
     }
-SCAN_GE_GENERIC(float, f32)
-SCAN_GE_GENERIC(double, f64)
+    for (int mask = 0; mask < 16; mask++) {   /* a double is two float lanes */
+        int c = 0;
+        for (int l = 0; l < 4; l++)
+            if (mask >> l & 1) {
+                ns_pack_f64[mask][c++] = 2 * l;
+                ns_pack_f64[mask][c++] = 2 * l + 1;
+            }
+        while (c < 8) ns_pack_f64[mask][c++] = 0;
+    }
+}
+/* VT the vector type, W its lanes, PS the intrinsics' suffix, AS_PS its cast to __m256 */
+#define PACK_GE_AVX2(T, SUF, VT, W, PS, AS_PS, ABS_)                                           \
+    static inline int64_t pack_ge_##SUF(const T *a, int64_t n, T m, const int dev, T tau,      \
+                                        T *cv) {                                               \
+        const VT mv = _mm256_set1_##PS(m), tv = _mm256_set1_##PS(tau);                         \
+        const VT sign = _mm256_set1_##PS((T)-0.0);                                             \
+        int64_t c = 0, i = 0;                                                                  \
+        for (; i + W <= n; i += W) {                                                           \
+            VT v = _mm256_loadu_##PS(a + i);                                                   \
+            if (dev) v = _mm256_andnot_##PS(sign, _mm256_sub_##PS(v, mv));                     \
+            const int mask = _mm256_movemask_##PS(_mm256_cmp_##PS(v, tv, _CMP_GE_OQ));        \
+            if (!mask) continue;                                                               \
+            const __m256i order = _mm256_loadu_si256((const __m256i *)ns_pack_##SUF[mask]);    \
+            _mm256_storeu_ps((float *)(cv + c), _mm256_permutevar8x32_ps(AS_PS(v), order));    \
+            c += __builtin_popcount((unsigned)mask);                                           \
+        }                                                                                      \
+        for (; i < n; i++) {                                                                   \
+            const T v = dev ? ABS_(a[i] - m) : a[i];                                           \
+            cv[c] = v;                                                                         \
+            c += v >= tau;                                                                     \
+        }                                                                                      \
+        return c;                                                                              \
+    }
+PACK_GE_AVX2(float, f32, __m256, 8, ps, , fabsf)
+PACK_GE_AVX2(double, f64, __m256d, 4, pd, _mm256_castpd_ps, fabs)
+#else
+#define PACK_GE_GENERIC(T, SUF, ABS_)                                                          \
+    static inline int64_t pack_ge_##SUF(const T *a, int64_t n, T m, const int dev, T tau,      \
+                                        T *cv) {                                               \
+        int64_t c = 0;                                                                         \
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {                                               \
+            int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                            \
+            int any = 0;                                                                       \
+            _Pragma("omp simd reduction(|:any)")                                               \
+            for (int64_t i = i0; i < i1; i++) any |= (dev ? ABS_(a[i] - m) : a[i]) >= tau;     \
+            if (!any) continue;                                                                \
+            for (int64_t i = i0; i < i1; i++) {                                                \
+                const T v = dev ? ABS_(a[i] - m) : a[i];                                       \
+                cv[c] = v;                                                                     \
+                c += v >= tau;                                                                 \
+            }                                                                                  \
+        }                                                                                      \
+        return c;                                                                              \
+    }
+PACK_GE_GENERIC(float, f32, fabsf)
+PACK_GE_GENERIC(double, f64, fabs)
+#endif
+#if !defined(__AVX512F__)
+static int64_t scan_ge_f32(const float *a, int64_t n, float tau, float *cv) {
+    return pack_ge_f32(a, n, 0, 0, tau, cv);
+}
+static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
+    return pack_ge_f64(a, n, 0, 0, tau, cv);
+}
 #endif
 
 /* Row sums in the row's precision, mode 0: sum x, 1: sum |x - m|, 2: sum (x - m)^2 (mode a

@@ -260,17 +260,8 @@ static T FN(topk_above_bound_)(const T *x, int64_t P, int64_t R, int64_t Q, int6
     FN(select_desc_)(smax, np, k - 1);
     const T tau = smax[k - 1];
     int64_t c = 0;
-    for (int64_t p = 0; p < P; p++) {   /* (the candidates overwrite smax) */
-        const T *xs = x + (p * R + r) * Q;
-        for (int64_t i0 = 0; i0 < Q; i0 += 64) {
-            const int64_t i1 = i0 + 64 < Q ? i0 + 64 : Q;
-            int any = 0;
-#pragma omp simd reduction(|:any)
-            for (int64_t i = i0; i < i1; i++) any |= ABS(xs[i] - mean) >= tau;
-            if (!any) continue;
-            for (int64_t i = i0; i < i1; i++) { T v = ABS(xs[i] - mean); a[c] = v; c += v >= tau; }
-        }
-    }
+    for (int64_t p = 0; p < P; p++)   /* (the candidates overwrite smax) */
+        c += FN(pack_ge_)(x + (p * R + r) * Q, Q, mean, 1, tau, a + c);
     if (c < k) return (T)NAN;   /* (only with NaN in the row) */
     const int64_t n = P * Q;
     return FN(topk_)(a, c, k, a + n, a + 2 * n + NS_LANES, thr);
