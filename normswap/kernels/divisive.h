@@ -40,9 +40,6 @@
  * depends on the inputs alone, not on the thread count.
  */
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 #ifndef DN_VEC_BYTES /* (-DDN_VEC_BYTES=64 runs AVX-512's layout of 16 float rows anywhere) */
 #if defined(__AVX512F__)
 #define DN_VEC_BYTES 64
@@ -99,54 +96,6 @@ DN_RSQRT(f32)
 DN_RSQRT(f64)
 #undef DN_RSQRT
 
-/* dn_tile: a DN_TILE x DN_TILE block transposed, row k of the source (k * ld_src from src)
- * into column k of the destination (rows ld_dst apart): 8 x 8 floats or 4 x 4 doubles in
- * AVX registers; DN_TILED_ how many of a row's values go by tiles (0: none) */
-#if defined(__AVX__)
-#define DN_PREFETCH(c) _mm_prefetch((c), _MM_HINT_T0)
-#define DN_TILE_f32 8
-#define DN_TILE_f64 4
-#define DN_TILED_(n, SUF_) ((n) / DN_TILE_##SUF_ * DN_TILE_##SUF_)
-static inline __attribute__((always_inline)) void dn_tile_f32(const float *src, int64_t ld_src,
-                                                              float *dst, int64_t ld_dst) {
-    __m256 r[8], t[8];
-    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * ld_src);
-    for (int k = 0; k < 8; k += 2) {
-        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 8; k += 4) {
-        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int k = 0; k < 4; k++) {
-        _mm256_storeu_ps(dst + k * ld_dst, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-        _mm256_storeu_ps(dst + (k + 4) * ld_dst, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-    }
-}
-static inline __attribute__((always_inline)) void dn_tile_f64(const double *src, int64_t ld_src,
-                                                              double *dst, int64_t ld_dst) {
-    __m256d r[4], t[4];
-    for (int k = 0; k < 4; k++) r[k] = _mm256_loadu_pd(src + k * ld_src);
-    for (int k = 0; k < 4; k += 2) {
-        t[k] = _mm256_unpacklo_pd(r[k], r[k + 1]);
-        t[k + 1] = _mm256_unpackhi_pd(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 2; k++) {
-        _mm256_storeu_pd(dst + k * ld_dst, _mm256_permute2f128_pd(t[k], t[k + 2], 0x20));
-        _mm256_storeu_pd(dst + (k + 2) * ld_dst, _mm256_permute2f128_pd(t[k], t[k + 2], 0x31));
-    }
-}
-#else
-#define DN_PREFETCH(c) ((void)(c))
-#define DN_TILE_f32 1
-#define DN_TILE_f64 1
-#define DN_TILED_(n, SUF_) 0
-#define dn_tile_f32(src, ld_src, dst, ld_dst) ((void)0)
-#define dn_tile_f64(src, ld_src, dst, ld_dst) ((void)0)
-#endif
 
 /* The next group of rows is fetched into the cache while the current one is computed. A
  * group of DN_FETCH_AHEAD_MIN bytes or more by the current group's first box sum, a vector's
@@ -228,8 +177,8 @@ static void dn_centre_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, int64_t a, cons
             t[j] = x[j] * x[j];                                                                      \
             const int64_t at = j * (int64_t)sizeof(dn_v_##SUF_);                                     \
             if (at < next->bytes) {                                                                  \
-                DN_PREFETCH(next->x + at);                                                           \
-                if (next->dy) DN_PREFETCH(next->dy + at);                                            \
+                NS_PREFETCH(next->x + at);                                                           \
+                if (next->dy) NS_PREFETCH(next->dy + at);                                            \
                 __builtin_prefetch(next->out + at, 1, 3);                                            \
             }                                                                                        \
         });                                                                                          \
@@ -277,18 +226,18 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
 }                                                                                                    \
                                                                                                      \
 /* The rows row0 .. row0 + lanes - 1 of src (n values each) into the lanes of dst (zeros for         \
- * rows from `rows` on), and back; full groups by DN_TILE_ x DN_TILE_ transposes in registers. */    \
+ * rows from `rows` on), and back; full groups by NS_TILE_ x NS_TILE_ transposes in registers. */    \
 static void dn_gather_##SUF_(const T_ *restrict src, int64_t row0, int64_t rows, int64_t n,          \
                              dn_v_##SUF_ *restrict dst) {                                            \
-    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? DN_TILED_(n, SUF_) : 0;            \
+    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? NS_TILED_(n, SUF_) : 0;            \
     T_ *d = (T_ *)dst;                                                                               \
-    for (int64_t l0 = 0; l0 < L && tiled; l0 += DN_TILE_##SUF_)                                      \
-        for (int64_t j = 0; j < tiled; j += DN_TILE_##SUF_)                                          \
-            dn_tile_##SUF_(src + (row0 + l0) * n + j, n, d + j * L + l0, L);                         \
+    for (int64_t l0 = 0; l0 < L && tiled; l0 += NS_TILE_##SUF_)                                      \
+        for (int64_t j = 0; j < tiled; j += NS_TILE_##SUF_)                                          \
+            ns_tile_##SUF_(src + (row0 + l0) * n + j, n, d + j * L + l0, L);                         \
     if (n * L * (int64_t)sizeof(T_) < DN_FETCH_AHEAD_MIN) { /* a short next group: at once */        \
         const int64_t ahead_end = rows < row0 + 2 * L ? rows : row0 + 2 * L;                         \
         const T_ *next = src + (row0 + L) * n, *end = src + ahead_end * n;                           \
-        for (const char *c = (const char *)next; c < (const char *)end; c += 64) DN_PREFETCH(c);     \
+        for (const char *c = (const char *)next; c < (const char *)end; c += 64) NS_PREFETCH(c);     \
     }                                                                                                \
     for (int64_t l = 0; l < L; l++) {                                                                \
         const T_ *s = src + (row0 + l) * n;                                                          \
@@ -300,11 +249,11 @@ static void dn_gather_##SUF_(const T_ *restrict src, int64_t row0, int64_t rows,
 }                                                                                                    \
 static void dn_scatter_##SUF_(const dn_v_##SUF_ *restrict src, int64_t row0, int64_t rows,           \
                               int64_t n, T_ *restrict dst) {                                         \
-    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? DN_TILED_(n, SUF_) : 0;            \
+    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? NS_TILED_(n, SUF_) : 0;            \
     const T_ *s = (const T_ *)src;                                                                   \
-    for (int64_t l0 = 0; l0 < L && tiled; l0 += DN_TILE_##SUF_)                                      \
-        for (int64_t j = 0; j < tiled; j += DN_TILE_##SUF_)                                          \
-            dn_tile_##SUF_(s + j * L + l0, L, dst + (row0 + l0) * n + j, n);                         \
+    for (int64_t l0 = 0; l0 < L && tiled; l0 += NS_TILE_##SUF_)                                      \
+        for (int64_t j = 0; j < tiled; j += NS_TILE_##SUF_)                                          \
+            ns_tile_##SUF_(s + j * L + l0, L, dst + (row0 + l0) * n + j, n);                         \
     for (int64_t l = 0; l < L && row0 + l < rows; l++) {                                             \
         T_ *d = dst + (row0 + l) * n;                                                                \
         for (int64_t j = tiled; j < n; j++) d[j] = s[j * L + l];                                     \

@@ -510,6 +510,8 @@ static void ns_add_blocks(const double *part, int64_t nb, int64_t w, double *tot
     }
 }
 
+#include "tiles.h"
+
 #define T float
 #define SUF f32
 #define ABS fabsf
