@@ -881,6 +881,33 @@ def test_compiled_divisive_rows_call_the_kernel_with_eager_values_and_gradients(
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_divisive_rows_kernel_agrees_with_the_pytorch_formulation_on_every_block_layout(dn_spy):
+    """Rows of 1 to 130 values against windows of radius 0 to 40 (wider than the row, equal
+    to it, one block, several blocks and a part block; unequal radii), 1 to 17 rows (a part
+    group, one, several): the kernel's output, mean |v| and gradients (input, learned
+    sigma) in float64 are the PyTorch formulation's (kernels switched off), whose box sums
+    are shifted slices and float64 prefix sums: an independent computation of every block
+    boundary the kernel's box sums cross."""
+    g = torch.Generator().manual_seed(21)
+    cases = 0
+    for n in (1, 2, 3, 5, 8, 9, 16, 31, 33, 64, 130):
+        for a, b in ((0, 0), (0, 3), (1, 1), (2, 7), (5, 5), (30, 30), (40, 2)):
+            rows_count = (1, 5, 17)[cases % 3]
+            x = torch.randn(rows_count, n, generator=g, dtype=torch.float64) * 2 + 0.5
+            dy = torch.randn(rows_count, n, generator=g, dtype=torch.float64)
+            make = lambda: _layer(lambda: N.DivisiveNorm1d(a, sup_radius=b, sigma=0.4, learn_sigma=True),
+                                  torch.float64)
+            calls = len(dn_spy)
+            fast = _step(make(), x, dy)
+            assert len(dn_spy) == calls + 2, (n, a, b)
+            with kernels.disabled():
+                slow = _step(make(), x, dy)
+            for got, want in zip(fast, slow):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"n={n} a={a} b={b}: {m}")
+            cases += 1
+    assert cases == 77
+
+
 @pytest.mark.parametrize("shape", [(13, 45), (20, 300), (3, 8, 64)], ids=["ragged", "fetch-ahead", "tiles"])
 @pytest.mark.parametrize("radius,sup", [(30, 30), (2, 5)])
 def test_divisive_rows_kernel_in_float32_matches_a_float64_recomputation(shape, radius, sup, dn_spy):
