@@ -20,8 +20,9 @@
  * (smaller vectors and tiles without AVX-512, see below), the sums of products in T for at
  * most WH_FLUSH chunks, then added into double lanes (the lanes are added at the end).
  * PyTorch's path (bmm) reads a centred copy and writes and reads each product's output in
- * passes of their own, and calls about 60 operators per layer and step. Groups are split between OpenMP threads; a group's sums are added in
- * one order, so results do not depend on the thread count.
+ * passes of their own, and calls about 60 operators per layer and step. Groups are split
+ * between OpenMP threads; a group's sums are added in one order, so results do not depend
+ * on the thread count.
  */
 #include <string.h>
 
