@@ -493,14 +493,21 @@ def _rows_for_selection(kind: str, rows: int, n: int, gen: torch.Generator) -> t
     (64, 16, "gauss"), (51, 16, "gauss"), (600, 10, "gauss"), (600, 1, "gauss"),
     (600, 10, "one-subset"), (600, 10, "tied-12"), (600, 10, "tied-20"), (600, 10, "tied-40"),
     (600, 10, "mixed"), (48, 10, "mixed"), (600, 10, "all-candidates"), (602, 16, "all-candidates"),
+    # short rows, 16 side by side (n * k <= 4096): each row's candidates into the lanes
+    (256, 10, "mixed"), (64, 10, "one-subset"), (33, 16, "mixed"), (256, 16, "all-candidates"),
+    # ... and whole rows into the lanes (portable build: rows under 32 values, or k > 16)
+    (20, 10, "mixed"), (64, 20, "mixed"),
 ])
 def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch(n, k, kind):
-    """Float32 top-k layer norm on rows selected from the input itself (n * k above the
-    16-row selection's limit), against the float64 re-computation with earliest ties: full
+    """Float32 top-k layer norm, against the float64 re-computation with earliest ties, on
+    rows selected from the input itself (n * k above the 16-row selection's limit): full
     64-value blocks and a tail of 3 values, k = 1 and 16, candidates that fit one register
     (Gaussian rows), two (20 tied values), or neither (40 tied values; one subset holding
     the top of the row), so that the general path takes over; and those kinds mixed in the
-    rows that are selected together. 23 rows: the last group of rows is not full."""
+    rows that are selected together. Short rows go 16 side by side, each row's candidates
+    packed into the lanes: lists of unequal lengths (mixed), a row length that is not whole
+    tiles (33), every value a candidate; or whole (rows of 20, k = 20). 23 rows: the last
+    group of rows is not full."""
     gen = torch.Generator().manual_seed(11)
     x = _rows_for_selection(kind, 23, n, gen)
     w = torch.randn(23, n, generator=gen, dtype=torch.float64)

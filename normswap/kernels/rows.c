@@ -94,8 +94,10 @@ SCAN_GE_AVX512(double, f64, __m512d, __mmask8, 8, pd)
 #endif
 
 /* pack_ge: the values t_i >= tau of a[0..n), in order, into cv; returns how many. t_i is
- * a_i, or |a_i - m| where dev (a constant at every call). cv needs no room beyond n: it is
- * written at most up to the values read so far. With AVX2 eight (four) values at a time:
+ * a_i, or |a_i - m| where dev. dense: no test for a block without candidates (where most
+ * blocks hold one, as in short rows, its branch goes each way at random). dev and dense are
+ * constants at every call. cv needs no room beyond n: it is written at most up to the values
+ * read so far. With AVX2 eight (four) values at a time:
  * the comparison's bit mask picks, from a table, the permutation that moves the chosen lanes
  * to the front, and one store writes them (the scalar branch-free copy it replaced costs
  * about six operations a value, and most vectors of a row's candidates' blocks hold one).
@@ -125,7 +127,7 @@ __attribute__((constructor)) static void ns_pack_tables(void) {
 /* VT the vector type, W its lanes, PS the intrinsics' suffix, AS_PS its cast to __m256 */
 #define PACK_GE_AVX2(T, SUF, VT, W, PS, AS_PS, ABS_)                                           \
     static inline int64_t pack_ge_##SUF(const T *a, int64_t n, T m, const int dev, T tau,      \
-                                        T *cv) {                                               \
+                                        T *cv, const int dense) {                              \
         const VT mv = _mm256_set1_##PS(m), tv = _mm256_set1_##PS(tau);                         \
         const VT sign = _mm256_set1_##PS((T)-0.0);                                             \
         int64_t c = 0, i = 0;                                                                  \
@@ -133,7 +135,7 @@ __attribute__((constructor)) static void ns_pack_tables(void) {
             VT v = _mm256_loadu_##PS(a + i);                                                   \
             if (dev) v = _mm256_andnot_##PS(sign, _mm256_sub_##PS(v, mv));                     \
             const int mask = _mm256_movemask_##PS(_mm256_cmp_##PS(v, tv, _CMP_GE_OQ));        \
-            if (!mask) continue;                                                               \
+            if (!dense && !mask) continue;                                                     \
             const __m256i order = _mm256_loadu_si256((const __m256i *)ns_pack_##SUF[mask]);    \
             _mm256_storeu_ps((float *)(cv + c), _mm256_permutevar8x32_ps(AS_PS(v), order));    \
             c += __builtin_popcount((unsigned)mask);                                           \
@@ -150,13 +152,15 @@ PACK_GE_AVX2(double, f64, __m256d, 4, pd, _mm256_castpd_ps, fabs)
 #else
 #define PACK_GE_GENERIC(T, SUF, ABS_)                                                          \
     static inline int64_t pack_ge_##SUF(const T *a, int64_t n, T m, const int dev, T tau,      \
-                                        T *cv) {                                               \
+                                        T *cv, const int dense) {                              \
         int64_t c = 0;                                                                         \
         for (int64_t i0 = 0; i0 < n; i0 += 16) {                                               \
             int64_t i1 = i0 + 16 < n ? i0 + 16 : n;                                            \
-            int any = 0;                                                                       \
-            _Pragma("omp simd reduction(|:any)")                                               \
-            for (int64_t i = i0; i < i1; i++) any |= (dev ? ABS_(a[i] - m) : a[i]) >= tau;     \
+            int any = dense;                                                                   \
+            if (!dense) {                                                                      \
+                _Pragma("omp simd reduction(|:any)")                                           \
+                for (int64_t i = i0; i < i1; i++) any |= (dev ? ABS_(a[i] - m) : a[i]) >= tau; \
+            }                                                                                  \
             if (!any) continue;                                                                \
             for (int64_t i = i0; i < i1; i++) {                                                \
                 const T v = dev ? ABS_(a[i] - m) : a[i];                                       \
@@ -171,10 +175,10 @@ PACK_GE_GENERIC(double, f64, fabs)
 #endif
 #if !defined(__AVX512F__)
 static int64_t scan_ge_f32(const float *a, int64_t n, float tau, float *cv) {
-    return pack_ge_f32(a, n, 0, 0, tau, cv);
+    return pack_ge_f32(a, n, 0, 0, tau, cv, 0);
 }
 static int64_t scan_ge_f64(const double *a, int64_t n, double tau, double *cv) {
-    return pack_ge_f64(a, n, 0, 0, tau, cv);
+    return pack_ge_f64(a, n, 0, 0, tau, cv, 0);
 }
 #endif
 

@@ -81,7 +81,7 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
     return s;
 }
 
-#define NS_LANES 16         /* rows selected side by side (top-k on short rows) */
+#define NS_LANES 16         /* rows selected side by side (top-k on short rows, or their candidates) */
 #ifndef NS_LANES_MAX_NK_FAST
 #define NS_LANES_MAX_NK_FAST 400    /* ... or this where rows_topk_ applies (float32, AVX-512; measured) */
 #endif
@@ -90,6 +90,7 @@ static T FN(topk_)(const T *a, int64_t n, int64_t k, T *cv, T *hv, T *thr) {
 #ifndef NS_LANES_MAX_NK
 #define NS_LANES_MAX_NK 4096   /* ... when a row's n * k is at most this */
 #endif
+#define NS_LANES_CANDIDATES_MAX_N 4096   /* ... their candidates (lanes_candidates_), rows of up to this */
 
 /* The k largest |a - m[l]| of each of B = NS_LANES rows side by side, a[i * B + l] value i
  * of row l: b[j * B + l] holds the j-th largest of row l so far (-1: none yet; b[-B..-1] and
@@ -261,7 +262,7 @@ static T FN(topk_above_bound_)(const T *x, int64_t P, int64_t R, int64_t Q, int6
     const T tau = smax[k - 1];
     int64_t c = 0;
     for (int64_t p = 0; p < P; p++)   /* (the candidates overwrite smax) */
-        c += FN(pack_ge_)(x + (p * R + r) * Q, Q, mean, 1, tau, a + c);
+        c += FN(pack_ge_)(x + (p * R + r) * Q, Q, mean, 1, tau, a + c, 0);
     if (c < k) return (T)NAN;   /* (only with NaN in the row) */
     const int64_t n = P * Q;
     return FN(topk_)(a, c, k, a + n, a + 2 * n + NS_LANES, thr);
@@ -272,6 +273,48 @@ static T FN(topk_above_bound_)(const T *x, int64_t P, int64_t R, int64_t Q, int6
  * selection either), with at least k slices, or one of at least 32 values and k <= 16 */
 static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
     return NS_PORTABLE_SUMS && (P > 1 ? P >= k : k <= 16 && Q >= 32);
+}
+
+/* The lanes' input (a[i * B + l], B = NS_LANES) for rows rb .. rb + nb - 1 where
+ * bounded_topk_applies_ (1, n, k): instead of a row's n values, the deviations |x - m| >= tau
+ * of its candidates, padded with zeros to the longest list. tau is bounded_topk_'s bound: the
+ * k-th largest of the largest deviations of the 16 subsets that sum_extremes16_'s pass finds
+ * with the mean, here selected for the B rows at once by lanes_insert_ (branch-free; a
+ * quickselect a row cost 15% of the forward). A zero displaces no candidate: a finite row has
+ * at least k of them, none below 0. The candidates are packed without branches (most of a
+ * short row's vectors hold one) into cand (rows ld >= n rounded up to 8 apart) and go into the
+ * lanes by register tiles. On Gaussian rows the lists are about 20 long whatever n: the lanes
+ * insert 20 values a row instead of n. Lanes past nb repeat row rb + nb - 1, as in the plain
+ * lanes. Returns the lists' length (a is written up to it rounded up to a whole tile); m: the
+ * means (row_mean_'s: the portable sums add in dev_sum_'s order; a row without a finite mean
+ * gets no candidates). */
+static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t n, int64_t k, T *m, T *cand,
+                                     int64_t ld, T *a) {
+    T smax[16 * NS_LANES], tau[(2 + 16) * NS_LANES], zero[NS_LANES] = {0};
+    for (int64_t l = 0; l < NS_LANES; l++) {   /* the means, and the subsets' deviations side by side */
+        const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
+        T hi[16], lo[16];
+        m[l] = (T)((double)FN(sum_extremes16_)(xr, n, hi, lo) / (double)n);
+        for (int p = 0; p < 16; p++)
+            smax[p * NS_LANES + l] = hi[p] - m[l] > m[l] - lo[p] ? hi[p] - m[l] : m[l] - lo[p];
+    }
+    FN(lanes_insert_)(smax, 16, k, zero, tau + 2 * NS_LANES);
+    const T *bound = tau + (2 + k - 1) * NS_LANES;
+    int64_t count[NS_LANES], len = 0;
+    for (int64_t l = 0; l < NS_LANES; l++) {
+        const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
+        count[l] = isfinite(m[l]) ? FN(pack_ge_)(xr, n, m[l], 1, bound[l], cand + l * ld, 1) : 0;
+        len = count[l] > len ? count[l] : len;
+    }
+    const int64_t tile = CAT(NS_TILE_, SUF), padded = (len + tile - 1) / tile * tile, tiled = NS_TILED_(padded, SUF);
+    for (int64_t l = 0; l < NS_LANES; l++)
+        for (int64_t i = count[l]; i < padded; i++) cand[l * ld + i] = 0;
+    for (int64_t i0 = 0; i0 < tiled; i0 += tile)
+        for (int64_t l0 = 0; l0 < NS_LANES; l0 += tile)
+            CAT(ns_tile_, SUF)(cand + l0 * ld + i0, ld, a + i0 * NS_LANES + l0, NS_LANES);
+    for (int64_t i = tiled; i < padded; i++)
+        for (int64_t l = 0; l < NS_LANES; l++) a[i * NS_LANES + l] = cand[l * ld + i];
+    return len;
 }
 
 /* Top-k of row r by topk_above_bound_ (where bounded_topk_applies_): the parts are the P
@@ -372,15 +415,24 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     const int64_t n = P * Q;
     int failed = 0;
     if (P > 1) S = Q;   /* several slices per row: the recovery is per row (batch area) */
-    /* top-k on short contiguous rows: NS_LANES rows at a time (topk_lanes_) */
+    /* top-k on contiguous rows: NS_LANES rows at a time (topk_lanes_), short rows, or any row
+     * whose candidates lanes_candidates_ can collect */
     const int fast = FN(fast_candidates_) && k <= 16;
-    const int lanes = stat == STAT_TOPK && P == 1 && n * k <= (fast ? NS_LANES_MAX_NK_FAST : NS_LANES_MAX_NK);
+    /* (with the candidates the lanes' cost hardly depends on n: measured 0.54x the one-row
+     * path's forward on rows of 600, 0.91-0.97x on rows of 4096; 1.02-1.03x on rows of
+     * 8192-16384, whose 16 rows no longer stay in cache between the two passes) */
+    const int lane_candidates = stat == STAT_TOPK && P == 1 && n <= NS_LANES_CANDIDATES_MAX_N
+                                && FN(bounded_topk_applies_)(1, n, k);
+    const int lanes = lane_candidates
+                      || (stat == STAT_TOPK && P == 1 && n * k <= (fast ? NS_LANES_MAX_NK_FAST : NS_LANES_MAX_NK));
+    const int64_t nl = (n + 7) / 8 * 8;   /* the lanes' rows of values: whole tiles */
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
-        if (stat == STAT_TOPK) {   /* scratch: lanes: a (n * B), guards (2 B), b (k * B); else a (n), then
-                                    * cv (n + B) and hv (k), or rows_topk_'s cv (NS_ROWS_AT_ONCE (n + B)) */
-            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (n + k + 2) * NS_LANES
+        if (stat == STAT_TOPK) {   /* scratch: lanes: a (nl * B), guards (2 B), b (k * B), lanes_candidates_'s
+                                    * cand (nl * B); else a (n), then cv (n + B) and hv (k), or rows_topk_'s
+                                    * cv (NS_ROWS_AT_ONCE (n + B)) */
+            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (nl * (1 + lane_candidates) + k + 2) * NS_LANES
                                                                  : n + NS_ROWS_AT_ONCE * (n + NS_LANES) + k),
                                        0, &failed);
         }
@@ -390,14 +442,18 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
         if (lanes) {
             for (int64_t rb = r0; rb < r1; rb += NS_LANES) {
                 int64_t nb = r1 - rb < NS_LANES ? r1 - rb : NS_LANES;
-                T m[NS_LANES], sk[NS_LANES], th[NS_LANES];
-                for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side (past nb: row nb - 1) */
-                    const int64_t r = rb + (l < nb ? l : nb - 1);
-                    const T *xr = x + r * n;
-                    m[l] = FN(row_mean_)(x, 1, R, Q, r);   /* (as every path computes it: see ns_backward_) */
-                    for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
-                }
-                FN(topk_lanes_)(a, n, k, a + (n + 2) * NS_LANES, m, sk, th);
+                T m[NS_LANES], sk[NS_LANES], th[NS_LANES], zero[NS_LANES] = {0};
+                int64_t len = n;
+                if (lane_candidates)
+                    len = FN(lanes_candidates_)(x, rb, nb, n, k, m, a + (nl + k + 2) * NS_LANES, nl, a);
+                else
+                    for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side (past nb: row nb - 1) */
+                        const int64_t r = rb + (l < nb ? l : nb - 1);
+                        const T *xr = x + r * n;
+                        m[l] = FN(row_mean_)(x, 1, R, Q, r);   /* (as every path computes it: see ns_backward_) */
+                        for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
+                    }
+                FN(topk_lanes_)(a, len, k, a + (nl + 2) * NS_LANES, lane_candidates ? zero : m, sk, th);
                 for (int64_t l = 0; l < nb; l++) {
                     int finite = isfinite(m[l]);   /* (a NaN would not stay in the lanes' maxima) */
                     thr[rb + l] = finite ? th[l] : (T)NAN;
