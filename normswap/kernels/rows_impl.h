@@ -282,10 +282,10 @@ static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
  * with the mean, here selected for the B rows at once by lanes_insert_ (branch-free; a
  * quickselect a row cost 15% of the forward). A zero displaces no candidate: a finite row has
  * at least k of them, none below 0. The candidates are packed without branches (most of a
- * short row's vectors hold one) into cand (rows ld >= n rounded up to 8 apart) and go into the
- * lanes by register tiles. On Gaussian rows the lists are about 20 long whatever n: the lanes
- * insert 20 values a row instead of n. Lanes past nb repeat row rb + nb - 1, as in the plain
- * lanes. Returns the lists' length (a is written up to it rounded up to a whole tile); m: the
+ * short row's vectors hold one) into cand (rows ld apart: n rounded up to 8, plus 8 of slack
+ * for the zeros' whole-vector stores) and go into the lanes by register tiles. On Gaussian
+ * rows the lists are about 20 long whatever n: the lanes insert 20 values a row instead of
+ * n. Lanes past nb repeat row rb + nb - 1, as in the plain lanes. Returns the lists' length (a is written up to it rounded up to a whole tile); m: the
  * means (row_mean_'s: the portable sums add in dev_sum_'s order; a row without a finite mean
  * gets no candidates). */
 static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t n, int64_t k, T *m, T *cand,
@@ -306,9 +306,10 @@ static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t
         count[l] = isfinite(m[l]) ? FN(pack_ge_)(xr, n, m[l], 1, bound[l], cand + l * ld, 1) : 0;
         len = count[l] > len ? count[l] : len;
     }
-    const int64_t tile = CAT(NS_TILE_, SUF), padded = (len + tile - 1) / tile * tile, tiled = NS_TILED_(padded, SUF);
-    for (int64_t l = 0; l < NS_LANES; l++)
-        for (int64_t i = count[l]; i < padded; i++) cand[l * ld + i] = 0;
+    const int64_t tile = CAT(NS_TILE_, SUF), padded = (len + tile - 1) / tile * tile;
+    const int64_t tiled = NS_TILED_(padded, SUF);
+    for (int64_t l = 0; l < NS_LANES; l++)   /* (8 zeros a store: gcc made the loop a memset call) */
+        for (int64_t i = count[l]; i < padded; i += 8) memset(cand + l * ld + i, 0, 8 * sizeof(T));
     for (int64_t i0 = 0; i0 < tiled; i0 += tile)
         for (int64_t l0 = 0; l0 < NS_LANES; l0 += tile)
             CAT(ns_tile_, SUF)(cand + l0 * ld + i0, ld, a + i0 * NS_LANES + l0, NS_LANES);
@@ -425,14 +426,14 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                                 && FN(bounded_topk_applies_)(1, n, k);
     const int lanes = lane_candidates
                       || (stat == STAT_TOPK && P == 1 && n * k <= (fast ? NS_LANES_MAX_NK_FAST : NS_LANES_MAX_NK));
-    const int64_t nl = (n + 7) / 8 * 8;   /* the lanes' rows of values: whole tiles */
+    const int64_t nl = (n + 7) / 8 * 8, ld = nl + 8;   /* the lanes' rows of values: whole tiles; cand's rows */
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
         if (stat == STAT_TOPK) {   /* scratch: lanes: a (nl * B), guards (2 B), b (k * B), lanes_candidates_'s
-                                    * cand (nl * B); else a (n), then cv (n + B) and hv (k), or rows_topk_'s
+                                    * cand (ld * B); else a (n), then cv (n + B) and hv (k), or rows_topk_'s
                                     * cv (NS_ROWS_AT_ONCE (n + B)) */
-            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (nl * (1 + lane_candidates) + k + 2) * NS_LANES
+            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (nl + lane_candidates * ld + k + 2) * NS_LANES
                                                                  : n + NS_ROWS_AT_ONCE * (n + NS_LANES) + k),
                                        0, &failed);
         }
@@ -445,7 +446,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                 T m[NS_LANES], sk[NS_LANES], th[NS_LANES], zero[NS_LANES] = {0};
                 int64_t len = n;
                 if (lane_candidates)
-                    len = FN(lanes_candidates_)(x, rb, nb, n, k, m, a + (nl + k + 2) * NS_LANES, nl, a);
+                    len = FN(lanes_candidates_)(x, rb, nb, n, k, m, a + (nl + k + 2) * NS_LANES, ld, a);
                 else
                     for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side (past nb: row nb - 1) */
                         const int64_t r = rb + (l < nb ? l : nb - 1);
