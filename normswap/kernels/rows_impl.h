@@ -285,9 +285,9 @@ static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
  * short row's vectors hold one) into cand (rows ld apart: n rounded up to 8, plus 8 of slack
  * for the zeros' whole-vector stores) and go into the lanes by register tiles. On Gaussian
  * rows the lists are about 20 long whatever n: the lanes insert 20 values a row instead of
- * n. Lanes past nb repeat row rb + nb - 1, as in the plain lanes. Returns the lists' length (a is written up to it rounded up to a whole tile); m: the
- * means (row_mean_'s: the portable sums add in dev_sum_'s order; a row without a finite mean
- * gets no candidates). */
+ * n. Lanes past nb repeat row rb + nb - 1, as in the plain lanes. Returns the lists' length
+ * (a is written up to it rounded up to a whole tile); m: the means (row_mean_'s: the portable
+ * sums add in dev_sum_'s order; a row without a finite mean gets no candidates). */
 static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t n, int64_t k, T *m, T *cand,
                                      int64_t ld, T *a) {
     T smax[16 * NS_LANES], tau[(2 + 16) * NS_LANES], zero[NS_LANES] = {0};
