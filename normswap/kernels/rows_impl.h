@@ -275,6 +275,15 @@ static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
     return NS_PORTABLE_SUMS && (P > 1 ? P >= k : k <= 16 && Q >= 32);
 }
 
+/* smax[p * stride] = the largest |x - mean| of part p (p < np), from its largest and smallest
+ * values mx[p], mn[p] (rounding is monotone: the same as the largest of its values' |x - mean|) */
+static void FN(largest_deviations_)(const T *mx, const T *mn, int64_t np, T mean, T *smax, int64_t stride) {
+    for (int64_t p = 0; p < np; p++) {
+        const T hi = mx[p] - mean, lo = mean - mn[p];
+        smax[p * stride] = hi > lo ? hi : lo;
+    }
+}
+
 /* The lanes' input (a[i * B + l], B = NS_LANES) for rows rb .. rb + nb - 1 where
  * bounded_topk_applies_ (1, n, k): instead of a row's n values, the deviations |x - m| >= tau
  * of its candidates, padded with zeros to the longest list. tau is bounded_topk_'s bound: the
@@ -291,19 +300,18 @@ static int FN(bounded_topk_applies_)(int64_t P, int64_t Q, int64_t k) {
 static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t n, int64_t k, T *m, T *cand,
                                      int64_t ld, T *a) {
     T smax[16 * NS_LANES], tau[(2 + 16) * NS_LANES], zero[NS_LANES] = {0};
+    const T *xr[NS_LANES];
     for (int64_t l = 0; l < NS_LANES; l++) {   /* the means, and the subsets' deviations side by side */
-        const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
         T hi[16], lo[16];
-        m[l] = (T)((double)FN(sum_extremes16_)(xr, n, hi, lo) / (double)n);
-        for (int p = 0; p < 16; p++)
-            smax[p * NS_LANES + l] = hi[p] - m[l] > m[l] - lo[p] ? hi[p] - m[l] : m[l] - lo[p];
+        xr[l] = x + (rb + (l < nb ? l : nb - 1)) * n;
+        m[l] = (T)((double)FN(sum_extremes16_)(xr[l], n, hi, lo) / (double)n);
+        FN(largest_deviations_)(hi, lo, 16, m[l], smax + l, NS_LANES);
     }
     FN(lanes_insert_)(smax, 16, k, zero, tau + 2 * NS_LANES);
     const T *bound = tau + (2 + k - 1) * NS_LANES;
     int64_t count[NS_LANES], len = 0;
     for (int64_t l = 0; l < NS_LANES; l++) {
-        const T *xr = x + (rb + (l < nb ? l : nb - 1)) * n;
-        count[l] = isfinite(m[l]) ? FN(pack_ge_)(xr, n, m[l], 1, bound[l], cand + l * ld, 1) : 0;
+        count[l] = isfinite(m[l]) ? FN(pack_ge_)(xr[l], n, m[l], 1, bound[l], cand + l * ld, 1) : 0;
         len = count[l] > len ? count[l] : len;
     }
     const int64_t tile = CAT(NS_TILE_, SUF), padded = (len + tile - 1) / tile * tile;
@@ -332,10 +340,7 @@ static T FN(bounded_topk_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t 
         s1 = FN(sum_extremes16_)(x + r * Q, Q, mx, mn);
     const T mean = (T)(s1 / (double)(P * Q));
     *m = mean;
-    for (int64_t p = 0; p < np; p++) {
-        T hi = mx[p] - mean, lo = mean - mn[p];
-        smax[p] = hi > lo ? hi : lo;
-    }
+    FN(largest_deviations_)(mx, mn, np, mean, smax, 1);
     return FN(topk_above_bound_)(x, P, R, Q, r, k, mean, smax, np, a, thr);
 }
 
