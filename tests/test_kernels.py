@@ -648,9 +648,13 @@ def _iter_norm_autograd(x, gamma, beta, T, eps, d=16):
 
 # (input shape, affine): one position per sample, maps of 3 / 16 / 17 / 300 positions (a
 # sample's columns split between buffer chunks of 256 float / 128 double positions, or
-# several samples in one), three groups
+# several samples in one), three groups; groups of more than 2 MiB a pass (the next chunk's
+# lines requested during a chunk's products, whiten.h's WH_AHEAD_MIN_BYTES): maps of 9,000
+# positions (chunks across two planes, rows not aligned to cache lines), of 16, and one
+# position per sample (more lines a chunk than the requests keep: 256 samples in a chunk)
 WHITEN_CASES = [((64, 16), True), ((5, 32, 3), True), ((40, 16, 4, 4), False), ((9, 16, 17), True),
-                ((3, 48, 15, 20), True), ((2, 16, 300), False)]
+                ((3, 48, 15, 20), True), ((2, 16, 300), False),
+                ((2, 16, 90, 100), True), ((1100, 16, 4, 4), False), ((17000, 16), True)]
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:

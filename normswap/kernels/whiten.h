@@ -19,6 +19,9 @@
  * products run on vectors of 64 bytes (16 float / 8 double positions) in 4 x 4 tiles
  * (smaller vectors and tiles without AVX-512, see below), the sums of products in T for at
  * most WH_FLUSH chunks, then added into double lanes (the lanes are added at the end).
+ * Where a pass reads more than stays in cache, the next chunk's cache lines are requested a
+ * few at a time between the tiles of this chunk's products (wh_ahead), so that the reads
+ * overlap the arithmetic.
  * PyTorch's path (bmm) reads a centred copy and writes and reads each product's output in
  * passes of their own, and calls about 60 operators per layer and step. Groups are split
  * between OpenMP threads; a group's sums are added in one order, so results do not depend
@@ -49,6 +52,9 @@
 #endif
 #define WH_ROW_BYTES 1024 /* of each row of a chunk */
 #define WH_FLUSH 8       /* chunks summed in T before the sums go into double */
+#define WH_AHEAD_LINES 1024 /* the next chunk's lines requested during a chunk's products, at most */
+#define WH_AHEAD_MIN_BYTES (2 << 20) /* ... where a pass reads and writes more than this (less stays
+                                       in cache between passes: requests there only cost time) */
 #define WCL_SLAB 512     /* channels last: positions per unit of work between threads ... */
 #define WCL_MAX_SLABS 1024 /* ... at most this many (their partial sums are kept) */
 #define WCL_FLUSH 64     /* channels last: positions whose sums are added in T */

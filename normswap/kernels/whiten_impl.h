@@ -11,19 +11,32 @@
 
 typedef WH_T WV __attribute__((vector_size(WH_VEC_BYTES)));
 
+/* The cache lines of the next chunk, requested a few at a time while this chunk's products
+ * run: line[next .. n) not requested yet, those from first_write on the output's (requested
+ * for writing), per of them requested before each tile of the products. A chunk reads 16
+ * rows of each input 1 KiB at a time, which the hardware prefetcher does not follow; the
+ * next chunk's lines requested all at once, in the gather, waited for each other, and the
+ * products then ran with no reads in flight. */
+typedef struct {
+    const char *line[WH_AHEAD_LINES];
+    int n, next, per, first_write;
+} WF(wh_ahead);
+
 /* a thread's buffers: chunk rows of two inputs and of the output, the tiles' sums in WH_T
  * and their lanes in double */
 typedef struct {
     WH_T *a, *b, *o;
     WV *acc;
     double *accd;
+    WF(wh_ahead) *ahead;
     void *block;
 } WF(wh_work);
 
 static int WF(wh_work_alloc)(WF(wh_work) *w) {
     size_t rows = (size_t)(WH_D * WCH) * sizeof(WH_T);
     size_t nacc = WH_D * WH_D;
-    w->block = malloc(3 * rows + nacc * sizeof(WV) + nacc * (size_t)WVL * sizeof(double) + 64);
+    w->block = malloc(3 * rows + nacc * sizeof(WV) + nacc * (size_t)WVL * sizeof(double) +
+                      sizeof(WF(wh_ahead)) + 64);
     if (!w->block) return 0;
     char *p = (char *)(((uintptr_t)w->block + 63) & ~(uintptr_t)63);
     w->a = (WH_T *)p;
@@ -31,6 +44,7 @@ static int WF(wh_work_alloc)(WF(wh_work) *w) {
     w->o = (WH_T *)(p + 2 * rows);
     w->acc = (WV *)(p + 3 * rows);
     w->accd = (double *)(p + 3 * rows + nacc * sizeof(WV));
+    w->ahead = (WF(wh_ahead) *)(p + 3 * rows + nacc * sizeof(WV) + nacc * (size_t)WVL * sizeof(double));
     return 1;
 }
 
@@ -63,11 +77,6 @@ static void WF(wh_gather)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64
                 memcpy(dst + k, &v, sizeof v);
             }
             for (; k < seg; k++) dst[k] = src[k] - m;
-            /* the row's next chunk: its lines requested now (the hardware prefetcher does not
-             * follow 16 or 32 rows read a chunk at a time) */
-            if (l + seg + WCH <= L)
-                for (int64_t q = 0; q < WCH; q += 64 / (int64_t)sizeof(WH_T))
-                    __builtin_prefetch(src + seg + q, 0, 3);
             o += seg;
             n++;
             l = 0;
@@ -80,6 +89,52 @@ static void WF(wh_gather)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64
             for (int64_t k = 0; k < WVL; k++) s += v[k];
             rowsum[j] += (double)s;
         }
+    }
+}
+
+/* q += the lines of columns [p0, p0 + cnt) of the rows c0 .. c0 + 15 of x (as many as fit) */
+static void WF(wh_ahead_add)(WF(wh_ahead) *q, const WH_T *x, int64_t C, int64_t L, int64_t c0, int64_t p0,
+                             int64_t cnt) {
+    for (int j = 0; j < WH_D; j++) {
+        int64_t n = p0 / L, l = p0 - n * L, o = 0;
+        while (o < cnt) {
+            const int64_t seg = L - l < cnt - o ? L - l : cnt - o;
+            const WH_T *row = x + (n * C + c0 + j) * L;
+            const char *a = (const char *)((uintptr_t)(row + l) & ~(uintptr_t)63);
+            for (; a < (const char *)(row + l + seg) && q->n < WH_AHEAD_LINES; a += 64) q->line[q->n++] = a;
+            o += seg;
+            n++;
+            l = 0;
+        }
+    }
+}
+
+/* q: the next chunk's lines of x1 (and x2) to read, and of out (not NULL) to write, where the
+ * pass reads more than stays in cache (below that the requests only cost time), requested
+ * over `tiles` tiles of products */
+static void WF(wh_ahead_plan)(WF(wh_ahead) *q, const WH_T *x1, const WH_T *x2, WH_T *out, int64_t C,
+                              int64_t L, int64_t c0, int64_t p0, int64_t m, int tiles) {
+    q->n = q->next = q->per = 0;
+    q->first_write = WH_AHEAD_LINES;
+    const int64_t next = p0 + WCH, inputs = x2 ? 2 : 1;
+    if (next >= m || (inputs + (out != NULL)) * m * WH_D * (int64_t)sizeof(WH_T) <= WH_AHEAD_MIN_BYTES) return;
+    const int64_t cnt = m - next < WCH ? m - next : WCH;
+    WF(wh_ahead_add)(q, x1, C, L, c0, next, cnt);
+    if (x2) WF(wh_ahead_add)(q, x2, C, L, c0, next, cnt);
+    if (out) {
+        q->first_write = q->n;
+        WF(wh_ahead_add)(q, out, C, L, c0, next, cnt);
+    }
+    q->per = (q->n + tiles - 1) / tiles;
+}
+
+/* request up to `count` more of q's lines */
+static inline void WF(wh_ahead_request)(WF(wh_ahead) *q, int count) {
+    for (; count > 0 && q->next < q->n; count--, q->next++) {
+        if (q->next >= q->first_write)
+            __builtin_prefetch(q->line[q->next], 1, 3);
+        else
+            __builtin_prefetch(q->line[q->next], 0, 3);
     }
 }
 
@@ -103,14 +158,24 @@ static void WF(wh_scatter)(const WH_T *buf, int64_t C, int64_t L, int64_t c0, in
     }
 }
 
+/* the tiles of wh_cross_acc */
+static int WF(wh_cross_tiles)(int sym) {
+    int t = 0;
+    for (int ti = 0; ti < WH_D; ti += WH_CROSS_ROWS)
+        t += (WH_D - (sym ? ti / WH_CROSS_COLS * WH_CROSS_COLS : 0)) / WH_CROSS_COLS;
+    return t;
+}
+
 /* acc[16 i + j] += a_i * b_j lane by lane over nb vectors of the chunk rows, in tiles of
- * WH_CROSS_ROWS x WH_CROSS_COLS; sym (a == b): the tiles that hold a j >= i only */
+ * WH_CROSS_ROWS x WH_CROSS_COLS; sym (a == b): the tiles that hold a j >= i only; ahead's
+ * lines requested over the tiles */
 static void WF(wh_cross_acc)(const WH_T *restrict a, const WH_T *restrict b, int64_t nb,
-                              WV *restrict acc, int sym) {
+                              WV *restrict acc, int sym, WF(wh_ahead) *ahead) {
     enum { TR = WH_CROSS_ROWS, TC = WH_CROSS_COLS };
     for (int ti = 0; ti < WH_D; ti += TR)
         for (int tj = sym ? ti / TC * TC : 0; tj < WH_D; tj += TC) {
             WV c[TR][TC];
+            WF(wh_ahead_request)(ahead, ahead->per);
             for (int r = 0; r < TR; r++)
                 for (int s = 0; s < TC; s++) c[r][s] = acc[(ti + r) * WH_D + tj + s];
 #pragma GCC unroll 1
@@ -173,7 +238,9 @@ static void WF(wh_cross_group)(const WH_T *a, const WH_T *mu_a, const WH_T *b, c
         const int64_t cnt = m - p0 < WCH ? m - p0 : WCH;
         WF(wh_gather)(a, C, L, c0, p0, cnt, mu_a, w->a, asum ? rs : NULL);
         if (!sym) WF(wh_gather)(b, C, L, c0, p0, cnt, mu_b, w->b, NULL);
-        WF(wh_cross_acc)(w->a, sym ? w->a : w->b, WF(wh_padded)(cnt) / WVL, w->acc, sym);
+        WF(wh_ahead_plan)(w->ahead, a, sym ? NULL : b, NULL, C, L, c0, p0, m, WF(wh_cross_tiles)(sym));
+        WF(wh_cross_acc)(w->a, sym ? w->a : w->b, WF(wh_padded)(cnt) / WVL, w->acc, sym, w->ahead);
+        WF(wh_ahead_request)(w->ahead, WH_AHEAD_LINES);
         if (++chunks == WH_FLUSH) {
             WF(wh_flush)(w->acc, w->accd);
             chunks = 0;
@@ -207,9 +274,11 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
         const int64_t cnt = m - p0 < WCH ? m - p0 : WCH, nb = WF(wh_padded)(cnt) / WVL;
         WF(wh_gather)(x1, C, L, c0, p0, cnt, mu1, w->a, NULL);
         if (x2) WF(wh_gather)(x2, C, L, c0, p0, cnt, mu2, w->b, NULL);
+        WF(wh_ahead_plan)(w->ahead, x1, x2, out, C, L, c0, p0, m, (int)((nb + OQ - 1) / OQ * (WH_D / OR)));
         for (int64_t k = 0; k < nb; k += OQ)
             for (int i = 0; i < WH_D; i += OR) {
                 WV c[OR][OQ];
+                WF(wh_ahead_request)(w->ahead, w->ahead->per);
                 for (int r = 0; r < OR; r++) {
                     const WV zero = {0};
                     const WH_T b0 = bias ? bias[i + r] : (WH_T)0;
@@ -229,6 +298,7 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
                 for (int r = 0; r < OR; r++)
                     for (int q = 0; q < OQ; q++) *(WV *)(w->o + (i + r) * WCH + (k + q) * WVL) = c[r][q];
             }
+        WF(wh_ahead_request)(w->ahead, WH_AHEAD_LINES);
         WF(wh_scatter)(w->o, C, L, c0, p0, cnt, out);
     }
 }
@@ -392,7 +462,7 @@ static int WF(wh_run_channels_first)(const WF(wh_call) *q, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        WF(wh_work) w = {NULL, NULL, NULL, NULL, NULL, NULL};
+        WF(wh_work) w = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
         WH_T *nt = (WH_T *)ns_thread_scratch(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T), 0, &failed);
         const int ok = WF(wh_work_alloc)(&w) && nt;
         if (!ok) {
