@@ -305,6 +305,8 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
 
 /* ---- channels last: x[p C + c], a group's 16 channels at a position WCL_VECS vectors -------- */
 #define WCL_VECS ((int)(WH_D / WVL))
+typedef double WF(wh_vecd) __attribute__((vector_size(WH_VEC_BYTES / sizeof(WH_T) * sizeof(double))));
+#define WVD WF(wh_vecd)   /* a vector's values in double */
 
 /* sums[j] += the sum of x[p C + c0 + j] over positions [p0, p1) (blocks of WCL_FLUSH in WH_T) */
 static void WF(wcl_sums)(const WH_T *x, int64_t C, int64_t c0, int64_t p0, int64_t p1, double *sums) {
@@ -332,7 +334,8 @@ static void WF(wcl_sums)(const WH_T *x, int64_t C, int64_t c0, int64_t p0, int64
 }
 
 /* out[16 i + j] += the sum over positions [p0, p1) of (a_i - mu_a_i)(b_j - mu_b_j); asum[i]
- * (not NULL, mu_a NULL) += the sum of a_i; a == b with mu_a == mu_b: one load a position.
+ * (not NULL, mu_a NULL) += the sum of a_i; a == b with mu_a == mu_b: one load a position, and
+ * only the vectors of j that hold a j >= i (the caller copies the rest from out[16 j + i]).
  * A block of WCL_FLUSH positions is centred into a buffer, then its rows i taken WCL_ROWS at
  * a time, a_i broadcast from the buffer. A position's 16 values are WCL_VECS vectors of the
  * target's width: as one 16-value vector (64 bytes, two registers with AVX2) the sums of
@@ -366,16 +369,24 @@ static void WF(wcl_cross)(const WH_T *a, const WH_T *mu_a, const WH_T *b, const 
                 }
             }
         for (int i0 = 0; i0 < WH_D; i0 += WCL_ROWS) {
+            const int h0 = sym ? i0 / WVL : 0;   /* sym: the vectors that hold a j >= i0 only */
             WV acc[WCL_ROWS][NV];
             for (int r = 0; r < WCL_ROWS; r++)
                 for (int h = 0; h < NV; h++) acc[r][h] = zero;
             for (int p = 0; p < np; p++)
                 for (int r = 0; r < WCL_ROWS; r++) {
                     const WH_T s = ca[p][(i0 + r) / WVL][(i0 + r) % WVL];
-                    for (int h = 0; h < NV; h++) acc[r][h] += s * cb[p][h];
+                    for (int h = 0; h < NV; h++)   /* (a whole count, so that acc stays in registers) */
+                        if (h >= h0) acc[r][h] += s * cb[p][h];
                 }
             for (int r = 0; r < WCL_ROWS; r++)
-                for (int j = 0; j < WH_D; j++) out[(i0 + r) * WH_D + j] += (double)acc[r][j / WVL][j % WVL];
+                for (int h = h0; h < NV; h++) {
+                    double *o = out + (i0 + r) * WH_D + h * WVL;
+                    WVD d;
+                    memcpy(&d, o, sizeof d);
+                    d += __builtin_convertvector(acc[r][h], WVD);
+                    memcpy(o, &d, sizeof d);
+                }
         }
         if (asum)
             for (int i = 0; i < WH_D; i++) asum[i] += (double)as[i / WVL][i % WVL];
@@ -566,6 +577,10 @@ static int WF(wh_run_channels_last)(const WF(wh_call) *q, int threads) {
         }
         for (int64_t s = 0; s < slabs; s++)
             for (int64_t i = 0; i < per; i++) tot[i] += part[s * per + i];
+        if (!q->backward)   /* sum V V^T: the entries wcl_cross left, from their transposes */
+            for (int64_t g = 0; g < G; g++)
+                for (int i = 0; i < WH_D; i++)
+                    for (int j = 0; j < i; j++) tot[g * dd + i * WH_D + j] = tot[g * dd + j * WH_D + i];
 #pragma omp parallel num_threads(threads)
         {
             WH_T *nt = (WH_T *)ns_thread_scratch(sizeof(WH_T) * (size_t)nt_scratch(WH_D, q->T), 0, &failed);
@@ -627,6 +642,7 @@ int WF(ns_whiten_backward)(const WH_T *x, const WH_T *dy, int64_t N, int64_t C, 
 
 #undef WH_MATS
 #undef WCL_VECS
+#undef WVD
 #undef WCH
 #undef WVL
 #undef WV
