@@ -333,6 +333,33 @@ static void WF(wcl_sums)(const WH_T *x, int64_t C, int64_t c0, int64_t p0, int64
     }
 }
 
+/* out[16 i + j] += the sum over np positions of ca_i cb_j for the rows i0 .. i0 + WCL_ROWS - 1
+ * and the vectors h >= h0 of j (a function of its own: inlined into wcl_cross, half of the
+ * sums of products went through memory at every step) */
+__attribute__((noinline))
+static void WF(wcl_cross_rows)(const WV (*ca)[WCL_VECS], const WV (*cb)[WCL_VECS], int np, int i0, int h0,
+                                double *out) {
+    enum { NV = WCL_VECS };
+    const WV zero = {0};
+    WV acc[WCL_ROWS][NV];
+    for (int r = 0; r < WCL_ROWS; r++)
+        for (int h = 0; h < NV; h++) acc[r][h] = zero;
+    for (int p = 0; p < np; p++)
+        for (int r = 0; r < WCL_ROWS; r++) {
+            const WH_T s = ca[p][(i0 + r) / WVL][(i0 + r) % WVL];
+            for (int h = 0; h < NV; h++)   /* (a whole count, so that acc stays in registers) */
+                if (h >= h0) acc[r][h] += s * cb[p][h];
+        }
+    for (int r = 0; r < WCL_ROWS; r++)
+        for (int h = h0; h < NV; h++) {
+            double *o = out + (i0 + r) * WH_D + h * WVL;
+            WVD d;
+            memcpy(&d, o, sizeof d);
+            d += __builtin_convertvector(acc[r][h], WVD);
+            memcpy(o, &d, sizeof d);
+        }
+}
+
 /* out[16 i + j] += the sum over positions [p0, p1) of (a_i - mu_a_i)(b_j - mu_b_j); asum[i]
  * (not NULL, mu_a NULL) += the sum of a_i; a == b with mu_a == mu_b: one load a position, and
  * only the vectors of j that hold a j >= i (the caller copies the rest from out[16 j + i]).
@@ -368,26 +395,8 @@ static void WF(wcl_cross)(const WH_T *a, const WH_T *mu_a, const WH_T *b, const 
                     cbuf[p][h] = v - mb[h];
                 }
             }
-        for (int i0 = 0; i0 < WH_D; i0 += WCL_ROWS) {
-            const int h0 = sym ? i0 / WVL : 0;   /* sym: the vectors that hold a j >= i0 only */
-            WV acc[WCL_ROWS][NV];
-            for (int r = 0; r < WCL_ROWS; r++)
-                for (int h = 0; h < NV; h++) acc[r][h] = zero;
-            for (int p = 0; p < np; p++)
-                for (int r = 0; r < WCL_ROWS; r++) {
-                    const WH_T s = ca[p][(i0 + r) / WVL][(i0 + r) % WVL];
-                    for (int h = 0; h < NV; h++)   /* (a whole count, so that acc stays in registers) */
-                        if (h >= h0) acc[r][h] += s * cb[p][h];
-                }
-            for (int r = 0; r < WCL_ROWS; r++)
-                for (int h = h0; h < NV; h++) {
-                    double *o = out + (i0 + r) * WH_D + h * WVL;
-                    WVD d;
-                    memcpy(&d, o, sizeof d);
-                    d += __builtin_convertvector(acc[r][h], WVD);
-                    memcpy(o, &d, sizeof d);
-                }
-        }
+        for (int i0 = 0; i0 < WH_D; i0 += WCL_ROWS)
+            WF(wcl_cross_rows)(ca, cb, np, i0, sym ? i0 / WVL : 0, out);
         if (asum)
             for (int i = 0; i < WH_D; i++) asum[i] += (double)as[i / WVL][i % WVL];
     }
