@@ -118,6 +118,56 @@ def test_compiled_matches_eager_forward_backward_and_running_stats(make):
     torch.testing.assert_close(compiled(x), eager(x))
 
 
+@pytest.mark.parametrize("make,shape", [(lambda: N.TopKLayerNorm(12, k=3), (2, 3, 12)),
+                                        (lambda: N.L1GroupNorm(2, 4), (2, 4, 3, 3)),
+                                        (lambda: N.TopKBatchNorm2d(4, k=3), (2, 4, 5, 5))],
+                         ids=["TopKLayerNorm", "L1GroupNorm", "TopKBatchNorm2d"])
+def test_compiled_kernel_layer_with_frozen_gamma_and_beta_matches_eager(make, shape):
+    """Layers that run the kernels' operators under torch.compile, with gamma and beta frozen:
+    the backward operator returns no gradient for them (an empty tensor of its own for each;
+    one shared empty tensor is outputs aliasing each other, which torch.library refuses at
+    the first backward) and the input gradient equals eager mode's."""
+    torch._dynamo.reset()
+    eager = make()
+    for p in eager.parameters():
+        p.requires_grad_(False)
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(shape, generator=g) * 2 + 1, torch.randn(shape, generator=g)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = eager(xa), compiled(xb)
+    (ya * dy).sum().backward()
+    (yb * dy).sum().backward()
+    _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
+
+
+@pytest.mark.slow
+def test_compiled_topk_batch_norm_runs_the_kernels_on_channels_last_maps():
+    """Top-k batch norm after a convolution under torch.compile (inductor lays the maps out
+    channels last): one graph, the kernels as the normswap::rows_forward operator given the
+    layer's input (not a copy in another layout), and eager mode's outputs, gradients and
+    running statistics, also for a channels-last input."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), N.TopKBatchNorm2d(8, k=3),
+                                torch.nn.ReLU(inplace=True))
+    compiled_mod = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 3, 9, 9, generator=g).contiguous(memory_format=fmt)
+        dy = torch.randn(4, 8, 9, 9, generator=g)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
+    graph = torch._dynamo.explain(compiled_mod)(x)
+    assert graph.graph_break_count == 0
+    assert "normswap.rows_forward" in str(graph.graphs[0].code)
+
+
 @pytest.mark.slow
 def test_compiled_iternorm_runs_the_whitening_kernels_and_matches_eager():
     """IterNorm with groups of 16 channels under torch.compile: one graph, the kernels as the

@@ -25,7 +25,7 @@ average of the per-example ones).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Tuple
+from typing import ClassVar, FrozenSet, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,9 @@ class Area:
     kind: ClassVar[str] = ""
     batch_stats: ClassVar[bool] = False   # statistics mix the examples of a batch
     fused: ClassVar[bool] = False         # per-channel recovery runs on the G axis
-    # under torch.compile, run the CPU kernels as an operator (normswap/norms/rows.py)
-    # rather than let inductor generate code from the PyTorch formulation
-    kernel_when_compiled: ClassVar[bool] = True
+    # the statistics that run the CPU kernels as an operator under torch.compile
+    # (normswap/norms/rows.py) rather than inductor's code from the PyTorch formulation
+    compiled_kernel_stats: ClassVar[FrozenSet[str]] = frozenset({"l2", "l1", "topk"})
 
     def validate(self, layer) -> None:
         """Raise a ValueError naming ``layer`` for a bad configuration."""
@@ -56,6 +56,12 @@ class Area:
 
     def to_pgq(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def pgq_source(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``x`` where :meth:`to_pgq` is ``x.reshape(...)`` (a view of it, or a copy), else
+        None: what the kernels' operator is given under torch.compile (see
+        :func:`~normswap.norms.functional.stat_norm`)."""
+        return x
 
     def from_pgq(self, y3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return y3.view(x.shape)
@@ -106,10 +112,11 @@ class BatchArea(Area):
     kind: ClassVar[str] = "batch"
     batch_stats: ClassVar[bool] = True
     fused: ClassVar[bool] = True
-    # inductor fuses the batch statistics and the output with the activation around
+    # inductor fuses the L2 and L1 statistics and the output with the activation around
     # them; an opaque operator costs those passes back (compiled resnet18 step, one
-    # thread: l1bn 0.99x with inductor's code, 1.13x with the operator)
-    kernel_when_compiled: ClassVar[bool] = False
+    # thread: l1bn 0.99x with inductor's code, 1.13x with the operator). Top-k goes to
+    # aten.topk there, on a transposed copy of |x - mu|: the operator costs less.
+    compiled_kernel_stats: ClassVar[FrozenSet[str]] = frozenset({"topk"})
 
     def validate(self, layer):
         check_int(layer, "num_features", self.num_channels)
@@ -129,6 +136,9 @@ class BatchArea(Area):
     def to_pgq(self, x):
         x = self._moved(x)
         return x.reshape(x.shape[0], x.shape[1], -1)
+
+    def pgq_source(self, x):
+        return x if self.channel_dim == 1 else None
 
     def from_pgq(self, y3, x):
         if self.channel_dim == 1:
@@ -245,6 +255,9 @@ class ChannelsArea(Area):
 
     def to_pgq(self, x):
         return x.movedim(1, -1).reshape(1, -1, x.shape[1])
+
+    def pgq_source(self, x):
+        return None
 
     def post_params(self, x, weight, bias):
         c = x.shape[1]

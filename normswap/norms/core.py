@@ -264,7 +264,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
         y3, mu, batch_stat, mad, count = stat_norm(
             x3, gw, gb, op.stat, delta=self._delta(x), k=op.k, eps=self.eps, group=group,
             need_mad=want_pen, qweight=qw, qbias=qb, post_shape=post_shape, out_shape=out_shape,
-            kernel_when_compiled=area.kernel_when_compiled)
+            kernel_when_compiled=op.stat in area.compiled_kernel_stats, source=area.pgq_source(x))
         y = y3 if out_shape is not None else area.from_pgq(y3, x)
         if update:
             self._update_running(area.per_channel(mu, x),

@@ -529,7 +529,8 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
               stat: str, *, delta: Optional[torch.Tensor] = None, k: int = 1, eps: float = 1e-5,
               group=None, need_mad: bool = False, qweight: Optional[torch.Tensor] = None,
               qbias: Optional[torch.Tensor] = None, post_shape: Optional[tuple] = None,
-              out_shape: Optional[tuple] = None, kernel_when_compiled: bool = True):
+              out_shape: Optional[tuple] = None, kernel_when_compiled: bool = True,
+              source: Optional[torch.Tensor] = None):
     """Standardize a ``(P, G, Q)`` tensor per group: returns (y, mu, batch_stat, mad, count).
 
     ``weight``, ``bias``: a recovery per group ``g`` (G,). ``qweight``, ``qbias``: a
@@ -546,7 +547,9 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
     On CPU, in float32 / float64, the compiled kernels of :mod:`normswap.kernels` run the
     call (:mod:`normswap.norms.rows`); under torch.compile only if ``kernel_when_compiled``
-    (the area's choice, :class:`~normswap.norms.areas.Area`).
+    (the area's choice for the statistic, :class:`~normswap.norms.areas.Area`), as an
+    operator given ``source`` where the caller has one: the tensor ``x3`` is
+    ``source.reshape(x3.shape)`` of.
     """
     if stat == "l2" and delta is None:
         delta = torch.tensor(eps, dtype=stat_dtype(x3.dtype), device=x3.device)
@@ -558,7 +561,7 @@ def stat_norm(x3: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     x3 = rows_in_place(x3, stat, group)
     plan = row_plan(x3, weight, bias, qweight, qbias, post_shape, stat, group, delta, kernel_when_compiled)
     if plan is not None:  # the compiled CPU kernels (eager, contiguous rows)
-        y, mu, batch_stat, mad = row_norm(x3, plan, stat, delta, k, eps, need_mad, out_shape)
+        y, mu, batch_stat, mad = row_norm(x3, plan, stat, delta, k, eps, need_mad, out_shape, source)
         return y, mu, batch_stat, mad, x3.shape[0] * x3.shape[2]
     y, mu, batch_stat, mad, count = StatNormFn.apply(x3, weight, bias, qweight, qbias, delta, stat, k, eps,
                                                      group, need_mad, post_shape, out_shape)
@@ -591,5 +594,6 @@ def batch_stat_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     out_shape = reshape_source(x, x3)
     y, mu, batch_stat, mad, count = stat_norm(x3, weight, bias, stat, delta=delta, k=k, eps=eps, group=group,
                                               need_mad=need_mad, out_shape=out_shape,
-                                              kernel_when_compiled=BatchArea.kernel_when_compiled)
+                                              kernel_when_compiled=stat in BatchArea.compiled_kernel_stats,
+                                              source=x)
     return y if out_shape is not None else y.view(x.shape), mu, batch_stat, mad, count

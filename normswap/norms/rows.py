@@ -62,7 +62,8 @@ def _post_index(post_shape: tuple, pshape: tuple, n: int) -> Optional[tuple]:
 def row_plan(x3: torch.Tensor, weight, bias, qweight, qbias, post_shape, stat: str,
              group, delta, kernel_when_compiled: bool = True) -> Optional[RowPlan]:
     """A :class:`RowPlan` when the compiled kernels can run this call, else None (under
-    torch.compile only if ``kernel_when_compiled``, the area's choice)."""
+    torch.compile only if ``kernel_when_compiled``, the area's choice for the statistic:
+    :attr:`~normswap.norms.areas.Area.compiled_kernel_stats`)."""
     if group is not None or stat not in _STAT_CODE:
         return None
     P, G, n = x3.shape
@@ -263,81 +264,113 @@ def _backward_kernel(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, wa
 # (An operator's outputs are part of what inductor's on-disk cache assumes and not of its
 # key: when they change, the operator gets a new name, here from normswap::row_norm, whose
 # sixth output was the top-k positions.)
-@torch.library.custom_op("normswap::rows_forward", mutates_args=(), device_types="cpu")
-def _row_norm_op(x3: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
-                 delta: Optional[torch.Tensor], stat: str, k: int, eps: float, need_mad: bool,
-                 seg: int, channels: int) -> List[torch.Tensor]:
-    x3 = x3.contiguous()
+def _kernel_input(x3: torch.Tensor, seg: int, channels: int) -> torch.Tensor:
+    """``x3`` as the kernels read it inside the operators: in place when contiguous, or in the
+    :func:`columns_layout` with a recovery per group (what the column kernels do); else a
+    contiguous copy."""
+    P, G, Q = x3.shape
+    if x3.is_contiguous() or (columns_layout(x3) and seg == Q and channels == G):
+        return x3
+    return x3.contiguous()
+
+
+def _like(t3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t3`` (a ``(P, G, Q)`` result) in ``x``'s shape and with the strides of
+    ``torch.empty_like(x)``, as the operators' fake functions give it."""
+    out = torch.empty_like(x)
+    t = t3.reshape(x.shape)
+    return t if t.stride() == out.stride() else out.copy_(t)
+
+
+# The operators take the caller's tensor x (of which the (P, G, Q) view is x.reshape(shape3)),
+# not the view: inductor then hands x over in the layout it chose for the convolution before
+# it (channels last), where a (P, G, Q) view as the operator's input made it copy x into a
+# contiguous layout, and the output and the gradient back (four passes a layer and step).
+# The backward operator also takes y, which it does not read: an opaque operator's output
+# cannot be recomputed, so without it AOT autograd's partitioner keeps a following ReLU's
+# mask as a bool tensor (stored one value at a time by inductor's CPU code); the layer
+# returns a clone of y (fused into the next pointwise kernel), since an in-place ReLU must
+# not modify the saved y. (As normswap::whiten_forward / whiten_backward do.)
+@torch.library.custom_op("normswap::rows_forward", mutates_args=(), device_types="cpu",
+                         tags=(torch.Tag.flexible_layout,))
+def _row_norm_op(x: torch.Tensor, shape3: List[int], gamma: Optional[torch.Tensor],
+                 beta: Optional[torch.Tensor], delta: Optional[torch.Tensor], stat: str, k: int, eps: float,
+                 need_mad: bool, seg: int, channels: int) -> List[torch.Tensor]:
     gamma, beta = (t.contiguous() if t is not None else None for t in (gamma, beta))
-    y, mu, d, bstat, mad, thr = _forward_kernel(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels,
-                                                None)
-    return [y, mu, d, bstat, mad if mad is not None else mu.new_zeros(0),
+    y, mu, d, bstat, mad, thr = _forward_kernel(_kernel_input(x.reshape(shape3), seg, channels), gamma, beta,
+                                                delta, stat, k, eps, need_mad, seg, channels, None)
+    return [_like(y, x), mu, d, bstat, mad if mad is not None else mu.new_zeros(0),
             thr if thr is not None else mu.new_zeros(0)]
 
 
 @_row_norm_op.register_fake
-def _(x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels):
-    G = x3.shape[1]
-    vec = x3.new_empty(G)
-    mad = x3.new_empty(G) if need_mad or stat == "l1" else x3.new_empty(0)
-    thr = x3.new_empty(G if stat == "topk" else 0)
-    return [x3.new_empty(x3.shape), vec, x3.new_empty(G), x3.new_empty(G), mad, thr]
+def _(x, shape3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels):
+    G = shape3[1]
+    vec = x.new_empty(G)
+    mad = x.new_empty(G) if need_mad or stat == "l1" else x.new_empty(0)
+    thr = x.new_empty(G if stat == "topk" else 0)
+    return [torch.empty_like(x), vec, x.new_empty(G), x.new_empty(G), mad, thr]
 
 
-@torch.library.custom_op("normswap::rows_backward", mutates_args=(), device_types="cpu")
-def _row_norm_backward_op(x3: torch.Tensor, dy: torch.Tensor, mu: Optional[torch.Tensor], d: torch.Tensor,
-                          gamma: Optional[torch.Tensor], thr: torch.Tensor, gmad: Optional[torch.Tensor],
-                          stat: str, k: int, seg: int, channels: int, want_g: bool, want_b: bool,
-                          want_dldd: bool) -> List[torch.Tensor]:
+@torch.library.custom_op("normswap::rows_backward", mutates_args=(), device_types="cpu",
+                         tags=(torch.Tag.flexible_layout,))
+def _row_norm_backward_op(x: torch.Tensor, shape3: List[int], y: torch.Tensor, dy: torch.Tensor,
+                          mu: Optional[torch.Tensor],
+                          d: torch.Tensor, gamma: Optional[torch.Tensor], thr: torch.Tensor,
+                          gmad: Optional[torch.Tensor], stat: str, k: int, seg: int, channels: int,
+                          want_g: bool, want_b: bool, want_dldd: bool) -> List[torch.Tensor]:
     gamma = gamma.contiguous() if gamma is not None else None
-    dx, dgamma, dbeta, dldd = _backward_kernel(x3.contiguous(), dy, mu, d, gamma, thr if thr.numel() else None,
+    dx, dgamma, dbeta, dldd = _backward_kernel(_kernel_input(x.reshape(shape3), seg, channels),
+                                               dy.reshape(shape3), mu, d, gamma, thr if thr.numel() else None,
                                                gmad, stat, k, seg, channels, want_g, want_b, want_dldd)
-    empty = x3.new_zeros(0)
-    return [dx, dgamma if dgamma is not None else empty, dbeta if dbeta is not None else empty,
-            dldd if dldd is not None else empty]
+    def given(t):   # (an empty tensor of its own for each: an operator's outputs must not alias)
+        return t if t is not None else x.new_zeros(0)
+    return [_like(dx, x), given(dgamma), given(dbeta), given(dldd)]
 
 
 @_row_norm_backward_op.register_fake
-def _(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
-    G = x3.shape[1]
-    return [x3.new_empty(x3.shape), x3.new_empty(channels if want_g else 0),
-            x3.new_empty(channels if want_b else 0), x3.new_empty(G if want_dldd else 0)]
+def _(x, shape3, y, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels, want_g, want_b, want_dldd):
+    G = shape3[1]
+    return [torch.empty_like(x), x.new_empty(channels if want_g else 0),
+            x.new_empty(channels if want_b else 0), x.new_empty(G if want_dldd else 0)]
 
 
 def _op_setup(ctx, inputs, output):
-    x3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels = inputs
+    x, shape3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels = inputs
     y, mu, d, bstat, mad, thr = output
-    ctx.save_for_backward(x3, _kept_mean(x3, mu, stat), d, gamma, thr, delta)
-    ctx.setup = (stat, k, seg, channels, beta is not None)
+    ctx.save_for_backward(x, y, _kept_mean(x.reshape(shape3), mu, stat), d, gamma, thr, delta)
+    ctx.setup = (list(shape3), stat, k, seg, channels, beta is not None)
 
 
 def _op_backward(ctx, grads):
     dy, _gmu, _gd, _gstat, gmad, _gthr = grads
-    x3, mu, d, gamma, thr, delta = ctx.saved_tensors
-    stat, k, seg, channels, has_beta = ctx.setup
+    x, y, mu, d, gamma, thr, delta = ctx.saved_tensors
+    shape3, stat, k, seg, channels, has_beta = ctx.setup
     if dy is None:
-        dy = torch.zeros_like(x3)
-    want_g = gamma is not None and ctx.needs_input_grad[1]
-    want_b = has_beta and ctx.needs_input_grad[2]
-    want_dldd = delta is not None and ctx.needs_input_grad[3]
+        dy = torch.zeros_like(x)
+    want_g = gamma is not None and ctx.needs_input_grad[2]
+    want_b = has_beta and ctx.needs_input_grad[3]
+    want_dldd = delta is not None and ctx.needs_input_grad[4]
     gmad = gmad if gmad is not None and gmad.numel() else None
-    dx, dgamma, dbeta, dldd = _row_norm_backward_op(x3, dy, mu, d, gamma, thr, gmad, stat, k, seg, channels,
-                                                    want_g, want_b, want_dldd)
+    dx, dgamma, dbeta, dldd = _row_norm_backward_op(x, shape3, y, dy, mu, d, gamma, thr, gmad, stat, k, seg,
+                                                    channels, want_g, want_b, want_dldd)
     gdelta = (dldd / (2 * d)).sum().reshape(delta.shape) if want_dldd else None
-    return (dx, dgamma if want_g else None, dbeta if want_b else None, gdelta,
+    return (dx, None, dgamma if want_g else None, dbeta if want_b else None, gdelta,
             None, None, None, None, None, None)
 
 
 _row_norm_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def row_norm(x3, plan: RowPlan, stat: str, delta, k: int, eps: float, need_mad: bool, out_shape):
+def row_norm(x3, plan: RowPlan, stat: str, delta, k: int, eps: float, need_mad: bool, out_shape,
+             source: Optional[torch.Tensor] = None):
     """Run the row kernels: returns ``(y, mu, batch_stat, mad)``. Eager: :class:`RowNormFn`
     (ctypes, output in the caller's shape); under torch.compile: the ``normswap::rows_forward``
-    operator."""
+    operator, given ``source`` (``x3 = source.reshape(x3.shape)``) where there is one."""
     if torch.compiler.is_compiling():
-        y, mu, _d, bstat, mad, _thr = _row_norm_op(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
-                                                   plan.seg, plan.channels)
-        return y, mu, bstat, mad
+        x = source if source is not None else x3
+        y, mu, _d, bstat, mad, _thr = _row_norm_op(x, list(x3.shape), plan.gamma, plan.beta, delta, stat, k,
+                                                   eps, need_mad, plan.seg, plan.channels)
+        return y.clone().reshape(x3.shape), mu, bstat, mad   # (the clone: see the operators above)
     return RowNormFn.apply(x3, plan.gamma, plan.beta, delta, stat, k, eps, need_mad,
                            plan.seg, plan.channels, out_shape)
