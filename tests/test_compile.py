@@ -94,6 +94,22 @@ def _assert_same_step(eager, compiled_mod, eager_out, compiled_out) -> None:
         torch.testing.assert_close(b, a, msg=n)
 
 
+def _step_both(eager, compiled_mod, compiled, x, dy) -> None:
+    """One training step of ``eager`` and of its compiled copy on ``x``, ``dy``: they agree."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = eager(xa), compiled(xb)
+    ya.backward(dy)
+    yb.backward(dy)
+    _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
+
+
+def _assert_one_graph_calling(compiled_mod, x, op: str) -> None:
+    """``compiled_mod`` traces ``x`` into one graph that calls the operator ``op``."""
+    graph = torch._dynamo.explain(compiled_mod)(x)
+    assert graph.graph_break_count == 0
+    assert op in str(graph.graphs[0].code)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [lambda: N.L1BatchNorm2d(4, l1_alpha=0.1), lambda: N.TopKBatchNorm2d(4, k=3),
                                   lambda: N.L1GroupNorm(2, 4), lambda: N.MeanOnlyBatchNorm2d(4),
@@ -134,12 +150,8 @@ def test_compiled_kernel_layer_with_frozen_gamma_and_beta_matches_eager(make, sh
     compiled_mod = copy.deepcopy(eager)
     compiled = torch.compile(compiled_mod, fullgraph=True)
     g = torch.Generator().manual_seed(1)
-    x, dy = torch.randn(shape, generator=g) * 2 + 1, torch.randn(shape, generator=g)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = eager(xa), compiled(xb)
-    (ya * dy).sum().backward()
-    (yb * dy).sum().backward()
-    _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
+    _step_both(eager, compiled_mod, compiled, torch.randn(shape, generator=g) * 2 + 1,
+               torch.randn(shape, generator=g))
 
 
 @pytest.mark.slow
@@ -157,15 +169,8 @@ def test_compiled_topk_batch_norm_runs_the_kernels_on_channels_last_maps():
     g = torch.Generator().manual_seed(0)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(4, 3, 9, 9, generator=g).contiguous(memory_format=fmt)
-        dy = torch.randn(4, 8, 9, 9, generator=g)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = eager(xa), compiled(xb)
-        ya.backward(dy)
-        yb.backward(dy)
-        _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
-    graph = torch._dynamo.explain(compiled_mod)(x)
-    assert graph.graph_break_count == 0
-    assert "normswap.rows_forward" in str(graph.graphs[0].code)
+        _step_both(eager, compiled_mod, compiled, x, torch.randn(4, 8, 9, 9, generator=g))
+    _assert_one_graph_calling(compiled_mod, x, "normswap.rows_forward")
 
 
 @pytest.mark.slow
@@ -184,15 +189,8 @@ def test_compiled_iternorm_runs_the_whitening_kernels_and_matches_eager():
     g = torch.Generator().manual_seed(0)
     for shape in ((4, 32, 5, 5), (3, 32, 6, 6)):
         x = torch.randn(shape, generator=g) * 2 + 1
-        dy = torch.randn(shape, generator=g)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = eager(xa), compiled(xb)
-        ya.backward(dy)
-        yb.backward(dy)
-        _assert_same_step(eager, compiled_mod, (ya, xa), (yb, xb))
-    graph = torch._dynamo.explain(compiled_mod)(x)
-    assert graph.graph_break_count == 0
-    assert "normswap.whiten_forward" in str(graph.graphs[0].code)
+        _step_both(eager, compiled_mod, compiled, x, torch.randn(shape, generator=g))
+    _assert_one_graph_calling(compiled_mod, x, "normswap.whiten_forward")
 
 
 @pytest.mark.slow
