@@ -315,10 +315,9 @@ def _(x, shape3, gamma, beta, delta, stat, k, eps, need_mad, seg, channels):
 @torch.library.custom_op("normswap::rows_backward", mutates_args=(), device_types="cpu",
                          tags=(torch.Tag.flexible_layout,))
 def _row_norm_backward_op(x: torch.Tensor, shape3: List[int], y: torch.Tensor, dy: torch.Tensor,
-                          mu: Optional[torch.Tensor],
-                          d: torch.Tensor, gamma: Optional[torch.Tensor], thr: torch.Tensor,
-                          gmad: Optional[torch.Tensor], stat: str, k: int, seg: int, channels: int,
-                          want_g: bool, want_b: bool, want_dldd: bool) -> List[torch.Tensor]:
+                          mu: Optional[torch.Tensor], d: torch.Tensor, gamma: Optional[torch.Tensor],
+                          thr: torch.Tensor, gmad: Optional[torch.Tensor], stat: str, k: int, seg: int,
+                          channels: int, want_g: bool, want_b: bool, want_dldd: bool) -> List[torch.Tensor]:
     gamma = gamma.contiguous() if gamma is not None else None
     dx, dgamma, dbeta, dldd = _backward_kernel(_kernel_input(x.reshape(shape3), seg, channels),
                                                dy.reshape(shape3), mu, d, gamma, thr if thr.numel() else None,
