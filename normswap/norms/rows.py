@@ -275,10 +275,14 @@ def _kernel_input(x3: torch.Tensor, seg: int, channels: int) -> torch.Tensor:
 
 
 def _like(t3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t3`` (a ``(P, G, Q)`` result) in ``x``'s shape and with the strides of
-    ``torch.empty_like(x)``, as the operators' fake functions give it."""
-    out = torch.empty_like(x)
+    """``t3`` (a fresh ``(P, G, Q)`` result) in ``x``'s shape and with the strides of
+    ``torch.empty_like(x)``, as the operators' fake functions give it. (A fresh tensor with
+    ``x``'s strides is dense, so ``x`` is too and ``empty_like`` keeps them: the usual case,
+    without allocating one to compare.)"""
     t = t3.reshape(x.shape)
+    if t.stride() == x.stride():
+        return t
+    out = torch.empty_like(x)
     return t if t.stride() == out.stride() else out.copy_(t)
 
 
