@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -497,6 +498,8 @@ def _rows_for_selection(kind: str, rows: int, n: int, gen: torch.Generator) -> t
     (600, 10, "mixed"), (48, 10, "mixed"), (600, 10, "all-candidates"), (602, 16, "all-candidates"),
     # short rows, 16 side by side (n * k <= 4096): each row's candidates into the lanes
     (256, 10, "mixed"), (64, 10, "one-subset"), (33, 16, "mixed"), (256, 16, "all-candidates"),
+    # ... lists shorter than the 16 values the lanes first sort (k = 1, 4) and longer (k = 16)
+    (64, 4, "gauss"), (100, 1, "gauss"), (64, 16, "tied-20"),
     # ... and whole rows into the lanes (portable build: rows under 32 values, or k > 16)
     (20, 10, "mixed"), (64, 20, "mixed"),
 ])
@@ -508,8 +511,9 @@ def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch
     the top of the row), so that the general path takes over; and those kinds mixed in the
     rows that are selected together. Short rows go 16 side by side, each row's candidates
     packed into the lanes: lists of unequal lengths (mixed), a row length that is not whole
-    tiles (33), every value a candidate; or whole (rows of 20, k = 20). 23 rows: the last
-    group of rows is not full."""
+    tiles (33), every value a candidate, lists shorter than 16 (the lanes sort their first
+    16 values, zeros past a list) and longer (the rest inserted one at a time); or whole
+    (rows of 20, k = 20). 23 rows: the last group of rows is not full."""
     gen = torch.Generator().manual_seed(11)
     x = _rows_for_selection(kind, 23, n, gen)
     w = torch.randn(23, n, generator=gen, dtype=torch.float64)
@@ -522,6 +526,24 @@ def test_top_k_one_row_selection_matches_a_float64_recomputation_on_every_branch
     (want * w).sum().backward()
     torch.testing.assert_close(m(x32).detach().double(), want.detach(), rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(xs.grad.double(), xr.grad, rtol=2e-4, atol=2e-4)
+
+
+def test_the_16_value_sorting_network_sorts_every_input():
+    """rows_impl.h's ns_sort16_ (the compare-exchanges that sort 16 lanes' values, from
+    which the short rows' top-k takes its bound and its k largest) sorts every one of the
+    2^16 inputs of zeros and ones in descending order, which by the 0-1 principle means
+    every input. Read from the C source and run here: a pair dropped or mistyped fails."""
+    import re
+    source = (Path(kernels.__file__).parent / "rows_impl.h").read_text()
+    table = source[source.index("ns_sort16_[63][2] = {"):]
+    pairs = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+), (\d+)\}", table[:table.index("};")])]
+    assert len(pairs) == 63
+    bits = (torch.arange(1 << 16)[:, None] >> torch.arange(16)) & 1   # every 0/1 input, one per row
+    v = bits.clone()
+    for a, b in pairs:
+        hi, lo = torch.maximum(v[:, a], v[:, b]), torch.minimum(v[:, a], v[:, b])
+        v[:, a], v[:, b] = hi, lo
+    assert torch.equal(v, bits.sort(dim=1, descending=True).values)
 
 
 @pytest.mark.parametrize("make,native,shape", [

@@ -124,12 +124,9 @@ static void FN(lanes_insert_)(const T *a, int64_t n, int64_t k, const T *m, T *b
     }
 }
 
-/* B = NS_LANES rows of n values at once, a[i * B + l] value i of row l (the rows side by
- * side, so that every loop is a vector loop over the rows), m[l] the mean of row l: sum[l]
- * the sum of its k largest |v| and thr[l] the k-th largest (lanes_insert_). b: k * B of
- * scratch. */
-static void FN(topk_lanes_)(const T *a, int64_t n, int64_t k, T *b, const T *m, T *sum, T *thr) {
-    FN(lanes_insert_)(a, n, k, m, b);
+/* Of B = NS_LANES rows' k largest |v| in descending order (b[j * B + l] the j-th of row l:
+ * lanes_insert_'s or top16_lanes_'s), sum[l] their sum (in that order) and thr[l] the k-th. */
+static void FN(lanes_topk_sums_)(const T *b, int64_t k, T *sum, T *thr) {
     for (int l = 0; l < NS_LANES; l++) sum[l] = 0;
     for (int64_t j = 0; j < k; j++) {
 #pragma omp simd
@@ -188,10 +185,22 @@ static inline FN(v8_) FN(load8_)(const T *x) {
     return v;
 }
 static inline FN(v8_) FN(max8_)(FN(v8_) a, FN(v8_) b) {
+#if defined(__AVX__)
+    if (sizeof(T) == 4) {   /* vmaxps is this select exactly (NaN, signed zeros): one instruction, not three */
+        __m256 r = _mm256_max_ps(*(const __m256 *)&a, *(const __m256 *)&b);
+        return *(FN(v8_) *)&r;
+    }
+#endif
     __typeof__(a > b) m = a > b;
     return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
 }
 static inline FN(v8_) FN(min8_)(FN(v8_) a, FN(v8_) b) {
+#if defined(__AVX__)
+    if (sizeof(T) == 4) {   /* (vminps: a < b ? a : b) */
+        __m256 r = _mm256_min_ps(*(const __m256 *)&a, *(const __m256 *)&b);
+        return *(FN(v8_) *)&r;
+    }
+#endif
     __typeof__(a < b) m = a < b;
     return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
 }
@@ -284,45 +293,118 @@ static void FN(largest_deviations_)(const T *mx, const T *mn, int64_t np, T mean
     }
 }
 
+/* src's B = NS_LANES rows of n values (row l at l * n) side by side: dst[i * B + l] */
+static void FN(lanes_of_)(const T *src, int64_t ld, int64_t n, T *dst) {
+    const int64_t tile = CAT(NS_TILE_, SUF), tiled = NS_TILED_(n, SUF);
+    for (int64_t i0 = 0; i0 < tiled; i0 += tile)
+        for (int64_t l0 = 0; l0 < NS_LANES; l0 += tile)
+            CAT(ns_tile_, SUF)(src + l0 * ld + i0, ld, dst + i0 * NS_LANES + l0, NS_LANES);
+    for (int64_t i = tiled; i < n; i++)
+        for (int64_t l = 0; l < NS_LANES; l++) dst[i * NS_LANES + l] = src[l * ld + i];
+}
+
+/* Batcher's odd-even merge sort of 16 values as a list of compare-exchanges (a, b): after
+ * them, in order, value a >= value b for each pair leaves the 16 sorted in descending order
+ * (checked on every 0/1 input, which suffices for a sorting network) */
+#ifndef NS_SORT16_
+#define NS_SORT16_   /* (this file is included once per precision) */
+static const int8_t ns_sort16_[63][2] = {
+    {0, 1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}, {10, 11}, {12, 13}, {14, 15}, {0, 2}, {1, 3}, {4, 6},
+    {5, 7}, {8, 10}, {9, 11}, {12, 14}, {13, 15}, {1, 2}, {5, 6}, {9, 10}, {13, 14}, {0, 4}, {1, 5},
+    {2, 6}, {3, 7}, {8, 12}, {9, 13}, {10, 14}, {11, 15}, {2, 4}, {3, 5}, {10, 12}, {11, 13}, {1, 2},
+    {3, 4}, {5, 6}, {9, 10}, {11, 12}, {13, 14}, {0, 8}, {1, 9}, {2, 10}, {3, 11}, {4, 12}, {5, 13},
+    {6, 14}, {7, 15}, {4, 8}, {5, 9}, {6, 10}, {7, 11}, {2, 4}, {3, 5}, {6, 8}, {7, 9}, {10, 12},
+    {11, 13}, {1, 2}, {3, 4}, {5, 6}, {7, 8}, {9, 10}, {11, 12}, {13, 14}};
+#endif
+
+#ifndef NS_LANES_SORT
+/* top16_lanes_ for the short rows' candidates (else lanes_insert_): float32 with AVX. Its
+ * 16 vectors of eight values need 16 registers; with SSE, or eight doubles, they spill and
+ * the forward was 1.5-3.3x slower (measured). */
+#if defined(__AVX__)
+#define NS_LANES_SORT (sizeof(T) == 4)
+#else
+#define NS_LANES_SORT 0
+#endif
+#endif
+
+/* The 16 largest of each lane of a[i * B + l], i < n, B = NS_LANES, in descending order into
+ * top[j * B + l] (lanes short of 16 values padded with zeros: for values >= 0). Eight lanes
+ * at a time in vector registers: the first 16 values sorted by ns_sort16_ (63
+ * compare-exchanges), then each further value e inserted, t[j] = max(t[j], min(t[j - 1], e))
+ * from j = 15 down. For top-k with k <= 16: about a quarter of lanes_insert_'s operations on
+ * 16-24 values, which keeps its k sorted in memory. */
+static void FN(top16_lanes_)(const T *a, int64_t n, T *top) {
+    enum { W = 8 };
+    for (int l0 = 0; l0 < NS_LANES; l0 += W) {
+        FN(v8_) v[16], zero = {0};
+        for (int p = 0; p < 16; p++) v[p] = p < n ? FN(load8_)(a + p * NS_LANES + l0) : zero;
+#pragma GCC unroll 63
+        for (int c = 0; c < 63; c++) {
+            const FN(v8_) u = v[ns_sort16_[c][0]], w = v[ns_sort16_[c][1]];
+            v[ns_sort16_[c][0]] = FN(max8_)(u, w);
+            v[ns_sort16_[c][1]] = FN(min8_)(u, w);
+        }
+        for (int64_t i = 16; i < n; i++) {
+            const FN(v8_) e = FN(load8_)(a + i * NS_LANES + l0);
+#pragma GCC unroll 16
+            for (int j = 15; j > 0; j--) v[j] = FN(max8_)(v[j], FN(min8_)(v[j - 1], e));
+            v[0] = FN(max8_)(v[0], e);
+        }
+        for (int p = 0; p < 16; p++) memcpy(top + p * NS_LANES + l0, &v[p], sizeof v[0]);
+    }
+}
+
 /* The lanes' input (a[i * B + l], B = NS_LANES) for rows rb .. rb + nb - 1 where
  * bounded_topk_applies_ (1, n, k): instead of a row's n values, the deviations |x - m| >= tau
  * of its candidates, padded with zeros to the longest list. tau is bounded_topk_'s bound: the
  * k-th largest of the largest deviations of the 16 subsets that sum_extremes16_'s pass finds
- * with the mean, here selected for the B rows at once by lanes_insert_ (branch-free; a
- * quickselect a row cost 15% of the forward). A zero displaces no candidate: a finite row has
- * at least k of them, none below 0. The candidates are packed without branches (most of a
- * short row's vectors hold one) into cand (rows ld apart: n rounded up to 8, plus 8 of slack
- * for the zeros' whole-vector stores) and go into the lanes by register tiles. On Gaussian
- * rows the lists are about 20 long whatever n: the lanes insert 20 values a row instead of
- * n. Lanes past nb repeat row rb + nb - 1, as in the plain lanes. Returns the lists' length
- * (a is written up to it rounded up to a whole tile); m: the means (row_mean_'s: the portable
- * sums add in dev_sum_'s order; a row without a finite mean gets no candidates). */
+ * with the mean, here for the B rows at once: the rows' passes first (independent of each
+ * other, they overlap), the means as one vector loop, the extremes turned side by side by
+ * register tiles, the deviations sorted by top16_lanes_ (branch-free; a quickselect a row
+ * cost 15% of the forward, the per-row mean and deviations 10%). A zero displaces no
+ * candidate: a finite row has at least k of them, none below 0. The candidates are packed
+ * without branches (most of a short row's vectors hold one) into cand (rows ld apart: n
+ * rounded up to 8, plus 8 of slack for the zeros' whole-vector stores) and go into the lanes
+ * by register tiles. On Gaussian rows the lists are about 13 long (18 the longest of 16
+ * rows) whatever n. Lanes past nb repeat row rb + nb - 1, as in the plain lanes. Returns the
+ * lists' length (a is written up to it rounded up to a whole tile); m: the means (row_mean_'s:
+ * the portable sums add in dev_sum_'s order; a row without a finite mean gets no candidates). */
 static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t n, int64_t k, T *m, T *cand,
                                      int64_t ld, T *a) {
-    T smax[16 * NS_LANES], tau[(2 + 16) * NS_LANES], zero[NS_LANES] = {0};
+    T hi[NS_LANES * 16], lo[NS_LANES * 16], sum[NS_LANES];   /* row l's subsets' extremes at l * 16 */
+    T his[16 * NS_LANES], los[16 * NS_LANES];                /* ... side by side: subset p at p * B */
     const T *xr[NS_LANES];
-    for (int64_t l = 0; l < NS_LANES; l++) {   /* the means, and the subsets' deviations side by side */
-        T hi[16], lo[16];
+    for (int64_t l = 0; l < NS_LANES; l++) {
         xr[l] = x + (rb + (l < nb ? l : nb - 1)) * n;
-        m[l] = (T)((double)FN(sum_extremes16_)(xr[l], n, hi, lo) / (double)n);
-        FN(largest_deviations_)(hi, lo, 16, m[l], smax + l, NS_LANES);
+        sum[l] = FN(sum_extremes16_)(xr[l], n, hi + l * 16, lo + l * 16);
     }
-    FN(lanes_insert_)(smax, 16, k, zero, tau + 2 * NS_LANES);
-    const T *bound = tau + (2 + k - 1) * NS_LANES;
+#pragma omp simd
+    for (int64_t l = 0; l < NS_LANES; l++) m[l] = (T)((double)sum[l] / (double)n);
+    FN(lanes_of_)(hi, 16, 16, his);
+    FN(lanes_of_)(lo, 16, 16, los);
+    for (int64_t p = 0; p < 16; p++) {   /* the subsets' largest |x - m| (largest_deviations_), into his */
+        T *hp = his + p * NS_LANES;
+        const T *lp = los + p * NS_LANES;
+#pragma omp simd
+        for (int64_t l = 0; l < NS_LANES; l++) {
+            const T above = hp[l] - m[l], below = m[l] - lp[l];
+            hp[l] = above > below ? above : below;
+        }
+    }
+    T sorted[(2 + 16) * NS_LANES], zero[NS_LANES] = {0};   /* (lanes_insert_'s 2 B guards first) */
+    if (NS_LANES_SORT) FN(top16_lanes_)(his, 16, sorted + 2 * NS_LANES);
+    else FN(lanes_insert_)(his, 16, k, zero, sorted + 2 * NS_LANES);
+    const T *bound = sorted + (2 + k - 1) * NS_LANES;   /* (the k-th largest) */
     int64_t count[NS_LANES], len = 0;
     for (int64_t l = 0; l < NS_LANES; l++) {
         count[l] = isfinite(m[l]) ? FN(pack_ge_)(xr[l], n, m[l], 1, bound[l], cand + l * ld, 1) : 0;
         len = count[l] > len ? count[l] : len;
     }
     const int64_t tile = CAT(NS_TILE_, SUF), padded = (len + tile - 1) / tile * tile;
-    const int64_t tiled = NS_TILED_(padded, SUF);
     for (int64_t l = 0; l < NS_LANES; l++)   /* (8 zeros a store: gcc made the loop a memset call) */
         for (int64_t i = count[l]; i < padded; i += 8) memset(cand + l * ld + i, 0, 8 * sizeof(T));
-    for (int64_t i0 = 0; i0 < tiled; i0 += tile)
-        for (int64_t l0 = 0; l0 < NS_LANES; l0 += tile)
-            CAT(ns_tile_, SUF)(cand + l0 * ld + i0, ld, a + i0 * NS_LANES + l0, NS_LANES);
-    for (int64_t i = tiled; i < padded; i++)
-        for (int64_t l = 0; l < NS_LANES; l++) a[i * NS_LANES + l] = cand[l * ld + i];
+    FN(lanes_of_)(cand, ld, padded, a);
     return len;
 }
 
@@ -352,6 +434,7 @@ static T FN(row_mean_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r) {
     }
     return (T)(s1 / (double)(P * Q));
 }
+
 
 /* The rest of row r's forward, once its mean m (and for top-k the mean sk of its k largest
  * |v|) is known: the scale statistic, d, the outputs. */
@@ -421,7 +504,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     const int64_t n = P * Q;
     int failed = 0;
     if (P > 1) S = Q;   /* several slices per row: the recovery is per row (batch area) */
-    /* top-k on contiguous rows: NS_LANES rows at a time (topk_lanes_), short rows, or any row
+    /* top-k on contiguous rows: NS_LANES rows at a time (the lanes), short rows, or any row
      * whose candidates lanes_candidates_ can collect */
     const int fast = FN(fast_candidates_) && k <= 16;
     /* (with the candidates the lanes' cost hardly depends on n: measured 0.54x the one-row
@@ -432,13 +515,14 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     const int lanes = lane_candidates
                       || (stat == STAT_TOPK && P == 1 && n * k <= (fast ? NS_LANES_MAX_NK_FAST : NS_LANES_MAX_NK));
     const int64_t nl = (n + 7) / 8 * 8, ld = nl + 8;   /* the lanes' rows of values: whole tiles; cand's rows */
+    const int64_t kb = lane_candidates && NS_LANES_SORT ? 16 : k;   /* the lanes' rows of largest values */
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
-        if (stat == STAT_TOPK) {   /* scratch: lanes: a (nl * B), guards (2 B), b (k * B), lanes_candidates_'s
+        if (stat == STAT_TOPK) {   /* scratch: lanes: a (nl * B), guards (2 B), b (kb * B), lanes_candidates_'s
                                     * cand (ld * B); else a (n), then cv (n + B) and hv (k), or rows_topk_'s
                                     * cv (NS_ROWS_AT_ONCE (n + B)) */
-            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (nl + lane_candidates * ld + k + 2) * NS_LANES
+            a = (T *)ns_thread_scratch(sizeof(T) * (size_t)(lanes ? (nl + lane_candidates * ld + kb + 2) * NS_LANES
                                                                  : n + NS_ROWS_AT_ONCE * (n + NS_LANES) + k),
                                        0, &failed);
         }
@@ -451,7 +535,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                 T m[NS_LANES], sk[NS_LANES], th[NS_LANES], zero[NS_LANES] = {0};
                 int64_t len = n;
                 if (lane_candidates)
-                    len = FN(lanes_candidates_)(x, rb, nb, n, k, m, a + (nl + k + 2) * NS_LANES, ld, a);
+                    len = FN(lanes_candidates_)(x, rb, nb, n, k, m, a + (nl + kb + 2) * NS_LANES, ld, a);
                 else
                     for (int64_t l = 0; l < NS_LANES; l++) {   /* the rows side by side (past nb: row nb - 1) */
                         const int64_t r = rb + (l < nb ? l : nb - 1);
@@ -459,7 +543,10 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                         m[l] = FN(row_mean_)(x, 1, R, Q, r);   /* (as every path computes it: see ns_backward_) */
                         for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
                     }
-                FN(topk_lanes_)(a, len, k, a + (nl + 2) * NS_LANES, lane_candidates ? zero : m, sk, th);
+                T *b = a + (nl + 2) * NS_LANES;   /* (the candidates are |v| already; k <= 16 there) */
+                if (lane_candidates && NS_LANES_SORT) FN(top16_lanes_)(a, len, b);
+                else FN(lanes_insert_)(a, len, k, lane_candidates ? zero : m, b);
+                FN(lanes_topk_sums_)(b, k, sk, th);
                 for (int64_t l = 0; l < nb; l++) {
                     int finite = isfinite(m[l]);   /* (a NaN would not stay in the lanes' maxima) */
                     thr[rb + l] = finite ? th[l] : (T)NAN;
