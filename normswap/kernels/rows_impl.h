@@ -750,6 +750,16 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
                 means_from = r;
                 for (int64_t q = r; q < r1 && q - r < NS_MEANS_AHEAD; q++) means[q - r] = FN(row_mean_)(x, P, R, Q, q);
             }
+            if (!mu && P == 1 && S == 1 && r + 2 * NS_MEANS_AHEAD < r1) {
+                /* (mu NULL: short top-k rows) the lines of x two blocks of means ahead, of dy
+                 * one: the means' pass over a block was the first to touch its rows and
+                 * waited on memory; this request for them spread over the rows before cut
+                 * the backward on rows of 64 values to 0.89-0.94x (with the means kept,
+                 * where the sums pass streams x itself, the same requests were 1.08x slower) */
+                const char *xa = (const char *)(x + (r + 2 * NS_MEANS_AHEAD) * n);
+                const char *da = (const char *)(dy + (r + NS_MEANS_AHEAD) * n);
+                for (int64_t o = 0; o < n * (int64_t)sizeof(T); o += 64) { NS_PREFETCH(xa + o); NS_PREFETCH(da + o); }
+            }
             T m = mu ? mu[r] : means[r - means_from], d = dd_[r], inv = (T)1 / d;
             T th = topk ? thr[r] : (T)INFINITY;
             double sg = 0, sgv = 0, ss = 0, sge = 0;   /* sge: sum sign(v) where |v| >= th, cge of them */
