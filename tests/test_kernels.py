@@ -678,7 +678,10 @@ def _iter_norm_autograd(x, gamma, beta, T, eps, d=16):
 # position per sample (more lines a chunk than the requests keep: 256 samples in a chunk)
 WHITEN_CASES = [((64, 16), True), ((5, 32, 3), True), ((40, 16, 4, 4), False), ((9, 16, 17), True),
                 ((3, 48, 15, 20), True), ((2, 16, 300), False),
-                ((2, 16, 90, 100), True), ((1100, 16, 4, 4), False), ((17000, 16), True)]
+                ((2, 16, 90, 100), True), ((1100, 16, 4, 4), False), ((17000, 16), True),
+                # planes shorter than a vector copied sample by sample: 2 x 2 over two chunks,
+                # 1 x 2, and 2 x 3 (a chunk of 1 KiB is not whole planes: the general walk)
+                ((100, 32, 2, 2), True), ((50, 16, 1, 2), False), ((70, 16, 2, 3), True)]
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -54,6 +54,44 @@ static int64_t WF(wh_padded)(int64_t cnt) {
     return (cnt + t - 1) / t * t;
 }
 
+/* Planes shorter than a vector, whole ones: the chunk's samples n0 .. n0 + ns - 1 one at a
+ * time, whose 16 planes of the group lie together in x (16 L values), row j's into buf + j WCH
+ * (to_buf), or back (else). L is a constant in each copy (wh_planes): a plane is a few
+ * straight moves. Row by row, each plane was a segment of the general walk, a loop of L
+ * single values, and the rows went 16 times over the same lines of x. */
+static inline __attribute__((always_inline)) void WF(wh_planes_)(WH_T *x, int64_t C, const int64_t L, int64_t c0,
+                                                                   int64_t n0, int64_t ns, const WH_T *mu, WH_T *buf,
+                                                                   const int to_buf) {
+    WH_T m[WH_D];
+    for (int j = 0; j < WH_D; j++) m[j] = mu ? mu[c0 + j] : (WH_T)0;
+    for (int64_t s = 0; s < ns; s++) {
+        WH_T *xs = x + ((n0 + s) * C + c0) * L, *bs = buf + s * L;
+        for (int j = 0; j < WH_D; j++)
+            for (int64_t k = 0; k < L; k++) {
+                if (to_buf) bs[j * WCH + k] = xs[j * L + k] - m[j];
+                else xs[j * L + k] = bs[j * WCH + k];
+            }
+    }
+}
+
+/* wh_planes_ where it applies (planes shorter than a vector, the chunk whole planes): 1 if done */
+static int WF(wh_planes)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64_t p0, int64_t cnt,
+                         const WH_T *mu, WH_T *buf, int to_buf) {
+    if (L >= WVL || p0 % L || cnt % L) return 0;
+    WH_T *xw = (WH_T *)(uintptr_t)x;   /* (written only by the scatter, whose x is its output) */
+    const int64_t n0 = p0 / L, ns = cnt / L;
+#define WH_PLANES_OF(Lc) (to_buf ? WF(wh_planes_)(xw, C, Lc, c0, n0, ns, mu, buf, 1) \
+                                : WF(wh_planes_)(xw, C, Lc, c0, n0, ns, mu, buf, 0))
+    switch (L) {
+        case 1: WH_PLANES_OF(1); break;
+        case 2: WH_PLANES_OF(2); break;
+        case 4: WH_PLANES_OF(4); break;
+        default: WH_PLANES_OF(L);
+    }
+#undef WH_PLANES_OF
+    return 1;
+}
+
 /* Columns [p0, p0 + cnt) of the rows c0 .. c0 + 15 of x into buf (row j at buf + j WCH),
  * minus mu[c0 + j] (mu NULL: 0), zeros up to the padded length; rowsum (not NULL, with mu
  * NULL): += the rows' sums over the chunk, added in vector lanes (a segment of a row is as
@@ -61,10 +99,11 @@ static int64_t WF(wh_padded)(int64_t cnt) {
 static void WF(wh_gather)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64_t p0, int64_t cnt,
                           const WH_T *mu, WH_T *buf, double *rowsum) {
     const int64_t pad = WF(wh_padded)(cnt);
+    const int planes = WF(wh_planes)(x, C, L, c0, p0, cnt, mu, buf, 1);
     for (int j = 0; j < WH_D; j++) {
         WH_T *b = buf + j * WCH;
         const WH_T m = mu ? mu[c0 + j] : (WH_T)0;
-        int64_t n = p0 / L, l = p0 - n * L, o = 0;
+        int64_t n = p0 / L, l = p0 - n * L, o = planes ? cnt : 0;
         while (o < cnt) {
             const int64_t seg = L - l < cnt - o ? L - l : cnt - o;
             const WH_T *src = x + (n * C + c0 + j) * L + l;
@@ -141,6 +180,7 @@ static inline void WF(wh_ahead_request)(WF(wh_ahead) *q, int count) {
 /* the inverse: buf's columns [0, cnt) into columns [p0, p0 + cnt) of rows c0 .. of x */
 static void WF(wh_scatter)(const WH_T *buf, int64_t C, int64_t L, int64_t c0, int64_t p0, int64_t cnt,
                            WH_T *x) {
+    if (WF(wh_planes)(x, C, L, c0, p0, cnt, NULL, (WH_T *)(uintptr_t)buf, 0)) return;
     for (int j = 0; j < WH_D; j++) {
         const WH_T *b = buf + j * WCH;
         int64_t n = p0 / L, l = p0 - n * L, o = 0;
