@@ -187,8 +187,12 @@ static inline FN(v8_) FN(load8_)(const T *x) {
 static inline FN(v8_) FN(max8_)(FN(v8_) a, FN(v8_) b) {
 #if defined(__AVX__)
     if (sizeof(T) == 4) {   /* vmaxps is this select exactly (NaN, signed zeros): one instruction, not three */
-        __m256 r = _mm256_max_ps(*(const __m256 *)&a, *(const __m256 *)&b);
-        return *(FN(v8_) *)&r;
+        __m256 u, w;
+        memcpy(&u, &a, sizeof u);
+        memcpy(&w, &b, sizeof w);
+        u = _mm256_max_ps(u, w);
+        memcpy(&a, &u, sizeof u);
+        return a;
     }
 #endif
     __typeof__(a > b) m = a > b;
@@ -197,8 +201,12 @@ static inline FN(v8_) FN(max8_)(FN(v8_) a, FN(v8_) b) {
 static inline FN(v8_) FN(min8_)(FN(v8_) a, FN(v8_) b) {
 #if defined(__AVX__)
     if (sizeof(T) == 4) {   /* (vminps: a < b ? a : b) */
-        __m256 r = _mm256_min_ps(*(const __m256 *)&a, *(const __m256 *)&b);
-        return *(FN(v8_) *)&r;
+        __m256 u, w;
+        memcpy(&u, &a, sizeof u);
+        memcpy(&w, &b, sizeof w);
+        u = _mm256_min_ps(u, w);
+        memcpy(&a, &u, sizeof u);
+        return a;
     }
 #endif
     __typeof__(a < b) m = a < b;
@@ -434,7 +442,6 @@ static T FN(row_mean_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r) {
     }
     return (T)(s1 / (double)(P * Q));
 }
-
 
 /* The rest of row r's forward, once its mean m (and for top-k the mean sk of its k largest
  * |v|) is known: the scale statistic, d, the outputs. */
