@@ -184,34 +184,22 @@ static inline FN(v8_) FN(load8_)(const T *x) {
     memcpy(&v, x, sizeof v);
     return v;
 }
-static inline FN(v8_) FN(max8_)(FN(v8_) a, FN(v8_) b) {
+static inline FN(v8_) FN(select8_)(FN(v8_) a, FN(v8_) b, const int larger) {
 #if defined(__AVX__)
-    if (sizeof(T) == 4) {   /* vmaxps is this select exactly (NaN, signed zeros): one instruction, not three */
+    if (sizeof(T) == 4) {   /* vmaxps / vminps are these selects exactly (NaN, signed zeros): one instruction, not three */
         __m256 u, w;
         memcpy(&u, &a, sizeof u);
         memcpy(&w, &b, sizeof w);
-        u = _mm256_max_ps(u, w);
+        u = larger ? _mm256_max_ps(u, w) : _mm256_min_ps(u, w);
         memcpy(&a, &u, sizeof u);
         return a;
     }
 #endif
-    __typeof__(a > b) m = a > b;
+    __typeof__(a > b) m = larger ? a > b : a < b;
     return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
 }
-static inline FN(v8_) FN(min8_)(FN(v8_) a, FN(v8_) b) {
-#if defined(__AVX__)
-    if (sizeof(T) == 4) {   /* (vminps: a < b ? a : b) */
-        __m256 u, w;
-        memcpy(&u, &a, sizeof u);
-        memcpy(&w, &b, sizeof w);
-        u = _mm256_min_ps(u, w);
-        memcpy(&a, &u, sizeof u);
-        return a;
-    }
-#endif
-    __typeof__(a < b) m = a < b;
-    return (FN(v8_))(((__typeof__(m))a & m) | ((__typeof__(m))b & ~m));
-}
+static inline FN(v8_) FN(max8_)(FN(v8_) a, FN(v8_) b) { return FN(select8_)(a, b, 1); }
+static inline FN(v8_) FN(min8_)(FN(v8_) a, FN(v8_) b) { return FN(select8_)(a, b, 0); }
 /* one block of eight values into the partial sums p and the lane extremes hi, lo */
 static inline void FN(take8_)(FN(v8_) v, FN(v8_) *p, FN(v8_) *hi, FN(v8_) *lo) {
     *p += v;
