@@ -520,23 +520,31 @@ static void ns_add_blocks(const double *part, int64_t nb, int64_t w, double *tot
 #define SUF f32
 #define ABS fabsf
 #define NEXTAFTER nextafterf
+#if defined(__AVX__)
+#define NS_V8_IN_REGISTER 1   /* rows_impl.h's vectors of eight values are one register */
+#else
+#define NS_V8_IN_REGISTER 0
+#endif
 #include "rows_impl.h"
 #include "cols_impl.h"
 #undef T
 #undef SUF
 #undef ABS
 #undef NEXTAFTER
+#undef NS_V8_IN_REGISTER
 
 #define T double
 #define SUF f64
 #define ABS fabs
 #define NEXTAFTER nextafter
+#define NS_V8_IN_REGISTER 0   /* (eight doubles: two AVX registers) */
 #include "rows_impl.h"
 #include "cols_impl.h"
 #undef T
 #undef SUF
 #undef ABS
 #undef NEXTAFTER
+#undef NS_V8_IN_REGISTER
 
 #include "newton.h"
 #include "divisive.h"

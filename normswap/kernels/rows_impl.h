@@ -313,18 +313,13 @@ static const int8_t ns_sort16_[63][2] = {
     {11, 13}, {1, 2}, {3, 4}, {5, 6}, {7, 8}, {9, 10}, {11, 12}, {13, 14}};
 #endif
 
-#ifndef NS_LANES_SORT
-/* top16_lanes_ for the short rows' candidates (else lanes_insert_): float32 with AVX. Its
- * 16 vectors of eight values need 16 registers; with SSE, or eight doubles, they spill and
- * the forward was 1.5-3.3x slower (measured). */
-#if defined(__AVX__)
-#define NS_LANES_SORT (sizeof(T) == 4)
-#else
-#define NS_LANES_SORT 0
-#endif
-#endif
 
-/* The 16 largest of each lane of a[i * B + l], i < n, B = NS_LANES, in descending order into
+/* (The short rows' candidates go through top16_lanes_ where eight values are one register,
+ * NS_V8_IN_REGISTER (rows.c: float32 with AVX), else through lanes_insert_: its 16 vectors
+ * of eight values need 16 registers; with SSE, or eight doubles, they spill and the forward
+ * was 1.5-3.3x slower, measured.)
+ *
+ * The 16 largest of each lane of a[i * B + l], i < n, B = NS_LANES, in descending order into
  * top[j * B + l] (lanes short of 16 values padded with zeros: for values >= 0). Eight lanes
  * at a time in vector registers: the first 16 values sorted by ns_sort16_ (63
  * compare-exchanges), then each further value e inserted, t[j] = max(t[j], min(t[j - 1], e))
@@ -389,7 +384,7 @@ static int64_t FN(lanes_candidates_)(const T *x, int64_t rb, int64_t nb, int64_t
         }
     }
     T sorted[(2 + 16) * NS_LANES], zero[NS_LANES] = {0};   /* (lanes_insert_'s 2 B guards first) */
-    if (NS_LANES_SORT) FN(top16_lanes_)(his, 16, sorted + 2 * NS_LANES);
+    if (NS_V8_IN_REGISTER) FN(top16_lanes_)(his, 16, sorted + 2 * NS_LANES);
     else FN(lanes_insert_)(his, 16, k, zero, sorted + 2 * NS_LANES);
     const T *bound = sorted + (2 + k - 1) * NS_LANES;   /* (the k-th largest) */
     int64_t count[NS_LANES], len = 0;
@@ -430,6 +425,45 @@ static T FN(row_mean_)(const T *x, int64_t P, int64_t R, int64_t Q, int64_t r) {
     }
     return (T)(s1 / (double)(P * Q));
 }
+
+/* The means of B = NS_LANES contiguous rows of n values, x + l * n (lanes l >= nb repeat row
+ * nb - 1), each bit for bit as row_mean_ computes it where NS_PORTABLE_SUMS (dev_sum_'s eight
+ * partial sums, their tree, then in double / n): eight rows' partial sums accumulate at once,
+ * the trees and the divisions run over the rows side by side. (The backward of short top-k
+ * rows, which keep no means: 0.94-0.95x on rows of 64 values, 0.87-0.92x on rows of 128,
+ * once its reads ahead had taken the wait on memory out of this pass. Compiled only where
+ * eight values are one register: eight rows of eight doubles, or SSE's halves, spill, 1.05x
+ * and 1.24x slower measured; with the code present but not called, the float64 backward
+ * measured 1.06x slower too, from the function's changed layout.) */
+#if NS_V8_IN_REGISTER
+static void FN(lanes_means_)(const T *x, int64_t n, int64_t nb, T *m) {
+    T ps[NS_LANES * 8], q[8 * NS_LANES], t[NS_LANES];   /* row l's partial sums at l * 8; side by side */
+    const int64_t n8 = n / 8 * 8;
+    for (int l0 = 0; l0 < NS_LANES; l0 += 8) {
+        FN(v8_) p[8];
+        const T *xr[8];
+        for (int l = 0; l < 8; l++) {
+            xr[l] = x + (l0 + l < nb ? l0 + l : nb - 1) * n;
+            p[l] = (FN(v8_)){0};
+        }
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) p[l] += FN(load8_)(xr[l] + i);
+        for (int l = 0; l < 8; l++) {
+            memcpy(ps + (l0 + l) * 8, &p[l], sizeof p[l]);
+            t[l0 + l] = 0;
+            for (int64_t i = n8; i < n; i++) t[l0 + l] += xr[l][i];
+        }
+    }
+    FN(lanes_of_)(ps, 8, 8, q);
+#pragma omp simd
+    for (int l = 0; l < NS_LANES; l++) {
+        const T *c = q + l;
+        const T s = (((c[0] + c[NS_LANES]) + (c[2 * NS_LANES] + c[3 * NS_LANES]))
+                     + ((c[4 * NS_LANES] + c[5 * NS_LANES]) + (c[6 * NS_LANES] + c[7 * NS_LANES]))) + t[l];
+        m[l] = (T)((0.0 + (double)s) / (double)n);   /* (row_mean_'s double sum starts at 0) */
+    }
+}
+#endif
 
 /* The rest of row r's forward, once its mean m (and for top-k the mean sk of its k largest
  * |v|) is known: the scale statistic, d, the outputs. */
@@ -510,7 +544,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
     const int lanes = lane_candidates
                       || (stat == STAT_TOPK && P == 1 && n * k <= (fast ? NS_LANES_MAX_NK_FAST : NS_LANES_MAX_NK));
     const int64_t nl = (n + 7) / 8 * 8, ld = nl + 8;   /* the lanes' rows of values: whole tiles; cand's rows */
-    const int64_t kb = lane_candidates && NS_LANES_SORT ? 16 : k;   /* the lanes' rows of largest values */
+    const int64_t kb = lane_candidates && NS_V8_IN_REGISTER ? 16 : k;   /* the lanes' rows of largest values */
 #pragma omp parallel num_threads(nthreads)
     {
         T *a = NULL;
@@ -539,7 +573,7 @@ int FN(ns_forward_)(const T *x, int64_t P, int64_t R, int64_t Q, int stat, int64
                         for (int64_t i = 0; i < n; i++) a[i * NS_LANES + l] = xr[i];
                     }
                 T *b = a + (nl + 2) * NS_LANES;   /* (the candidates are |v| already; k <= 16 there) */
-                if (lane_candidates && NS_LANES_SORT) FN(top16_lanes_)(a, len, b);
+                if (lane_candidates && NS_V8_IN_REGISTER) FN(top16_lanes_)(a, len, b);
                 else FN(lanes_insert_)(a, len, k, lane_candidates ? zero : m, b);
                 FN(lanes_topk_sums_)(b, k, sk, th);
                 for (int64_t l = 0; l < nb; l++) {
@@ -743,7 +777,12 @@ int FN(ns_backward_)(const T *x, const T *dy, int64_t P, int64_t R, int64_t Q, i
         for (int64_t r = r0; r < r1; r++) {
             if (!mu && r - means_from >= NS_MEANS_AHEAD) {   /* the next rows' means, one after another */
                 means_from = r;
-                for (int64_t q = r; q < r1 && q - r < NS_MEANS_AHEAD; q++) means[q - r] = FN(row_mean_)(x, P, R, Q, q);
+#if NS_V8_IN_REGISTER
+                if (P == 1 && NS_PORTABLE_SUMS && NS_MEANS_AHEAD == NS_LANES)
+                    FN(lanes_means_)(x + r * n, n, r1 - r < NS_MEANS_AHEAD ? r1 - r : NS_MEANS_AHEAD, means);
+                else
+#endif
+                    for (int64_t q = r; q < r1 && q - r < NS_MEANS_AHEAD; q++) means[q - r] = FN(row_mean_)(x, P, R, Q, q);
             }
             if (!mu && P == 1 && S == 1 && r + 2 * NS_MEANS_AHEAD < r1) {
                 /* (mu NULL: short top-k rows) the lines of x two blocks of means ahead, of dy
