@@ -313,7 +313,6 @@ static const int8_t ns_sort16_[63][2] = {
     {11, 13}, {1, 2}, {3, 4}, {5, 6}, {7, 8}, {9, 10}, {11, 12}, {13, 14}};
 #endif
 
-
 /* (The short rows' candidates go through top16_lanes_ where eight values are one register,
  * NS_V8_IN_REGISTER (rows.c: float32 with AVX), else through lanes_insert_: its 16 vectors
  * of eight values need 16 registers; with SSE, or eight doubles, they spill and the forward
