@@ -1,7 +1,8 @@
 /* Small transposes in registers (included by rows.c), for kernels that compute several
- * rows side by side, value j of each row in one vector: DN along rows (divisive.h). (The
- * top-k lanes of rows_impl.h copy their rows value by value: tiles measured no faster
- * there, whose forward is bound by the insertion of values into the lanes' top k.)
+ * rows side by side, value j of each row in one vector: DN along rows (divisive.h), and the
+ * short top-k rows of rows_impl.h (lanes_of_: their candidates, their subsets' extremes,
+ * the backward's means). (Their whole-row lanes, where the candidates do not apply, copy
+ * value by value: tiles measured no faster there.)
  *
  * ns_tile_SUF(src, ld_src, dst, ld_dst): an NS_TILE_SUF x NS_TILE_SUF block transposed, row
  * k of the source (k * ld_src from src) into column k of the destination (rows ld_dst
