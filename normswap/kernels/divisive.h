@@ -96,16 +96,19 @@ DN_RSQRT(f64)
 
 
 /* The next group of rows is fetched into the cache while the current one is computed. A
- * group of DN_FETCH_AHEAD_MIN bytes or more by the current group's first box sum, a vector's
- * bytes per step (of x, of dy in the backward, and the lines of out it will write: dn_next_t
- * says where and how many bytes, 0 for none); a shorter one at once when the current group is
- * read (dn_fetch for x and dy, dn_fetch_out for the lines of out, without which the scatter's
- * stores waited on their lines: 0.82x forward, 0.91x backward on rows of 64 floats).
- * Measured on the AVX2 EPYC, one thread: at once was 10-20% faster than by steps for rows of
- * 64 floats (2 KiB groups), 0.91x / 0.81x (forward / backward) for rows of 128 (4 KiB),
- * 0.93-0.99x for rows of 160-192, and 3-10% slower for rows of 256 (8 KiB) and longer. */
+ * group of more than DN_FETCH_AT_ONCE_MAX bytes by the current group's box sums, a vector's
+ * bytes per step: x during the first, the lines of out (for writing) during the forward's
+ * second, dy and out during the backward's second and third (dn_next_t says where and how
+ * many bytes, 0 for none; DN_BOX_FETCHING). A shorter one at once when the current group is
+ * read (dn_fetch for x and dy, dn_fetch_out for the lines of out). Without the requests for
+ * out the scatter's stores waited on their lines. Measured on the AVX2 EPYC, one thread,
+ * against fetching x, dy and out all during the first box sum, with out only by steps:
+ * rows of 64 floats (2 KiB groups) 0.79-0.82x forward, 0.91x backward (at once); rows of 128
+ * (4 KiB) 0.91-0.94x / 0.81-0.82x (at once; by steps spread over the passes: 0.93x / 1.12x
+ * of at once); rows of 160-224 0.87-0.89x / 0.88-0.94x and rows of 256-1024 0.91-0.92x /
+ * 0.88-0.94x (by steps, spread). */
 typedef struct { const char *x, *dy; char *out; int64_t bytes; } dn_next_t;
-#define DN_FETCH_AHEAD_MIN 8192
+#define DN_FETCH_AT_ONCE_MAX 4096
 
 /* bytes from c into the cache at once (dn_fetch_out: for writing) */
 static void dn_fetch(const char *c, int64_t bytes) {
@@ -167,6 +170,21 @@ static void dn_fetch_out(char *c, int64_t bytes) {
         }                                                                                            \
     } while (0)
 
+/* DN_BOX_FETCHING(V_, t, n, w, p, q, bx, c, write, bytes, body): DN_BOX_EACH, whose step q
+ * also requests the line of c at q vectors' bytes (for writing if write) while that is below
+ * bytes: the next group's arrays, one per box sum, so that the requests are spread over the
+ * group's passes instead of waiting on each other in one. Two copies, one without requests
+ * (bytes 0): a test in the loop cost the short rows 4-10%. */
+#define DN_BOX_FETCHING(V_, t, n, w, p, q, bx, c, write, bytes, ...)                                 \
+    do {                                                                                             \
+        if ((bytes) > 0)                                                                             \
+            DN_BOX_EACH(V_, t, n, w, p, q, bx, __VA_ARGS__                                           \
+                        if ((q) * (int64_t)sizeof(V_) < (bytes))                                     \
+                            __builtin_prefetch((c) + (q) * (int64_t)sizeof(V_), write, 3););        \
+        else                                                                                         \
+            DN_BOX_EACH(V_, t, n, w, p, q, bx, __VA_ARGS__);                                         \
+    } while (0)
+
 /* Per element type T_ (SUF_ f32 / f64; MAGNITUDE_ its bits but the sign, as an integer;
  * RSQRT_V_ 1 / sqrt(q) lane by lane in T_'s precision), on a group's rows:
  *
@@ -179,22 +197,10 @@ static void dn_fetch_out(char *c, int64_t bytes) {
 static void dn_centre_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, int64_t a, const T_ *restrict ia,   \
                              dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t,                       \
                              const dn_next_t *next) {                                                \
-    if (next->bytes > 0) /* (two copies: a test in the loop cost the short rows 10%) */              \
-        DN_BOX_EACH(dn_v_##SUF_, x, n, a, p, j, m, {                                                 \
-            x[j] -= m * ia[j];                                                                       \
-            t[j] = x[j] * x[j];                                                                      \
-            const int64_t at = j * (int64_t)sizeof(dn_v_##SUF_);                                     \
-            if (at < next->bytes) {                                                                  \
-                NS_PREFETCH(next->x + at);                                                           \
-                if (next->dy) NS_PREFETCH(next->dy + at);                                            \
-                __builtin_prefetch(next->out + at, 1, 3);                                            \
-            }                                                                                        \
-        });                                                                                          \
-    else                                                                                             \
-        DN_BOX_EACH(dn_v_##SUF_, x, n, a, p, j, m, {                                                 \
-            x[j] -= m * ia[j];                                                                       \
-            t[j] = x[j] * x[j];                                                                      \
-        });                                                                                          \
+    DN_BOX_FETCHING(dn_v_##SUF_, x, n, a, p, j, m, next->x, 0, next->bytes, {                        \
+        x[j] -= m * ia[j];                                                                           \
+        t[j] = x[j] * x[j];                                                                          \
+    });                                                                                              \
 }                                                                                                    \
                                                                                                      \
 static dn_v_##SUF_ dn_forward_group_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, int64_t a, int64_t b, \
@@ -204,7 +210,7 @@ static dn_v_##SUF_ dn_forward_group_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, i
     dn_centre_##SUF_(x, n, a, ia, p, t, next);                                                       \
     const dn_vi_##SUF_ magnitude = (dn_vi_##SUF_){0} + MAGNITUDE_; /* |v|: all bits but the sign */  \
     dn_v_##SUF_ abs_sum = {0};                                                                       \
-    DN_BOX_EACH(dn_v_##SUF_, t, n, b, p, j, q, {                                                     \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->out, 1, next->bytes, {                      \
         abs_sum += (dn_v_##SUF_)((dn_vi_##SUF_)x[j] & magnitude);                                    \
         x[j] *= RSQRT_V_(q * ib[j] + s);                                                             \
     });                                                                                              \
@@ -218,13 +224,15 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
                                             dn_v_##SUF_ *restrict t, const dn_next_t *next) {        \
     dn_centre_##SUF_(x, n, a, ia, p, t, next); /* x holds v from here */                             \
     dn_v_##SUF_ dq_sum = {0};                                                                        \
-    DN_BOX_EACH(dn_v_##SUF_, t, n, b, p, j, q, { /* t: v^2, then dq / cnt_b */                       \
+    /* t: v^2, then dq / cnt_b; the next group's dy */                                               \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->dy, 0, next->bytes, {                       \
         r[j] = RSQRT_V_(q * ib[j] + s);                                                              \
         const dn_v_##SUF_ dq = (T_)-0.5 * r[j] * r[j] * r[j] * dy[j] * x[j];                         \
         dq_sum += dq;                                                                                \
         t[j] = dq * ib[j];                                                                           \
     });                                                                                              \
-    DN_BOX_EACH(dn_v_##SUF_, t, n, b, p, j, c, { /* dy: dv; t: dv / cnt_a */                         \
+    /* dy: dv; t: dv / cnt_a; the lines of the next group's out */                                   \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, c, next->out, 1, next->bytes, {                      \
         const dn_vi_##SUF_ sign = (x[j] < 0) - (x[j] > 0); /* comparisons give -1 / 0 */             \
         dy[j] = dy[j] * r[j] + (T_)2 * c * x[j] + g * __builtin_convertvector(sign, dn_v_##SUF_);    \
         t[j] = dy[j] * ia[j];                                                                        \
@@ -284,7 +292,7 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
             ib[j] = (T_)dn_inverse_count(n, b, j);                                                   \
         }                                                                                            \
         const T_ s_ = (T_)s, g_ = (T_)g;                                                             \
-        const int by_steps = (int64_t)sizeof(T_) * n * L >= DN_FETCH_AHEAD_MIN; /* see dn_next_t */  \
+        const int by_steps = (int64_t)sizeof(T_) * n * L > DN_FETCH_AT_ONCE_MAX; /* dn_next_t */    \
         _Pragma("omp parallel num_threads(threads)")                                                 \
         {                                                                                            \
             int64_t ld = n + 4; /* arrays not a multiple of 4 KiB apart (store-load aliasing) */     \
