@@ -220,21 +220,22 @@ static dn_v_##SUF_ dn_forward_group_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, i
 static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_ *restrict dy,       \
                                             int64_t n, int64_t a, int64_t b, T_ s, T_ g,             \
                                             const T_ *restrict ia, const T_ *restrict ib,            \
-                                            dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict r,        \
-                                            dn_v_##SUF_ *restrict t, const dn_next_t *next) {        \
+                                            dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t,        \
+                                            const dn_next_t *next) {                                 \
     dn_centre_##SUF_(x, n, a, ia, p, t, next); /* x holds v from here */                             \
     dn_v_##SUF_ dq_sum = {0};                                                                        \
-    /* t: v^2, then dq / cnt_b; the next group's dy */                                               \
+    /* t: v^2, then dq / cnt_b; dy: dy r (r is needed no further); the next group's dy */            \
     DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->dy, 0, next->bytes, {                       \
-        r[j] = RSQRT_V_(q * ib[j] + s);                                                              \
-        const dn_v_##SUF_ dq = (T_)-0.5 * r[j] * r[j] * r[j] * dy[j] * x[j];                         \
+        const dn_v_##SUF_ r = RSQRT_V_(q * ib[j] + s);                                               \
+        const dn_v_##SUF_ dq = (T_)-0.5 * r * r * r * dy[j] * x[j];                                  \
         dq_sum += dq;                                                                                \
         t[j] = dq * ib[j];                                                                           \
+        dy[j] *= r;                                                                                  \
     });                                                                                              \
     /* dy: dv; t: dv / cnt_a; the lines of the next group's out */                                   \
     DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, c, next->out, 1, next->bytes, {                      \
         const dn_vi_##SUF_ sign = (x[j] < 0) - (x[j] > 0); /* comparisons give -1 / 0 */             \
-        dy[j] = dy[j] * r[j] + (T_)2 * c * x[j] + g * __builtin_convertvector(sign, dn_v_##SUF_);    \
+        dy[j] = dy[j] + (T_)2 * c * x[j] + g * __builtin_convertvector(sign, dn_v_##SUF_);           \
         t[j] = dy[j] * ia[j];                                                                        \
     });                                                                                              \
     DN_BOX_EACH(dn_v_##SUF_, t, n, a, p, j, mdv, dy[j] -= mdv;);                                     \
@@ -296,9 +297,9 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
         _Pragma("omp parallel num_threads(threads)")                                                 \
         {                                                                                            \
             int64_t ld = n + 4; /* arrays not a multiple of 4 KiB apart (store-load aliasing) */     \
-            dn_v_##SUF_ *xv = (dn_v_##SUF_ *)ns_thread_scratch(sizeof(dn_v_##SUF_) * (size_t)(5 * ld), \
+            dn_v_##SUF_ *xv = (dn_v_##SUF_ *)ns_thread_scratch(sizeof(dn_v_##SUF_) * (size_t)(4 * ld), \
                                                                0, &failed);                          \
-            dn_v_##SUF_ *dyv = xv + ld, *p = dyv + ld, *r = p + ld, *t = r + ld;                     \
+            dn_v_##SUF_ *dyv = xv + ld, *p = dyv + ld, *t = p + ld;                                  \
             _Pragma("omp for schedule(static)")                                                      \
             for (int64_t group = 0; group < groups; group++) {                                       \
                 if (!xv) continue;                                                                   \
@@ -317,7 +318,7 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
                 if (dy) {                                                                            \
                     dn_gather_##SUF_(dy, row0, rows, n, dyv);                                        \
                     if (!by_steps) dn_fetch(ahead.dy, next_bytes);                                   \
-                    sums = dn_backward_group_##SUF_(xv, dyv, n, a, b, s_, g_, ia, ib, p, r, t, &ahead); \
+                    sums = dn_backward_group_##SUF_(xv, dyv, n, a, b, s_, g_, ia, ib, p, t, &ahead);    \
                     dn_scatter_##SUF_(dyv, row0, rows, n, out);                                      \
                 } else {                                                                             \
                     sums = dn_forward_group_##SUF_(xv, n, a, b, s_, ia, ib, p, t, &ahead);           \
