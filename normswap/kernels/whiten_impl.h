@@ -221,8 +221,14 @@ static void WF(wh_cross_acc)(const WH_T *restrict a, const WH_T *restrict b, int
 #pragma GCC unroll 1
             for (int64_t k = 0; k < nb; k++) {
                 WV u[TR], v[TC];
-                for (int r = 0; r < TR; r++) u[r] = *(const WV *)(a + (ti + r) * WCH + k * WVL);
-                for (int s = 0; s < TC; s++) v[s] = *(const WV *)(b + (tj + s) * WCH + k * WVL);
+                for (int r = 0; r < TR; r++) {
+                    u[r] = *(const WV *)(a + (ti + r) * WCH + k * WVL);
+                    WH_IN_REGISTER(u[r]);
+                }
+                for (int s = 0; s < TC; s++) {
+                    v[s] = *(const WV *)(b + (tj + s) * WCH + k * WVL);
+                    WH_IN_REGISTER(v[s]);
+                }
                 for (int r = 0; r < TR; r++)
                     for (int s = 0; s < TC; s++) c[r][s] += u[r] * v[s];
             }
@@ -328,7 +334,10 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
                     const WH_T *buf = term ? w->b : w->a, *M = term ? M2 : M1;
                     for (int j = 0; j < WH_D; j++) {
                         WV u[OQ];
-                        for (int q = 0; q < OQ; q++) u[q] = *(const WV *)(buf + j * WCH + (k + q) * WVL);
+                        for (int q = 0; q < OQ; q++) {
+                            u[q] = *(const WV *)(buf + j * WCH + (k + q) * WVL);
+                            WH_IN_REGISTER(u[q]);
+                        }
                         for (int r = 0; r < OR; r++) {
                             const WH_T s = M[(i + r) * WH_D + j];
                             for (int q = 0; q < OQ; q++) c[r][q] += s * u[q];
@@ -384,12 +393,18 @@ static void WF(wcl_cross_rows)(const WV (*ca)[WCL_VECS], const WV (*cb)[WCL_VECS
     WV acc[WCL_ROWS][NV];
     for (int r = 0; r < WCL_ROWS; r++)
         for (int h = 0; h < NV; h++) acc[r][h] = zero;
-    for (int p = 0; p < np; p++)
+    for (int p = 0; p < np; p++) {
+        WV v[NV];
+        for (int h = 0; h < NV; h++) {
+            v[h] = cb[p][h];
+            if (WCL_ROWS * NV <= 8) WH_IN_REGISTER(v[h]);   /* (more sums than that spill anyway) */
+        }
         for (int r = 0; r < WCL_ROWS; r++) {
             const WH_T s = ca[p][(i0 + r) / WVL][(i0 + r) % WVL];
             for (int h = 0; h < NV; h++)   /* (a whole count, so that acc stays in registers) */
-                if (h >= h0) acc[r][h] += s * cb[p][h];
+                if (h >= h0) acc[r][h] += s * v[h];
         }
+    }
     for (int r = 0; r < WCL_ROWS; r++)
         for (int h = h0; h < NV; h++) {
             double *o = out + (i0 + r) * WH_D + h * WVL;
@@ -476,11 +491,17 @@ static void WF(wcl_apply)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, const
                     s[q][h] = q < nq ? v - m[h] : zero;
                     if (!term) acc[q][h] = b0[h];
                 }
-            for (int j = 0; j < WH_D; j++)
+            for (int j = 0; j < WH_D; j++) {
+                WV kj[NV];
+                for (int h = 0; h < NV; h++) {
+                    kj[h] = k[j][h];
+                    WH_IN_REGISTER(kj[h]);
+                }
                 for (int q = 0; q < 4; q++) {
                     const WH_T sj = s[q][j / WVL][j % WVL];
-                    for (int h = 0; h < NV; h++) acc[q][h] += sj * k[j][h];
+                    for (int h = 0; h < NV; h++) acc[q][h] += sj * kj[h];
                 }
+            }
         }
         for (int q = 0; q < nq; q++)
             for (int h = 0; h < NV; h++) memcpy(out + (p + q) * C + c0 + h * WVL, &acc[q][h], sizeof(WV));
