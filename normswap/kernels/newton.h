@@ -69,7 +69,9 @@ static int nt_mm16_f32(const float *restrict A, const float *restrict B, float *
         __m256 lo[4], hi[4];
         for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
         for (int k = 0; k < 16; k++) {
-            const __m256 bl = _mm256_loadu_ps(B + k * 16), bh = _mm256_loadu_ps(B + k * 16 + 8);
+            __m256 bl = _mm256_loadu_ps(B + k * 16), bh = _mm256_loadu_ps(B + k * 16 + 8);
+            NS_IN_REGISTER(bl);
+            NS_IN_REGISTER(bh);
             for (int r = 0; r < 4; r++) {
                 const __m256 a = _mm256_set1_ps(A[(i + r) * 16 + k]);
                 lo[r] = _mm256_fmadd_ps(a, bl, lo[r]);
@@ -91,7 +93,10 @@ static int nt_mm16_f64(const double *restrict A, const double *restrict B, doubl
             for (int q = 0; q < 4; q++) c[r][q] = _mm256_setzero_pd();
         for (int k = 0; k < 16; k++) {
             __m256d b[4];
-            for (int q = 0; q < 4; q++) b[q] = _mm256_loadu_pd(B + k * 16 + 4 * q);
+            for (int q = 0; q < 4; q++) {
+                b[q] = _mm256_loadu_pd(B + k * 16 + 4 * q);
+                NS_IN_REGISTER(b[q]);
+            }
             for (int r = 0; r < 2; r++) {
                 const __m256d a = _mm256_set1_pd(A[(i + r) * 16 + k]);
                 for (int q = 0; q < 4; q++) c[r][q] = _mm256_fmadd_pd(a, b[q], c[r][q]);

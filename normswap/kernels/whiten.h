@@ -50,19 +50,6 @@
 #define WH_OUT_VECS 2
 #define WCL_ROWS 4
 #endif
-/* WH_IN_REGISTER(v): the vector v is in a register from here on. A tile's product loop reads
- * each of its input vectors once and multiplies it into a row or column of sums; gcc otherwise
- * folds the load into every multiply-add that uses it (one load per product: 12 loads to 8
- * multiply-adds in the outputs' 4 x 2 tiles, more than the two load ports serve while the two
- * multiply-add units wait). Measured on the AVX2 EPYC, one thread: IterNorm2d forward +
- * backward 0.91x on both benchmark shapes. */
-#if defined(__AVX512F__)
-#define WH_IN_REGISTER(v) __asm__("" : "+v"(v))
-#elif defined(__AVX__)
-#define WH_IN_REGISTER(v) __asm__("" : "+x"(v))
-#else
-#define WH_IN_REGISTER(v) ((void)0)   /* (vectors wider than one register there) */
-#endif
 #define WH_ROW_BYTES 1024 /* of each row of a chunk */
 #define WH_FLUSH 8       /* chunks summed in T before the sums go into double */
 #define WH_AHEAD_LINES 1024 /* the next chunk's lines requested during a chunk's products, at most */

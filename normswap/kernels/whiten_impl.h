@@ -223,11 +223,11 @@ static void WF(wh_cross_acc)(const WH_T *restrict a, const WH_T *restrict b, int
                 WV u[TR], v[TC];
                 for (int r = 0; r < TR; r++) {
                     u[r] = *(const WV *)(a + (ti + r) * WCH + k * WVL);
-                    WH_IN_REGISTER(u[r]);
+                    NS_IN_REGISTER(u[r]);
                 }
                 for (int s = 0; s < TC; s++) {
                     v[s] = *(const WV *)(b + (tj + s) * WCH + k * WVL);
-                    WH_IN_REGISTER(v[s]);
+                    NS_IN_REGISTER(v[s]);
                 }
                 for (int r = 0; r < TR; r++)
                     for (int s = 0; s < TC; s++) c[r][s] += u[r] * v[s];
@@ -336,7 +336,7 @@ static void WF(wh_apply_group)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, 
                         WV u[OQ];
                         for (int q = 0; q < OQ; q++) {
                             u[q] = *(const WV *)(buf + j * WCH + (k + q) * WVL);
-                            WH_IN_REGISTER(u[q]);
+                            NS_IN_REGISTER(u[q]);
                         }
                         for (int r = 0; r < OR; r++) {
                             const WH_T s = M[(i + r) * WH_D + j];
@@ -397,7 +397,7 @@ static void WF(wcl_cross_rows)(const WV (*ca)[WCL_VECS], const WV (*cb)[WCL_VECS
         WV v[NV];
         for (int h = 0; h < NV; h++) {
             v[h] = cb[p][h];
-            if (WCL_ROWS * NV <= 8) WH_IN_REGISTER(v[h]);   /* (more sums than that spill anyway) */
+            if (WCL_ROWS * NV <= 8) NS_IN_REGISTER(v[h]);   /* (more sums than that spill anyway) */
         }
         for (int r = 0; r < WCL_ROWS; r++) {
             const WH_T s = ca[p][(i0 + r) / WVL][(i0 + r) % WVL];
@@ -495,7 +495,7 @@ static void WF(wcl_apply)(const WH_T *x1, const WH_T *mu1, const WH_T *M1, const
                 WV kj[NV];
                 for (int h = 0; h < NV; h++) {
                     kj[h] = k[j][h];
-                    WH_IN_REGISTER(kj[h]);
+                    NS_IN_REGISTER(kj[h]);
                 }
                 for (int q = 0; q < 4; q++) {
                     const WH_T sj = s[q][j / WVL][j % WVL];
