@@ -85,7 +85,6 @@ static int thread_count(void) {
 #define NS_IN_REGISTER(v) ((void)0)
 #endif
 
-
 /* The values of a[0..n) that are >= tau, in order, into cv; returns how many. Most of a
  * long row is below tau, so it is read a vector at a time and only vectors holding a
  * candidate are looked into: with AVX-512 by the comparison's bit mask, else by pack_ge
