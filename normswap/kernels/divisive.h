@@ -243,33 +243,19 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
 }                                                                                                    \
                                                                                                      \
 /* The rows row0 .. row0 + lanes - 1 of src (n values each) into the lanes of dst (zeros for         \
- * rows from `rows` on), and back; full groups by NS_TILE_ x NS_TILE_ transposes in registers. */    \
+ * rows from `rows` on), and back (ns_transpose_: tiles in registers). */                            \
 static void dn_gather_##SUF_(const T_ *restrict src, int64_t row0, int64_t rows, int64_t n,          \
                              dn_v_##SUF_ *restrict dst) {                                            \
-    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? NS_TILED_(n, SUF_) : 0;            \
+    const int64_t L = DN_LANES_##SUF_, nb = rows - row0 < L ? rows - row0 : L;                       \
     T_ *d = (T_ *)dst;                                                                               \
-    for (int64_t l0 = 0; l0 < L && tiled; l0 += NS_TILE_##SUF_)                                      \
-        for (int64_t j = 0; j < tiled; j += NS_TILE_##SUF_)                                          \
-            ns_tile_##SUF_(src + (row0 + l0) * n + j, n, d + j * L + l0, L);                         \
-    for (int64_t l = 0; l < L; l++) {                                                                \
-        const T_ *s = src + (row0 + l) * n;                                                          \
-        if (row0 + l < rows)                                                                         \
-            for (int64_t j = tiled; j < n; j++) d[j * L + l] = s[j];                                 \
-        else                                                                                         \
-            for (int64_t j = 0; j < n; j++) d[j * L + l] = 0;                                        \
-    }                                                                                                \
+    ns_transpose_##SUF_(src + row0 * n, n, d, L, nb, n);                                             \
+    for (int64_t l = nb; l < L; l++)                                                                 \
+        for (int64_t j = 0; j < n; j++) d[j * L + l] = 0;                                            \
 }                                                                                                    \
 static void dn_scatter_##SUF_(const dn_v_##SUF_ *restrict src, int64_t row0, int64_t rows,           \
                               int64_t n, T_ *restrict dst) {                                         \
-    const int64_t L = DN_LANES_##SUF_, tiled = row0 + L <= rows ? NS_TILED_(n, SUF_) : 0;            \
-    const T_ *s = (const T_ *)src;                                                                   \
-    for (int64_t l0 = 0; l0 < L && tiled; l0 += NS_TILE_##SUF_)                                      \
-        for (int64_t j = 0; j < tiled; j += NS_TILE_##SUF_)                                          \
-            ns_tile_##SUF_(s + j * L + l0, L, dst + (row0 + l0) * n + j, n);                         \
-    for (int64_t l = 0; l < L && row0 + l < rows; l++) {                                             \
-        T_ *d = dst + (row0 + l) * n;                                                                \
-        for (int64_t j = tiled; j < n; j++) d[j] = s[j * L + l];                                     \
-    }                                                                                                \
+    const int64_t L = DN_LANES_##SUF_, nb = rows - row0 < L ? rows - row0 : L;                       \
+    ns_transpose_##SUF_((const T_ *)src, L, dst + row0 * n, n, n, nb);                               \
 }                                                                                                    \
                                                                                                      \
 /* Both directions: dy == NULL: the forward (y into out, sum |v| into *total), else the              \

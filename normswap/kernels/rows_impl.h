@@ -289,14 +289,9 @@ static void FN(largest_deviations_)(const T *mx, const T *mn, int64_t np, T mean
     }
 }
 
-/* src's B = NS_LANES rows of n values (row l at l * n) side by side: dst[i * B + l] */
+/* src's B = NS_LANES rows of n values (row l at l * ld) side by side: dst[i * B + l] */
 static void FN(lanes_of_)(const T *src, int64_t ld, int64_t n, T *dst) {
-    const int64_t tile = CAT(NS_TILE_, SUF), tiled = NS_TILED_(n, SUF);
-    for (int64_t i0 = 0; i0 < tiled; i0 += tile)
-        for (int64_t l0 = 0; l0 < NS_LANES; l0 += tile)
-            CAT(ns_tile_, SUF)(src + l0 * ld + i0, ld, dst + i0 * NS_LANES + l0, NS_LANES);
-    for (int64_t i = tiled; i < n; i++)
-        for (int64_t l = 0; l < NS_LANES; l++) dst[i * NS_LANES + l] = src[l * ld + i];
+    CAT(ns_transpose_, SUF)(src, ld, dst, NS_LANES, NS_LANES, n);
 }
 
 /* Batcher's odd-even merge sort of 16 values as a list of compare-exchanges (a, b): after
