@@ -41,6 +41,9 @@ ROW_LAYERS = [
     ("TopKBatchNorm2d", lambda: N.TopKBatchNorm2d(24, k=11), (8, 24, 12, 16)),
     ("BatchNormStar2d-learned", lambda: N.BatchNormStar2d(24, learn_sigma=True), (8, 24, 12, 16)),
     ("L1BatchNorm1d-tokens", lambda: N.L1BatchNorm1d(24), (64, 24, 30)),
+    # rows of 45: the vector sums' partial last vector (masked loads and stores of the columns' sums)
+    ("TopKLayerNorm-ragged", lambda: N.TopKLayerNorm(45, k=6), (16, 48, 45)),
+    ("L1LayerNorm-ragged", lambda: N.L1LayerNorm(45), (16, 48, 45)),
 ]
 
 

@@ -298,6 +298,70 @@ static inline __attribute__((always_inline)) int sums_vec_f32(
     out[3] = topk ? _mm512_reduce_add_ps(s.b1) : 0.0f; out[4] = topk ? _mm512_reduce_add_ps(s.c1) : 0.0f;
     return 1;
 }
+#elif defined(__AVX2__)
+/* The same with AVX2 (eight lanes): gcc's `omp simd reduction` of the portable loop ended each
+ * of the five sums by storing its vector and adding the eight lanes one after another (40
+ * dependent scalar additions a row, with store-to-load forwarding: the largest part of a
+ * short row's sums); here three rounds of horizontal additions give the five totals. A
+ * row's tail is read by masked loads (zeros past the row) and fg, fb written by masked
+ * stores. */
+struct vsums8 { __m256 a1, a2, a3, b1, c1; };
+static inline __attribute__((always_inline)) void sums_step8_f32(
+        struct vsums8 *s, const float *xr, const float *dyr, const float *gamma, int64_t i, const int full,
+        __m256i k, __m256 mv, __m256 iv, __m256 tv, const int topk, const int cols, float *fg, float *fb) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), mone = _mm256_set1_ps(-1.0f);
+    const __m256 kf = _mm256_castsi256_ps(k);
+    const __m256 dy = full ? _mm256_loadu_ps(dyr + i) : _mm256_maskload_ps(dyr + i, k);
+    __m256 v = _mm256_sub_ps(full ? _mm256_loadu_ps(xr + i) : _mm256_maskload_ps(xr + i, k), mv);
+    if (!full) v = _mm256_and_ps(v, kf);   /* (0 past the row) */
+    const __m256 g = gamma ? _mm256_mul_ps(dy, full ? _mm256_loadu_ps(gamma + i) : _mm256_maskload_ps(gamma + i, k))
+                           : dy;
+    const __m256 sv = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), one),
+                                   _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), mone));
+    s->a1 = _mm256_add_ps(s->a1, g);
+    s->a2 = _mm256_add_ps(s->a2, _mm256_mul_ps(g, v));
+    s->a3 = _mm256_add_ps(s->a3, sv);
+    if (topk) {
+        const __m256 absv = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+        __m256 ge = _mm256_cmp_ps(absv, tv, _CMP_GE_OQ);
+        if (!full) ge = _mm256_and_ps(ge, kf);
+        s->c1 = _mm256_add_ps(s->c1, _mm256_and_ps(ge, one));
+        s->b1 = _mm256_add_ps(s->b1, _mm256_and_ps(ge, sv));
+    }
+    if (cols) {
+        const __m256 ag = _mm256_mul_ps(_mm256_mul_ps(dy, v), iv);
+        if (full) {
+            _mm256_storeu_ps(fg + i, _mm256_add_ps(_mm256_loadu_ps(fg + i), ag));
+            _mm256_storeu_ps(fb + i, _mm256_add_ps(_mm256_loadu_ps(fb + i), dy));
+        } else {
+            _mm256_maskstore_ps(fg + i, k, _mm256_add_ps(_mm256_maskload_ps(fg + i, k), ag));
+            _mm256_maskstore_ps(fb + i, k, _mm256_add_ps(_mm256_maskload_ps(fb + i, k), dy));
+        }
+    }
+}
+static inline __attribute__((always_inline)) int sums_vec_f32(
+        const float *xr, const float *dyr, const float *gamma, int64_t n, float m, float inv, float th,
+        const int topk, const int cols, float *fg, float *fb, float *out) {
+    const __m256 mv = _mm256_set1_ps(m), iv = _mm256_set1_ps(inv), tv = _mm256_set1_ps(th), z = _mm256_setzero_ps();
+    const __m256i all = _mm256_set1_epi32(-1);
+    struct vsums8 s = {z, z, z, z, z};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) sums_step8_f32(&s, xr, dyr, gamma, i, 1, all, mv, iv, tv, topk, cols, fg, fb);
+    if (i < n) {
+        const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        sums_step8_f32(&s, xr, dyr, gamma, i, 0, k, mv, iv, tv, topk, cols, fg, fb);
+    }
+    /* lanes 0-3 and 4-7 of {a1, a2, a3, b1} and {c1} summed pairwise, then the two halves */
+    const __m256 q = _mm256_hadd_ps(_mm256_hadd_ps(s.a1, s.a2), _mm256_hadd_ps(s.a3, s.b1));
+    const __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(s.c1, z), z);
+    const __m128 t = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+    out[0] = _mm_cvtss_f32(t);
+    out[1] = _mm_cvtss_f32(_mm_shuffle_ps(t, t, 1));
+    out[2] = _mm_cvtss_f32(_mm_shuffle_ps(t, t, 2));
+    out[3] = topk ? _mm_cvtss_f32(_mm_shuffle_ps(t, t, 3)) : 0.0f;
+    out[4] = topk ? _mm256_cvtss_f32(c) + _mm_cvtss_f32(_mm256_extractf128_ps(c, 1)) : 0.0f;
+    return 1;
+}
 #else
 static inline int sums_vec_f32(const float *xr, const float *dyr, const float *gamma, int64_t n, float m, float inv,
                                float th, const int topk, const int cols, float *fg, float *fb, float *out) {

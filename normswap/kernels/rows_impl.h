@@ -689,15 +689,18 @@ static struct FN(coefs_) FN(grad_coefs_)(const T *x, int64_t P, int64_t R, int64
                                          int64_t k, double cinf, T m, T d, T th, double sg, double sgv,
                                          double ss, double sge, int64_t cge, const T *gmad_r) {
     const int64_t n = P * Q;
-    const T inv = (T)1 / d;
+    /* (divisions by what is known before the row's sums only, so that they run while the
+     * sums are added: a division after them was the longest step of a short row's chain) */
+    const double inv_n = 1.0 / (double)n;
+    const T inv = (T)1 / d, inv_dd = (T)1 / (d * d), inv_nt = (T)inv_n;
     struct FN(coefs_) o;
-    o.c0 = (T)(-sg / (double)n) * inv;
-    o.dl = (T)(-sgv) / (d * d);
+    o.c0 = (T)(-sg * inv_n) * inv;
+    o.dl = (T)(-sgv) * inv_dd;
     o.cv = 0; o.cs = 0; o.tc = 0;
-    if (stat == STAT_L2) o.cv = o.dl / ((T)n * d);
-    if (stat == STAT_L1) o.cs = o.dl * (T)C_L1 / (T)n;
-    if (gmad_r) o.cs += *gmad_r / (T)n;
-    if (stat == STAT_L1 || gmad_r) o.c0 -= o.cs * (T)(ss / (double)n);
+    if (stat == STAT_L2) o.cv = o.dl * (inv_nt * inv);
+    if (stat == STAT_L1) o.cs = o.dl * ((T)C_L1 * inv_nt);
+    if (gmad_r) o.cs += *gmad_r * inv_nt;
+    if (stat == STAT_L1 || gmad_r) o.c0 -= o.cs * (T)(ss * inv_n);
     o.thg = th;   /* the top-k term goes to |v| >= thg ... */
     o.fix = 0;    /* ... and to the first `fix` values with |v| == th */
     if (stat == STAT_TOPK) {
@@ -716,8 +719,8 @@ static struct FN(coefs_) FN(grad_coefs_)(const T *x, int64_t P, int64_t R, int64
             ts += FN(first_ties_)(x, NULL, P, R, Q, r, m, th, o.fix, 0);
             o.thg = NEXTAFTER(th, (T)INFINITY);   /* |v| >= thg  <=>  |v| > th */
         }
-        o.tc = o.dl * (T)cinf / (T)k;
-        o.c0 -= o.tc * (T)ts / (T)n;
+        o.tc = o.dl * (T)(cinf / (double)k);
+        o.c0 -= o.tc * (T)ts * inv_nt;
     }
     return o;
 }
