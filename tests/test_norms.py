@@ -118,6 +118,37 @@ def test_non_finite_batch_leaves_running_stats_untouched():
             assert torch.equal(v, before[k]), (type(m).__name__, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_update_on_the_cpu_gives_the_device_forms_bits(dtype, momentum, monkeypatch):
+    """On CPU tensors in eager mode the running update tests finiteness as a Python bool
+    (``finite_now``) and lerps every buffer in one call; GPUs and torch.compile run the
+    form without a host test (``all_finite``'s tensor, ``where``, one ``lerp_`` a buffer).
+    Both give the same buffers and count, bit for bit, over batches with NaN, inf and (in
+    float64) values whose sum overflows though each is finite."""
+    from normswap.norms import running
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(7, generator=gen, dtype=dtype), torch.rand(7, generator=gen, dtype=dtype)]
+               for _ in range(12)]
+    batches[3][1][2] = float("nan")
+    batches[6][0][0] = float("-inf")
+    if dtype == torch.float64:
+        batches[8][0][:] = 1e308          # finite, but 7e308 as a sum
+    results = []
+    for host_test in (True, False):
+        if not host_test:
+            monkeypatch.setattr(running, "finite_now", lambda *stats: None)
+        bufs, count = [torch.zeros(7, dtype=dtype), torch.ones(7, dtype=dtype)], torch.tensor(0)
+        for values in batches:
+            running.update_running_(bufs, values, count, momentum)
+        results.append((bufs, int(count)))
+    (cpu_bufs, cpu_count), (dev_bufs, dev_count) = results
+    assert cpu_count == dev_count == 10
+    for a, b in zip(cpu_bufs, dev_bufs):
+        assert torch.equal(a, b)
+        assert torch.isfinite(a).all()
+
+
 def test_track_running_stats_false_uses_batch_stats_in_eval():
     m = N.L1BatchNorm2d(3, track_running_stats=False, affine=False).double().eval()
     x = _input((2, 3, 4, 4))
