@@ -95,27 +95,34 @@ DN_RSQRT(f64)
 #undef DN_RSQRT
 
 
-/* The next group of rows is fetched into the cache while the current one is computed. A
- * group of more than DN_FETCH_AT_ONCE_MAX bytes by the current group's box sums, a vector's
- * bytes per step: x during the first, the lines of out (for writing) during the forward's
- * second, dy and out during the backward's second and third (dn_next_t says where and how
- * many bytes, 0 for none; DN_BOX_FETCHING). A shorter one at once when the current group is
- * read (dn_fetch for x and dy, dn_fetch_out for the lines of out). Without the requests for
- * out the scatter's stores waited on their lines. Measured on the AVX2 EPYC, one thread,
- * against fetching x, dy and out all during the first box sum, with out only by steps:
- * rows of 64 floats (2 KiB groups) 0.79-0.82x forward, 0.91x backward (at once); rows of 128
- * (4 KiB) 0.91-0.94x / 0.81-0.82x (at once; by steps spread over the passes: 0.93x / 1.12x
- * of at once); rows of 160-224 0.87-0.89x / 0.88-0.94x and rows of 256-1024 0.91-0.92x /
- * 0.88-0.94x (by steps, spread). */
-typedef struct { const char *x, *dy; char *out; int64_t bytes; } dn_next_t;
+/* The next group of rows is fetched into the cache while the current one is computed, one
+ * array in each of the current group's box sums (DN_BOX_FETCHING): x in the first, the lines
+ * of out (for writing) in the forward's second, dy in the backward's second and out in its
+ * third. A group of up to DN_FETCH_AT_ONCE_MAX bytes requests its array at once as the pass
+ * starts (dn_request); a longer one a vector's bytes per step of the pass, so that the
+ * requests wait neither on each other nor on the pass. Without the requests for out the
+ * scatter's stores waited on their lines. Measured on the AVX2 EPYC, one thread: against
+ * fetching x, dy and out all during the first box sum, with out only by steps, rows of 64
+ * floats (2 KiB groups, x, dy and out then requested together as the group was read)
+ * 0.79-0.82x forward, 0.91x backward; rows of 128 (4 KiB) 0.91-0.94x / 0.81-0.82x (by steps
+ * for those: 0.93x / 1.12x of at once); rows of 160-224 0.87-0.89x / 0.88-0.94x and rows of
+ * 256-1024 0.91-0.92x / 0.88-0.94x (by steps). Then the short groups' arrays one per pass
+ * instead of all three as the group was read: rows of 64 0.87-0.89x forward, 0.88-0.90x
+ * backward (the requests had filled the load queue). */
+typedef struct {
+    const char *x, *dy;   /* the next group's rows (dy NULL in the forward) */
+    char *out;
+    int64_t bytes;        /* of each array: 0 for none (the last group) */
+    int at_once;          /* bytes <= DN_FETCH_AT_ONCE_MAX */
+} dn_next_t;
 #define DN_FETCH_AT_ONCE_MAX 4096
 
-/* bytes from c into the cache at once (dn_fetch_out: for writing) */
-static void dn_fetch(const char *c, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) NS_PREFETCH(c + i);
-}
-static void dn_fetch_out(char *c, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 1, 3);
+/* bytes from c into the cache at once (write: for writing; a constant at every call) */
+static inline __attribute__((always_inline)) void dn_request(const char *c, int64_t bytes, const int write) {
+    if (write)
+        for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 1, 3);
+    else
+        for (int64_t i = 0; i < bytes; i += 64) NS_PREFETCH(c + i);
 }
 
 /* DN_BOX_EACH(V_, t, n, w, p, q, bx, body): for q = n - 1 down to 0, body with bx =
@@ -170,19 +177,22 @@ static void dn_fetch_out(char *c, int64_t bytes) {
         }                                                                                            \
     } while (0)
 
-/* DN_BOX_FETCHING(V_, t, n, w, p, q, bx, c, write, bytes, body): DN_BOX_EACH, whose step q
- * also requests the line of c at q vectors' bytes (for writing if write) while that is below
- * bytes: the next group's arrays, one per box sum, so that the requests are spread over the
- * group's passes instead of waiting on each other in one. Two copies, one without requests
- * (bytes 0): a test in the loop cost the short rows 4-10%. */
-#define DN_BOX_FETCHING(V_, t, n, w, p, q, bx, c, write, bytes, ...)                                 \
+/* DN_BOX_FETCHING(V_, t, n, w, p, q, bx, c, write, next, body): DN_BOX_EACH that also
+ * requests the next group's array c (for writing if write): at once before the pass where
+ * next->at_once, else the line of c at q vectors' bytes in step q while that is below
+ * next->bytes. Separate copies of the pass with and without requests: a test in the loop
+ * cost the short rows 4-10%. */
+#define DN_BOX_FETCHING(V_, t, n, w, p, q, bx, c, write, next, ...)                                  \
     do {                                                                                             \
-        if ((bytes) > 0)                                                                             \
+        const int64_t bytes_ = (next)->bytes;                                                        \
+        if (bytes_ > 0 && !(next)->at_once)                                                          \
             DN_BOX_EACH(V_, t, n, w, p, q, bx, __VA_ARGS__                                           \
-                        if ((q) * (int64_t)sizeof(V_) < (bytes))                                     \
+                        if ((q) * (int64_t)sizeof(V_) < bytes_)                                      \
                             __builtin_prefetch((c) + (q) * (int64_t)sizeof(V_), write, 3););        \
-        else                                                                                         \
+        else {                                                                                       \
+            if (bytes_ > 0) dn_request((c), bytes_, write);                                          \
             DN_BOX_EACH(V_, t, n, w, p, q, bx, __VA_ARGS__);                                         \
+        }                                                                                            \
     } while (0)
 
 /* Per element type T_ (SUF_ f32 / f64; MAGNITUDE_ its bits but the sign, as an integer;
@@ -197,7 +207,7 @@ static void dn_fetch_out(char *c, int64_t bytes) {
 static void dn_centre_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, int64_t a, const T_ *restrict ia,   \
                              dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t,                       \
                              const dn_next_t *next) {                                                \
-    DN_BOX_FETCHING(dn_v_##SUF_, x, n, a, p, j, m, next->x, 0, next->bytes, {                        \
+    DN_BOX_FETCHING(dn_v_##SUF_, x, n, a, p, j, m, next->x, 0, next, {                        \
         x[j] -= m * ia[j];                                                                           \
         t[j] = x[j] * x[j];                                                                          \
     });                                                                                              \
@@ -210,7 +220,7 @@ static dn_v_##SUF_ dn_forward_group_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, i
     dn_centre_##SUF_(x, n, a, ia, p, t, next);                                                       \
     const dn_vi_##SUF_ magnitude = (dn_vi_##SUF_){0} + MAGNITUDE_; /* |v|: all bits but the sign */  \
     dn_v_##SUF_ abs_sum = {0};                                                                       \
-    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->out, 1, next->bytes, {                      \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->out, 1, next, {                      \
         abs_sum += (dn_v_##SUF_)((dn_vi_##SUF_)x[j] & magnitude);                                    \
         x[j] *= RSQRT_V_(q * ib[j] + s);                                                             \
     });                                                                                              \
@@ -225,7 +235,7 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
     dn_centre_##SUF_(x, n, a, ia, p, t, next); /* x holds v from here */                             \
     dn_v_##SUF_ dq_sum = {0};                                                                        \
     /* t: v^2, then dq / cnt_b; dy: dy r (r is needed no further); the next group's dy */            \
-    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->dy, 0, next->bytes, {                       \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->dy, 0, next, {                       \
         const dn_v_##SUF_ r = RSQRT_V_(q * ib[j] + s);                                               \
         const dn_v_##SUF_ dq = (T_)-0.5 * r * r * r * dy[j] * x[j];                                  \
         dq_sum += dq;                                                                                \
@@ -233,7 +243,7 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
         dy[j] *= r;                                                                                  \
     });                                                                                              \
     /* dy: dv; t: dv / cnt_a; the lines of the next group's out */                                   \
-    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, c, next->out, 1, next->bytes, {                      \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, c, next->out, 1, next, {                      \
         const dn_vi_##SUF_ sign = (x[j] < 0) - (x[j] > 0); /* comparisons give -1 / 0 */             \
         dy[j] = dy[j] + (T_)2 * c * x[j] + g * __builtin_convertvector(sign, dn_v_##SUF_);           \
         t[j] = dy[j] * ia[j];                                                                        \
@@ -279,7 +289,7 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
             ib[j] = (T_)dn_inverse_count(n, b, j);                                                   \
         }                                                                                            \
         const T_ s_ = (T_)s, g_ = (T_)g;                                                             \
-        const int by_steps = (int64_t)sizeof(T_) * n * L > DN_FETCH_AT_ONCE_MAX; /* dn_next_t */    \
+        const int at_once = (int64_t)sizeof(T_) * n * L <= DN_FETCH_AT_ONCE_MAX; /* dn_next_t */    \
         _Pragma("omp parallel num_threads(threads)")                                                 \
         {                                                                                            \
             int64_t ld = n + 4; /* arrays not a multiple of 4 KiB apart (store-load aliasing) */     \
@@ -294,16 +304,11 @@ int ns_dn_rows_##SUF_(const T_ *x, const T_ *dy, int64_t rows, int64_t n, int64_
                                            * (next_rows < L ? (next_rows > 0 ? next_rows : 0) : L);  \
                 const dn_next_t ahead = { /* the next group's input, read while this one is computed */ \
                     (const char *)(x + (row0 + L) * n), dy ? (const char *)(dy + (row0 + L) * n) : NULL, \
-                    (char *)(out + (row0 + L) * n), by_steps ? next_bytes : 0};                      \
+                    (char *)(out + (row0 + L) * n), next_bytes, at_once};                            \
                 dn_gather_##SUF_(x, row0, rows, n, xv);                                              \
-                if (!by_steps) {                                                                     \
-                    dn_fetch(ahead.x, next_bytes);                                                   \
-                    dn_fetch_out(ahead.out, next_bytes);                                             \
-                }                                                                                    \
                 dn_v_##SUF_ sums;                                                                    \
                 if (dy) {                                                                            \
                     dn_gather_##SUF_(dy, row0, rows, n, dyv);                                        \
-                    if (!by_steps) dn_fetch(ahead.dy, next_bytes);                                   \
                     sums = dn_backward_group_##SUF_(xv, dyv, n, a, b, s_, g_, ia, ib, p, t, &ahead);    \
                     dn_scatter_##SUF_(dyv, row0, rows, n, out);                                      \
                 } else {                                                                             \
