@@ -95,7 +95,12 @@ static int WF(wh_planes)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64_
 /* Columns [p0, p0 + cnt) of the rows c0 .. c0 + 15 of x into buf (row j at buf + j WCH),
  * minus mu[c0 + j] (mu NULL: 0), zeros up to the padded length; rowsum (not NULL, with mu
  * NULL): += the rows' sums over the chunk, added in vector lanes (a segment of a row is as
- * short as L: one lane reduction per segment cost more than the copy for small maps). */
+ * short as L: one lane reduction per segment cost more than the copy for small maps).
+ * noinline: gcc decides by the size of the whole file; when a change elsewhere in rows.c
+ * (DN's requests) tipped it into inlining this into wh_cross_group and wh_apply_group, the
+ * kernel took 1.29x its time on (32, 256, 14, 14) (profiled; IterNorm2d 1.65x
+ * nn.BatchNorm2d against 1.33-1.44x). */
+__attribute__((noinline))
 static void WF(wh_gather)(const WH_T *x, int64_t C, int64_t L, int64_t c0, int64_t p0, int64_t cnt,
                           const WH_T *mu, WH_T *buf, double *rowsum) {
     const int64_t pad = WF(wh_padded)(cnt);
