@@ -207,7 +207,7 @@ static inline __attribute__((always_inline)) void dn_request(const char *c, int6
 static void dn_centre_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, int64_t a, const T_ *restrict ia,   \
                              dn_v_##SUF_ *restrict p, dn_v_##SUF_ *restrict t,                       \
                              const dn_next_t *next) {                                                \
-    DN_BOX_FETCHING(dn_v_##SUF_, x, n, a, p, j, m, next->x, 0, next, {                        \
+    DN_BOX_FETCHING(dn_v_##SUF_, x, n, a, p, j, m, next->x, 0, next, {                               \
         x[j] -= m * ia[j];                                                                           \
         t[j] = x[j] * x[j];                                                                          \
     });                                                                                              \
@@ -220,7 +220,7 @@ static dn_v_##SUF_ dn_forward_group_##SUF_(dn_v_##SUF_ *restrict x, int64_t n, i
     dn_centre_##SUF_(x, n, a, ia, p, t, next);                                                       \
     const dn_vi_##SUF_ magnitude = (dn_vi_##SUF_){0} + MAGNITUDE_; /* |v|: all bits but the sign */  \
     dn_v_##SUF_ abs_sum = {0};                                                                       \
-    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->out, 1, next, {                      \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->out, 1, next, {                             \
         abs_sum += (dn_v_##SUF_)((dn_vi_##SUF_)x[j] & magnitude);                                    \
         x[j] *= RSQRT_V_(q * ib[j] + s);                                                             \
     });                                                                                              \
@@ -235,7 +235,7 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
     dn_centre_##SUF_(x, n, a, ia, p, t, next); /* x holds v from here */                             \
     dn_v_##SUF_ dq_sum = {0};                                                                        \
     /* t: v^2, then dq / cnt_b; dy: dy r (r is needed no further); the next group's dy */            \
-    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->dy, 0, next, {                       \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, q, next->dy, 0, next, {                              \
         const dn_v_##SUF_ r = RSQRT_V_(q * ib[j] + s);                                               \
         const dn_v_##SUF_ dq = (T_)-0.5 * r * r * r * dy[j] * x[j];                                  \
         dq_sum += dq;                                                                                \
@@ -243,7 +243,7 @@ static dn_v_##SUF_ dn_backward_group_##SUF_(dn_v_##SUF_ *restrict x, dn_v_##SUF_
         dy[j] *= r;                                                                                  \
     });                                                                                              \
     /* dy: dv; t: dv / cnt_a; the lines of the next group's out */                                   \
-    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, c, next->out, 1, next, {                      \
+    DN_BOX_FETCHING(dn_v_##SUF_, t, n, b, p, j, c, next->out, 1, next, {                             \
         const dn_vi_##SUF_ sign = (x[j] < 0) - (x[j] > 0); /* comparisons give -1 / 0 */             \
         dy[j] = dy[j] + (T_)2 * c * x[j] + g * __builtin_convertvector(sign, dn_v_##SUF_);           \
         t[j] = dy[j] * ia[j];                                                                        \
