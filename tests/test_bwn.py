@@ -261,3 +261,73 @@ def test_parametrized_weight_is_computed_once_per_forward():
             m.register_forward_hook(lambda mod, args, out: calls.append(mod))
     model(torch.randn(2, 3, 32, 32))
     assert len(calls) == 20 and len({id(c) for c in calls}) == 20
+
+
+def _reference_bounded(v, s, g):
+    """w = s v / ||v|| per output channel and dL/dv, dL/ds for dL/dw = g, by autograd on
+    the PyTorch formula in float64 (no normswap code)."""
+    v = v.detach().double().requires_grad_(True)
+    s = s.detach().double().requires_grad_(True)
+    dims = tuple(range(1, v.dim()))
+    w = s * v / torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+    gv, gs = torch.autograd.grad(w, (v, s), g.double())
+    return w.detach(), gv, gs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gain", [False, True], ids=["rho", "gain"])
+def test_p2_weights_take_the_kernels_and_match_a_float64_recomputation(dtype, gain, monkeypatch):
+    """On CPU the bounded weight with p = 2 runs ns_bwn_forward / ns_bwn_backward (a
+    channel at a time); forward and both gradients against autograd on the formula in
+    float64, with a scalar rho and a per-channel gain; a channels-last weight and a strided
+    gradient take the PyTorch form and agree as well; one and two threads give the same
+    bits."""
+    from normswap import kernels
+    from normswap.norms.bwn import BoundedWeightFn
+    names = []
+    real = kernels.call
+    monkeypatch.setattr(kernels, "call", lambda name, *a: (names.append(name), real(name, *a))[1])
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(48, 32, 5, 5, generator=gen, dtype=dtype)          # 38400 values: threaded
+    s = (torch.rand((48, 1, 1, 1) if gain else (), generator=gen, dtype=dtype) + 0.5)
+    g = torch.randn(v.shape, generator=gen, dtype=dtype)
+    want_w, want_gv, want_gs = _reference_bounded(v, s, g)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    results = []
+    for weight, grad in [(v, g), (v.to(memory_format=torch.channels_last), g),
+                         (v, g.to(memory_format=torch.channels_last))]:
+        names.clear()
+        vv, ss = weight.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        w = BoundedWeightFn.apply(vv, ss, 2.0, (1, 2, 3))
+        gv, gs = torch.autograd.grad(w, (vv, ss), grad)
+        torch.testing.assert_close(w.double(), want_w, **tol)
+        torch.testing.assert_close(gv.double(), want_gv, **tol)
+        torch.testing.assert_close(gs.double(), want_gs, **tol)
+        results.append((w, gv, gs))
+        took = names.copy()
+        if weight.is_contiguous():
+            assert took[0] == "bwn_forward" and ("bwn_backward" in took) == grad.is_contiguous()
+        else:
+            assert "bwn_forward" not in took
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if threads == 1 else 1)
+        vv, ss = v.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        w = BoundedWeightFn.apply(vv, ss, 2.0, (1, 2, 3))
+        gv, gs = torch.autograd.grad(w, (vv, ss), g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(w, results[0][0]) and torch.equal(gv, results[0][1]) and torch.equal(gs, results[0][2])
+
+
+def test_p2_kernel_keeps_a_zero_channel_at_zero_and_a_nan_channel_in_its_channel():
+    """A channel of zeros gives w = 0 (its norm clamped to the floor, as the PyTorch form),
+    a NaN stays in its own channel."""
+    from normswap.norms.bwn import BoundedWeightFn
+    v = torch.randn(4, 3, 3, 3)
+    v[1] = 0
+    v[2, 0, 0, 0] = float("nan")
+    w = BoundedWeightFn.apply(v, torch.tensor(1.0), 2.0, (1, 2, 3))
+    assert torch.equal(w[1], torch.zeros(3, 3, 3))
+    assert torch.isnan(w[2]).all()
+    assert torch.isfinite(w[[0, 3]]).all()

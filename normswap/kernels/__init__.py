@@ -13,7 +13,8 @@ layer and step); ``whiten.h`` IterNorm's whole training step for groups of 16 ch
 (covariances, the iteration and the whitening product per group, one call each way);
 ``divisive.h`` the divisive normalization of rows (DivisiveNorm1d), a vector's worth of
 rows side by side, whose sliding windows are sums of a block's suffix and the next block's
-prefix (no cancellation). On CUDA,
+prefix (no cancellation); ``bwn.h`` bounded weight norm with p = 2, a weight's output channel
+at a time (read once each way). On CUDA,
 ``triton_newton.py`` runs the Newton iteration and its backward as one Triton kernel each
 way (float32), where PyTorch operations are about 130 launches of 16 x 16 products.
 
@@ -154,6 +155,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         wbwd = getattr(lib, f"ns_whiten_backward_{suf}")
         wbwd.argtypes = [P, P, I64, I64, I64, I32, I32, P, P, P, P, P, P, P, P, I32]
         wbwd.restype = I32
+        bfwd = getattr(lib, f"ns_bwn_forward_{suf}")
+        bfwd.argtypes = [P, I64, I64, P, I32, D, P, P, P, I32]
+        bfwd.restype = I32
+        bbwd = getattr(lib, f"ns_bwn_backward_{suf}")
+        bbwd.argtypes = [P, P, I64, I64, P, P, P, P, I32]
+        bbwd.restype = I32
 
 
 def library() -> Optional[ctypes.CDLL]:

@@ -628,3 +628,4 @@ static void ns_add_blocks(const double *part, int64_t nb, int64_t w, double *tot
 #include "newton.h"
 #include "divisive.h"
 #include "whiten.h"
+#include "bwn.h"

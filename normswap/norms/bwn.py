@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import kernels
 from .first_order import first_order_only
+from .rows import _threads
 
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _CONV_T
@@ -73,6 +75,36 @@ def out_channel_view(w: torch.Tensor, transposed: bool = False, groups: int = 1)
 _TINY = 1e-30  # floor of ||v_i||_p (an all-zero channel gives w_i = 0, not NaN)
 
 
+def _kernel_applies(v: torch.Tensor, s: torch.Tensor, p: float, dims) -> bool:
+    """Whether the compiled CPU kernels (``kernels/bwn.h``) compute this call: p = 2 over every
+    dim but the first of a contiguous float32 / float64 CPU weight, in eager mode (under
+    torch.compile inductor fuses the PyTorch form), with one scale or one per output channel."""
+    return (p == 2.0 and v.device.type == "cpu" and v.dtype in kernels.SUFFIX and v.dim() > 1
+            and tuple(dims) == tuple(range(1, v.dim())) and v.is_contiguous() and s.dtype == v.dtype
+            and s.device == v.device and s.numel() in (1, v.shape[0]) and v.numel() > 0
+            and not torch.compiler.is_compiling() and kernels.library() is not None)
+
+
+def _kernel_forward(v: torch.Tensor, s: torch.Tensor):
+    """``(w, norms, k)`` by the kernels; ``norms`` and ``k`` one value per output channel."""
+    R = v.shape[0]
+    w, n, k = torch.empty_like(v), v.new_empty(R), v.new_empty(R)
+    sc = s.detach().contiguous()
+    kernels.call("bwn_forward", v.dtype, v.data_ptr(), R, v.numel() // R, sc.data_ptr(), int(sc.numel() > 1),
+                 _TINY, w.data_ptr(), n.data_ptr(), k.data_ptr(), _threads(v.numel()))
+    return w, n, k
+
+
+def _kernel_backward(g: torch.Tensor, v: torch.Tensor, n: torch.Tensor, k: torch.Tensor, want_gv: bool):
+    """``(dL/dv or None, dot)`` by the kernels, ``dot`` shaped like ``n``."""
+    R = v.shape[0]
+    gv = torch.empty_like(v) if want_gv else None
+    dot = v.new_empty(R)
+    kernels.call("bwn_backward", v.dtype, g.data_ptr(), v.data_ptr(), R, v.numel() // R, n.data_ptr(),
+                 k.data_ptr(), gv.data_ptr() if gv is not None else None, dot.data_ptr(), _threads(v.numel()))
+    return gv, dot.view(n.shape)
+
+
 class BoundedWeightFn(torch.autograd.Function):
     """Fused ``w = v * (s / n)`` with ``n = max(||v_i||_p, tiny)`` per output channel.
 
@@ -91,14 +123,24 @@ class BoundedWeightFn(torch.autograd.Function):
     where ``dn/dv`` is ``v / n`` (p = 2; this gives ``(s/n)(g - w_hat (w_hat . g))``
     with ``w_hat = v / n``), ``sign(v)`` (p = 1), and for p = inf ``sign(v)`` at the
     entries with ``|v| = n`` shared equally among ties (the subgradient autograd uses).
+
+    On CPU in eager mode, p = 2 over a contiguous float32 / float64 conv or linear weight
+    (:func:`_kernel_applies`), both directions run in the compiled kernels
+    (``normswap/kernels/bwn.h``), an output channel at a time while it is in cache: the
+    weight is read once each way instead of two (forward) and four (backward) times.
     """
 
     @staticmethod
     def forward(ctx, v, s, p: float, dims):
+        ctx.p, ctx.dims, ctx.s_shape = p, dims, s.shape
+        ctx.kernel = _kernel_applies(v, s, p, dims)
+        if ctx.kernel:
+            w, n, k = _kernel_forward(v, s)
+            ctx.save_for_backward(v, n, k)
+            return w
         n = torch.linalg.vector_norm(v, p, dim=dims, keepdim=True).clamp_min_(_TINY)
         k = s / n
         ctx.save_for_backward(v, n, k)
-        ctx.p, ctx.dims, ctx.s_shape = p, dims, s.shape
         return v * k
 
     @staticmethod
@@ -106,6 +148,16 @@ class BoundedWeightFn(torch.autograd.Function):
     def backward(ctx, g):
         v, n, k = ctx.saved_tensors
         p, dims = ctx.p, ctx.dims
+        if ctx.kernel:   # (n and k one value per output channel; a strided g takes the form below)
+            n, k = (t.view((-1,) + (1,) * (v.dim() - 1)) for t in (n, k))
+            if g.is_contiguous() and g.dtype == v.dtype:
+                gv, dot = _kernel_backward(g, v, n, k, ctx.needs_input_grad[0])
+                gs = None
+                if ctx.needs_input_grad[1]:
+                    gs = dot / n
+                    if gs.shape != ctx.s_shape:
+                        gs = gs.sum().reshape(ctx.s_shape)
+                return gv, gs, None, None
         buf = torch.mul(g, v)                  # g * v, then reused for dL/dv
         dot = buf.sum(dims, keepdim=True)
         gv = gs = None
