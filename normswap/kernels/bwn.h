@@ -24,7 +24,7 @@ static T_ bwn_dot_##SUF_(const T_ *restrict a, const T_ *restrict b, int64_t n) 
     return (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) + t;                  \
 }                                                                                                    \
                                                                                                      \
-/* w (may be NULL: norms and k only), nrm and k (R values each) from v */                           \
+/* w, nrm and k (R values each) from v */                                                           \
 int ns_bwn_forward_##SUF_(const T_ *v, int64_t R, int64_t n, const T_ *s, int s_per_row, double tiny, \
                           T_ *w, T_ *nrm, T_ *k, int threads) {                                      \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                \
@@ -35,10 +35,8 @@ int ns_bwn_forward_##SUF_(const T_ *v, int64_t R, int64_t n, const T_ *s, int s_
         const T_ ki = s[s_per_row ? i : 0] / norm;                                                   \
         nrm[i] = norm;                                                                               \
         k[i] = ki;                                                                                   \
-        if (w) {                                                                                     \
-            T_ *wi = w + i * n;                                                                      \
-            for (int64_t j = 0; j < n; j++) wi[j] = vi[j] * ki;                                      \
-        }                                                                                            \
+        T_ *wi = w + i * n;                                                                          \
+        for (int64_t j = 0; j < n; j++) wi[j] = vi[j] * ki;                                          \
     }                                                                                                \
     return 0;                                                                                        \
 }                                                                                                    \
