@@ -125,7 +125,8 @@ def test_running_update_on_the_cpu_gives_the_device_forms_bits(dtype, momentum, 
     (``finite_now``) and lerps every buffer in one call; GPUs and torch.compile run the
     form without a host test (``all_finite``'s tensor, ``where``, one ``lerp_`` a buffer).
     Both give the same buffers and count, bit for bit, over batches with NaN, inf and (in
-    float64) values whose sum overflows though each is finite."""
+    float64) values whose sum overflows though each is finite; so do the two forms of
+    ``copy_running_`` (the native path's guarded copy), which keeps the last finite batch."""
     from normswap.norms import running
     gen = torch.Generator().manual_seed(0)
     batches = [[torch.randn(7, generator=gen, dtype=dtype), torch.rand(7, generator=gen, dtype=dtype)]
@@ -134,7 +135,7 @@ def test_running_update_on_the_cpu_gives_the_device_forms_bits(dtype, momentum, 
     batches[6][0][0] = float("-inf")
     if dtype == torch.float64:
         batches[8][0][:] = 1e308          # finite, but 7e308 as a sum
-    results = []
+    results, copies = [], []
     for host_test in (True, False):
         if not host_test:
             monkeypatch.setattr(running, "finite_now", lambda *stats: None)
@@ -142,11 +143,19 @@ def test_running_update_on_the_cpu_gives_the_device_forms_bits(dtype, momentum, 
         for values in batches:
             running.update_running_(bufs, values, count, momentum)
         results.append((bufs, int(count)))
+        kept, kept_count = [torch.zeros(7, dtype=dtype), torch.ones(7, dtype=dtype)], torch.tensor(0)
+        for values in batches:   # (the native path's form: copies of a kernel's update)
+            running.copy_running_(kept, values, kept_count)
+        copies.append((kept, int(kept_count)))
     (cpu_bufs, cpu_count), (dev_bufs, dev_count) = results
     assert cpu_count == dev_count == 10
     for a, b in zip(cpu_bufs, dev_bufs):
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
+    (cpu_kept, cpu_kept_count), (dev_kept, dev_kept_count) = copies
+    assert cpu_kept_count == dev_kept_count == 10
+    for a, b, last_finite in zip(cpu_kept, dev_kept, batches[11]):
+        assert torch.equal(a, b) and torch.equal(a, last_finite)
 
 
 def test_track_running_stats_false_uses_batch_stats_in_eval():

@@ -40,7 +40,7 @@ from .areas import Area, BatchArea
 from .base import (NormalizerBase, _SigmaMixin, check_bool, check_int, check_momentum,
                    check_number, register_normalizer)
 from .functional import C_L1, STATS, reshape_source, stat_dtype, stat_norm
-from .running import all_finite, finite_now, update_running_
+from .running import copy_running_, update_running_
 
 STAT_BUFFERS = {"l2": "running_var", "l1": "running_mad", "topk": "running_std", "mean": None}
 """Name of the running scale statistic of each operation (what eval mode divides by)."""
@@ -292,16 +292,7 @@ class AreaNorm(_SigmaMixin, NormalizerBase):
             return None
         if update:
             with torch.no_grad():
-                now = finite_now(rm, rv)
-                if now is None:
-                    finite = all_finite(rm, rv)
-                    self.running_mean.copy_(torch.where(finite, rm, self.running_mean))
-                    self.running_var.copy_(torch.where(finite, rv, self.running_var))
-                    self.num_batches_tracked.add_(finite)
-                elif now:   # (CPU, eager: the test is a bool)
-                    self.running_mean.copy_(rm)
-                    self.running_var.copy_(rv)
-                    self.num_batches_tracked.add_(1)
+                copy_running_([self.running_mean, self.running_var], [rm, rv], self.num_batches_tracked)
         return y.to(x.dtype)
 
     def _native_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:

@@ -60,6 +60,24 @@ def guarded_lerp_(buf: torch.Tensor, new: torch.Tensor, factor: Union[float, tor
     return buf.lerp_(torch.where(finite, new.to(buf.dtype), buf), factor)
 
 
+def copy_running_(buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                  num_batches_tracked: torch.Tensor) -> None:
+    """``buffers[i] = values[i]`` when every value is finite (and the batch counted), else
+    every buffer untouched: for statistics a native kernel has already updated in copies
+    (BatchNormStar's native path). The two forms of :func:`update_running_`."""
+    now = finite_now(*values)
+    if now is not None:   # (CPU, eager: a bool)
+        if now:
+            for buf, new in zip(buffers, values):
+                buf.copy_(new)
+            num_batches_tracked.add_(1)
+        return
+    finite = all_finite(*values)
+    for buf, new in zip(buffers, values):
+        buf.copy_(torch.where(finite, new, buf))
+    num_batches_tracked.add_(finite)
+
+
 def update_running_(buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                     num_batches_tracked: torch.Tensor, momentum: Optional[float]) -> None:
     """The whole update: ``buffers[i] = lerp(buffers[i], values[i], factor)`` when every
